@@ -1,0 +1,68 @@
+"""The one Backend protocol and the map that chooses a backend module by name.
+
+Each backend module imports its own library inside itself, so a device needs only the one it uses.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgepipe.runtime.errors import BackendUnavailable, InputMismatch
+
+# backend name -> (module, class, python package that must be importable, formats it can load)
+BACKENDS = {
+    "tensorrt": ("edgepipe.runtime.backends.trt", "TensorRTBackend", "tensorrt", ("engine",)),
+    "openvino": ("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx")),
+    "onnxruntime": ("edgepipe.runtime.backends.ort", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
+}
+# `--backend auto` preference on a device: TensorRT, then OpenVINO, then ONNX Runtime.
+AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
+INSTALL_HINT = {
+    "tensorrt": "TensorRT comes with JetPack on a Jetson; on an x86 GPU host: pip install tensorrt (NVIDIA's index)",
+    "openvino": "pip install 'edgepipe[openvino]'",
+    "onnxruntime": "pip install 'edgepipe[onnxruntime]' (or onnxruntime-gpu)",
+}
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, files: list[Path], variant: dict) -> None:
+        """Load the variant's model files (already hash-checked)."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 -> (N, num_classes) float32 logits."""
+
+
+def is_installed(name: str) -> bool:
+    if name not in BACKENDS:
+        return False
+    return importlib.util.find_spec(BACKENDS[name][2]) is not None
+
+
+def can_load(name: str, fmt: str) -> bool:
+    return name in BACKENDS and fmt in BACKENDS[name][3]
+
+
+def create_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    module, cls, package, _ = BACKENDS[name]
+    if importlib.util.find_spec(package) is None:
+        raise BackendUnavailable(f"backend {name!r} needs the Python package {package!r}, which is not installed: {INSTALL_HINT[name]}")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def check_input(batch: np.ndarray, expected: list | tuple) -> np.ndarray:
+    """Validate a batch against the variant's input shape (-1 / None = any); name expected vs got."""
+    if not isinstance(batch, np.ndarray):
+        raise InputMismatch(f"input must be a numpy array, got {type(batch).__name__}")
+    if batch.dtype != np.float32:
+        raise InputMismatch(f"input dtype {batch.dtype}, expected float32")
+    if batch.ndim != len(expected) or any(e not in (-1, None) and e != g for e, g in zip(expected, batch.shape)):
+        raise InputMismatch(f"input shape {tuple(batch.shape)}, expected {tuple(expected)} (N, C, H, W)")
+    return np.ascontiguousarray(batch)

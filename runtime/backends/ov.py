@@ -1,0 +1,37 @@
+"""OpenVINO backend (IR fp32/fp16/int8, or ONNX read directly)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from edgepipe.runtime.backends.base import check_input
+from edgepipe.runtime.errors import ManifestError
+
+
+class OpenVINOBackend:
+    name = "openvino"
+
+    def load(self, files: list[Path], variant: dict, device: str | None = None) -> None:
+        model = next((f for f in files if f.suffix == ".xml"), None) or next((f for f in files if f.suffix == ".onnx"), None)
+        if model is None:
+            raise ManifestError(f"variant has no .xml or .onnx file for OpenVINO (files: {[f.name for f in files]})")
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": os.environ.get("EDGEPIPE_OV_HINT", "LATENCY")}
+        threads = int(os.environ.get("EDGEPIPE_THREADS", "0"))
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self.compiled = core.compile_model(str(model), device or os.environ.get("EDGEPIPE_OV_DEVICE", "CPU"), config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with long multi-line messages
+            raise ManifestError(f"OpenVINO cannot load {model.name}: {str(exc).strip().splitlines()[0][:300]}") from None
+        self.request = self.compiled.create_infer_request()
+        shape = self.compiled.input(0).get_partial_shape()
+        self.input_shape = [d.get_length() if d.is_static else -1 for d in shape]
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_input(batch, self.input_shape)
+        result = self.request.infer({0: batch})
+        return np.asarray(result[self.compiled.output(0)])

@@ -1,0 +1,72 @@
+"""Labeled image sets for evaluation: a CSV with header ``file,class_index`` (paths relative to the CSV's
+folder) or an ImageFolder tree whose folder names are label names (or class indices)."""
+from __future__ import annotations
+
+import csv
+import difflib
+from pathlib import Path
+
+from edgepipe import UserError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def load_labeled(path: str | Path, labels: list[str] | None = None) -> list[tuple[Path, int]]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist; give a CSV (file,class_index) or an ImageFolder tree")
+    items = _from_csv(path) if path.is_file() else _from_folder(path, labels)
+    if not items:
+        raise UserError(f"no images found in {path}")
+    return items
+
+
+def _from_csv(path: Path) -> list[tuple[Path, int]]:
+    items = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"file", "class_index"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: CSV header must contain file,class_index (got {reader.fieldnames})")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    idx = int(row["class_index"])
+                except (TypeError, ValueError):
+                    raise UserError(f"{path}:{line}: class_index {row['class_index']!r} is not an integer") from None
+                if not row["file"]:
+                    raise UserError(f"{path}:{line}: empty file name")
+                items.append((path.parent / row["file"], idx))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 CSV file") from None
+    return items
+
+
+def _from_folder(root: Path, labels: list[str] | None) -> list[tuple[Path, int]]:
+    lookup = {name.lower(): i for i, name in enumerate(labels or [])}
+    items = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        key = sub.name.lower()
+        if key in lookup:
+            idx = lookup[key]
+        elif sub.name.isdigit():
+            idx = int(sub.name)
+        else:
+            close = difflib.get_close_matches(key, list(lookup), n=1)
+            hint = f" (did you mean {labels[lookup[close[0]]]!r}?)" if close else ""
+            raise UserError(f"{root}: folder {sub.name!r} is not a label name of this model{hint}")
+        for f in sorted(sub.rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+                items.append((f, idx))
+    return items
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """Unlabeled images: a folder (recursive), a single image, or a CSV's file column."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return [p for p, _ in _from_csv(path)]
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+    raise UserError(f"image path {path} does not exist")

@@ -1,0 +1,18 @@
+"""Errors the runtime raises; all are :class:`edgepipe.UserError`, printed as one line by the CLIs."""
+from edgepipe import UserError
+
+
+class ManifestError(UserError):
+    """manifest.json is missing, malformed or inconsistent with the model."""
+
+
+class IntegrityError(ManifestError):
+    """A file's sha256 differs from the manifest: refused before loading."""
+
+
+class BackendUnavailable(UserError):
+    """The backend's library is not installed here."""
+
+
+class InputMismatch(UserError):
+    """Input of the wrong shape/dtype reached a backend."""

@@ -1,0 +1,58 @@
+"""Top-1 / top-5 of one variant on a labeled image set (used by `edgepipe eval` and the pipeline)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edgepipe.runtime.data import load_labeled
+from edgepipe.runtime.model import Classifier
+
+
+def read_image(path) -> np.ndarray | None:
+    """BGR uint8 or None when the file is missing, unreadable or not an image."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> dict:
+    items = load_labeled(data_path, clf.labels)
+    bs = batch_size if clf.dynamic_batch else 1
+    n = top1 = top5 = 0
+    skipped = []
+    per_class: dict[int, list[int]] = {}
+    predictions = {}
+    for start in range(0, len(items), bs):
+        chunk = items[start:start + bs]
+        frames, targets, names = [], [], []
+        for path, target in chunk:
+            img = read_image(path)
+            if img is None:
+                skipped.append(str(path))
+                continue
+            frames.append(img); targets.append(target); names.append(path.name)
+        if progress:
+            progress(len(chunk))
+        if not frames:
+            continue
+        logits = clf.logits(clf.preprocess.batch(frames))
+        order = np.argsort(-logits, axis=1)[:, :5]
+        for name, target, top in zip(names, targets, order):
+            n += 1
+            hit1 = int(top[0] == target)
+            top1 += hit1
+            top5 += int(target in top)
+            per_class.setdefault(target, [0, 0])
+            per_class[target][0] += hit1
+            per_class[target][1] += 1
+            predictions[name] = int(top[0])
+    if n == 0:
+        raise ValueError(f"none of the {len(items)} images in {data_path} could be read")
+    return {"top1": top1 / n, "top5": top5 / n, "n": n, "skipped": len(skipped), "skipped_files": skipped[:20],
+            "variant": clf.variant_name, "backend": clf.backend_name,
+            "per_class_top1": {str(k): v[0] / v[1] for k, v in sorted(per_class.items())},
+            "predictions": predictions}

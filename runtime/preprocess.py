@@ -1,0 +1,83 @@
+"""Image preprocessing driven by the manifest (never hard-coded): resize shorter side, center crop,
+colour order, mean/std, NCHW float32. OpenCV + numpy only, so it runs on a bare device.
+
+The crop is cut from the source frame first and resized once (the same pixels as resize-then-crop,
+without resizing the whole 720p/1080p frame), with INTER_AREA when shrinking, which matches the
+anti-aliased bilinear resize torchvision/PIL use to within rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    resize: int = 256          # shorter side before cropping
+    crop: int = 224            # square center crop fed to the model
+    mean: tuple = (0.485, 0.456, 0.406)   # on the 0..1 scale, in the model's colour order
+    std: tuple = (0.229, 0.224, 0.225)
+    color: str = "RGB"         # colour order the model expects
+
+    @classmethod
+    def from_manifest(cls, spec: dict) -> "Preprocess":
+        return cls(resize=int(spec["resize"]), crop=int(spec["crop"]), mean=tuple(float(x) for x in spec["mean"]),
+                   std=tuple(float(x) for x in spec["std"]), color=str(spec["color"]).upper())
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "color": self.color, "layout": "NCHW", "dtype": "float32", "interpolation": "area/bilinear"}
+
+    @property
+    def input_shape(self) -> tuple:
+        return (1, 3, self.crop, self.crop)
+
+    def crop_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """Region (y0, x0, side_h, side_w) of the source that resize+center-crop keeps."""
+        scale = self.resize / min(h, w)
+        side_h = min(h, round(self.crop / scale))
+        side_w = min(w, round(self.crop / scale))
+        y0 = (h - side_h) // 2
+        x0 = (w - side_w) // 2
+        return y0, x0, side_h, side_w
+
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+        """One BGR uint8 frame (H, W, 3) as OpenCV gives it -> (1, 3, crop, crop) float32."""
+        return self.batch([bgr])
+
+    def batch(self, frames: list) -> np.ndarray:
+        out = np.empty((len(frames), 3, self.crop, self.crop), dtype=np.float32)
+        scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
+        bias = np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
+        for i, bgr in enumerate(frames):
+            check_frame(bgr)
+            if bgr.ndim == 2:
+                bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+            elif bgr.shape[2] == 4:
+                bgr = cv2.cvtColor(bgr, cv2.COLOR_BGRA2BGR)
+            h, w = bgr.shape[:2]
+            y0, x0, sh, sw = self.crop_box(h, w)
+            roi = bgr[y0:y0 + sh, x0:x0 + sw]
+            interp = cv2.INTER_AREA if sh > self.crop else cv2.INTER_LINEAR
+            img = cv2.resize(roi, (self.crop, self.crop), interpolation=interp)
+            if self.color == "RGB":
+                img = img[:, :, ::-1]
+            chw = img.transpose(2, 0, 1).astype(np.float32)
+            out[i] = chw * scale[:, None, None] + bias[:, None, None]
+        return out
+
+
+def check_frame(frame) -> None:
+    """Reject what is not an image: empty, zero-size, wrong dtype or channel count."""
+    if not isinstance(frame, np.ndarray) or frame.size == 0:
+        raise ValueError("empty frame")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame dtype {frame.dtype}, expected uint8")
+    if frame.ndim == 3 and frame.shape[2] not in (3, 4):
+        raise ValueError(f"frame has {frame.shape[2]} channels, expected 3 (BGR)")
+    if frame.ndim not in (2, 3):
+        raise ValueError(f"frame has shape {frame.shape}, expected (H, W, 3)")
+    if min(frame.shape[:2]) < 8:
+        raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, too small to classify")
