@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := ffmpeg rtsp-server-perl dataset-fashion-mnist
 DEMO_OUT ?= out/default
+# Optional: when the ImageNet sample sits beside the repo, the demo report also gets top-1 (not required).
+DEMO_EVAL ?= $(wildcard ../shared/data/imagenet-sample/labels.csv)
 
 .PHONY: setup demo test apt clean
 
@@ -29,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/python -m edgepipe.demo --out $(DEMO_OUT)
+	$(BIN)/python -m edgepipe.demo --out $(DEMO_OUT) $(if $(DEMO_EVAL),--eval-data $(DEMO_EVAL))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from edgepipe import UserError
 from edgepipe.runtime.data import load_labeled
 from edgepipe.runtime.model import Classifier
 
@@ -20,7 +21,11 @@ def read_image(path) -> np.ndarray | None:
 
 
 def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> dict:
-    items = load_labeled(data_path, clf.labels)
+    return evaluate_items(clf, load_labeled(data_path, clf.labels), batch_size, progress, where=data_path)
+
+
+def evaluate_items(clf: Classifier, items, batch_size: int = 8, progress=None, where="the data set") -> dict:
+    """``items``: (path, class_index) pairs. Unreadable images are skipped and listed, never a crash."""
     bs = batch_size if clf.dynamic_batch else 1
     n = top1 = top5 = 0
     skipped = []
@@ -51,7 +56,7 @@ def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> 
             per_class[target][1] += 1
             predictions[name] = int(top[0])
     if n == 0:
-        raise ValueError(f"none of the {len(items)} images in {data_path} could be read")
+        raise UserError(f"none of the {len(items)} images in {where} could be read")
     return {"top1": top1 / n, "top5": top5 / n, "n": n, "skipped": len(skipped), "skipped_files": skipped[:20],
             "variant": clf.variant_name, "backend": clf.backend_name,
             "per_class_top1": {str(k): v[0] / v[1] for k, v in sorted(per_class.items())},

@@ -36,20 +36,21 @@ def choose_variant(manifest: dict, variant: str | None = None, backend: str = "a
     if not usable:
         raise ManifestError("every variant in the manifest is marked failed; nothing to serve")
     order = AUTO_ORDER if backend == "auto" else (backend,)
-    default = manifest.get("default_variant")
     for name in order:
         if not is_installed(name):
             continue
+        default = manifest.get("defaults", {}).get(name) or manifest.get("default_variant")
         native = [n for n, v in usable.items() if v["backend"] == name]
         if default in native:
             return default, name
         if native:
             return native[0], name
+    default = manifest.get("default_variant")
     if default in usable and backend != "auto" and can_load(backend, usable[default]["format"]) and is_installed(backend):
         return default, backend
     wanted = "any of " + ", ".join(AUTO_ORDER) if backend == "auto" else backend
     raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here "
-                             f"(variants: {', '.join(f'{n} [{v['backend']}]' for n, v in usable.items())})")
+                             f"(variants: {', '.join(n + ' [' + v['backend'] + ']' for n, v in usable.items())})")
 
 
 class Classifier:

@@ -1,0 +1,70 @@
+"""ONNX -> OpenVINO IR: fp32, fp16 (weights compressed) and int8 through NNCF post-training quantization
+on every calibration image the recipe gives (subset_size = all of them; never silently capped)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgepipe.atomic import atomic_path
+
+
+def _save(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:
+    import openvino as ov
+    xml_path = Path(xml_path)
+    bin_path = xml_path.with_suffix(".bin")
+    # OpenVINO finds the .bin by the .xml's stem; the .bin is renamed into place first, the .xml last.
+    with atomic_path(xml_path, suffix=".xml") as tmp_xml, atomic_path(bin_path, suffix=".bin") as tmp_bin:
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
+        Path(str(tmp_xml)[:-4] + ".bin").replace(tmp_bin)
+    return [xml_path, bin_path]
+
+
+def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32") -> list[Path]:
+    import openvino as ov
+    model = ov.convert_model(str(onnx_path))
+    return _save(model, Path(xml_path), compress_to_fp16=(precision == "fp16"))
+
+
+def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray],
+                  validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
+                  ignored_scopes: list[str] | None = None, fast_bias_correction: bool = False) -> tuple[list[Path], dict]:
+    """NNCF PTQ (or accuracy-controlled PTQ when labeled validation data and ``max_drop`` are given).
+
+    ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
+    Returns the written files and a dict describing what was done.
+    """
+    import nncf
+    import openvino as ov
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    model = ov.convert_model(str(onnx_path))
+    calib = nncf.Dataset(list(calibration))
+    common = dict(subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
+                  fast_bias_correction=fast_bias_correction)
+    if ignored_scopes:
+        common["ignored_scope"] = nncf.IgnoredScope(names=list(ignored_scopes), validate=False)
+    info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
+            "float_layers": list(ignored_scopes or [])}
+    if validation and max_drop is not None:
+        val = nncf.Dataset(list(validation), lambda item: item[0])
+
+        def validate(compiled, items) -> float:
+            out = compiled.output(0)
+            hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in items]
+            return float(np.mean(hits))
+
+        model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=_wrap(validate),
+                                                    max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **common)
+        info["method"] = "nncf.quantize_with_accuracy_control"
+        info["max_drop_points"] = max_drop
+    else:
+        model = nncf.quantize(model, calib, **common)
+    return _save(model, Path(xml_path), compress_to_fp16=False), info
+
+
+def _wrap(fn: Callable) -> Callable:
+    def validation_fn(compiled_model, validation_data):
+        return fn(compiled_model, list(validation_data))
+    return validation_fn

@@ -1,0 +1,5 @@
+import sys
+
+from edgepipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,255 @@
+"""`edgepipe run RECIPE --out DIR`: train -> prune -> export -> compile every target -> verify -> measure.
+
+Writes into DIR: the artifacts, manifest.json, report.json, report.md and recipe.resolved.yaml. Every
+step is cached by the hash of its inputs (see steps.py), so a re-run with unchanged inputs reuses it and
+an interrupted run resumes from the last completed step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import UserError
+from edgepipe.atomic import write_json, write_text
+from edgepipe.recipe import Recipe, dump_recipe
+from edgepipe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry
+from edgepipe.runtime.preprocess import Preprocess
+from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, tool_versions
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def prepare_out_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgepipe-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}; choose a writable --out") from None
+    return out
+
+
+def model_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def variant_name(prefix: str, backend: str, precision: str) -> str:
+    return f"{prefix}{backend}-{precision}"
+
+
+# ---------------------------------------------------------------- data
+
+def calibration_images(recipe: Recipe, out: Path) -> list[Path]:
+    from edgepipe.runtime.data import list_images
+    cfg = recipe.data.calibration
+    if cfg.source == "generated":
+        from edgepipe.compile.calibration import generate_calibration_images
+        paths = sorted(generate_calibration_images(out / "calibration", count=cfg.count).glob("calib_*.jpg"))
+    else:
+        paths = list_images(cfg.source)
+    if cfg.limit:
+        paths = paths[:cfg.limit]
+    if not paths:
+        raise UserError(f"data.calibration.source {cfg.source}: no images found; the int8 targets need calibration images")
+    return paths
+
+
+def load_arrays(paths: list[Path], pre: Preprocess) -> tuple[list[np.ndarray], list[str]]:
+    from edgepipe.runtime.evaluate import read_image
+    arrays, names, bad = [], [], []
+    for p in paths:
+        img = read_image(p)
+        if img is None:
+            bad.append(str(p))
+            continue
+        arrays.append(pre(img))
+        names.append(Path(p).name)
+    if bad:
+        log(f"  skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+    return arrays, names
+
+
+def data_fingerprint(paths: list[Path]) -> str:
+    return hash_key([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths])
+
+
+# ---------------------------------------------------------------- compile one target
+
+def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np.ndarray], recipe: Recipe) -> dict:
+    """Compile one (backend, precision) from the fp32 ONNX; returns the variant record (without checks)."""
+    name = variant_name(prefix, target.backend, target.precision)
+    vdir = out / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    if target.backend == "openvino":
+        from edgepipe.compile import openvino_ir
+        xml = vdir / "model.xml"
+        if target.precision == "int8":
+            files, info = openvino_ir.quantize_int8(onnx_path, xml, calib,
+                                                    fast_bias_correction=recipe.stages.quantize.fast_bias_correction)
+        else:
+            files = openvino_ir.convert(onnx_path, xml, target.precision)
+        fmt = "ir"
+    elif target.backend == "onnxruntime":
+        dst = vdir / "model.onnx"
+        if target.precision == "fp32":
+            dst.write_bytes(onnx_path.read_bytes())
+        elif target.precision == "int8":
+            from edgepipe.compile.qdq import quantize_qdq
+            info = quantize_qdq(onnx_path, dst, calib, recipe.stages.quantize)
+        else:
+            raise UserError(f"target onnxruntime/{target.precision}: ONNX Runtime variants are fp32 or int8 (QDQ)")
+        files, fmt = [dst], "onnx"
+    else:  # tensorrt: engines are built on the device (`edgepipe build-engine`); ship the source ONNX
+        src = out / f"{prefix}onnxruntime-int8" / "model.onnx" if target.precision == "int8" else onnx_path
+        if not src.is_file():
+            raise UserError(f"target tensorrt/int8 needs the QDQ ONNX; add a target {{backend: onnxruntime, precision: int8}} before it")
+        files, fmt = [src], "onnx"
+        info = {"engine": "build on the device with `edgepipe build-engine DIR --precision " + target.precision + "`"}
+    return {"backend": target.backend, "precision": target.precision, "format": "engine" if target.backend == "tensorrt" else fmt,
+            "files": [str(f) for f in files], "compile": info,
+            "status": "pending-build" if target.backend == "tensorrt" else "ok"}
+
+
+# ---------------------------------------------------------------- run
+
+def run(recipe: Recipe, out_dir: str | os.PathLike) -> dict:
+    out = prepare_out_dir(Path(out_dir))
+    with OutputLock(out):
+        return _run_locked(recipe, out)
+
+
+def _run_locked(recipe: Recipe, out: Path) -> dict:
+    import torch
+
+    from edgepipe.compile.export import export_onnx
+    from edgepipe.compile.parity import compare
+    from edgepipe.train.models import build_model, count_macs
+
+    t_start = time.perf_counter()
+    write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
+    versions = tool_versions()
+    versions["edgepipe_code"] = code_hash()
+    cache = StepCache(out, log)
+    torch.manual_seed(0)
+
+    log(f"[1/5] model {recipe.model.name}")
+    spec = build_model(recipe.model.name, pretrained=recipe.model.pretrained, num_classes=recipe.model.num_classes,
+                       checkpoint=recipe.model.checkpoint)
+    models = {"": spec}
+    if recipe.stages.train.enabled:
+        from edgepipe.train.stage import train_stage
+        spec = train_stage(spec, recipe, out, cache)
+        models = {"": spec}
+    if recipe.stages.prune.enabled:
+        from edgepipe.train.stage import prune_stage
+        models["pruned-"] = prune_stage(spec, recipe, out, cache)
+    pre = Preprocess.from_manifest(spec.preprocess)
+    pre = Preprocess(pre.resize, recipe.model.input_size if recipe.model.input_size != 224 else pre.crop, pre.mean, pre.std, pre.color)
+
+    log("[2/5] data")
+    calib_paths = calibration_images(recipe, out)
+    calib, _ = load_arrays(calib_paths, pre)
+    eval_items = None
+    if recipe.data.evaluation:
+        from edgepipe.runtime.data import list_images, load_labeled
+        try:
+            eval_items = load_labeled(recipe.data.evaluation, spec.labels)
+        except UserError:
+            eval_items = [(p, -1) for p in list_images(recipe.data.evaluation)]  # unlabeled: agreement only
+    parity_paths = [p for p, _ in eval_items][:recipe.data.parity_images] if eval_items else calib_paths[:recipe.data.parity_images]
+    parity_arrays, parity_names = load_arrays(parity_paths, pre)
+    parity_batch = np.concatenate(parity_arrays)
+    log(f"  calibration: {len(calib)} images; parity: {len(parity_names)} images"
+        + (f"; evaluation: {len(eval_items)} images" if eval_items else ""))
+
+    variants: dict[str, dict] = {}
+    references: dict[str, dict] = {}
+    log("[3/5] export + compile")
+    for prefix, mspec in models.items():
+        model = mspec.model.eval()
+        mhash = model_hash(model)
+        onnx_path = out / f"{prefix}model.onnx"
+        metadata = {"labels": mspec.labels, "preprocess": pre.to_dict(), "producer": "edgepipe"}
+        cache.run(f"{prefix}export-onnx", hash_key(mhash, recipe.export.model_dump(), pre.to_dict(), versions),
+                  lambda: {"onnx": str(export_onnx(model, onnx_path, pre.crop, recipe.export.opset,
+                                                   recipe.export.dynamic_batch, recipe.export.simplify, metadata))},
+                  files=lambda r: [onnx_path])
+        with torch.no_grad():
+            ref_logits = model(torch.from_numpy(parity_batch)).numpy()
+        references[prefix] = {"logits": ref_logits, "macs": count_macs(model, (1, 3, pre.crop, pre.crop)),
+                              "model": model, "model_hash": mhash}
+        onnx_sha = file_entry(out, onnx_path)["sha256"]
+        for target in recipe.targets:
+            if target.pruned is not None and target.pruned != bool(prefix):
+                continue
+            name = variant_name(prefix, target.backend, target.precision)
+            key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
+                           data_fingerprint(calib_paths), versions)
+            rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
+                            files=lambda r: [Path(f) for f in r["files"]])
+            variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
+
+    manifest = _manifest(recipe, spec, pre, variants, versions, out)
+    write_json(out / MANIFEST_NAME, manifest)  # provisional: lets the checks below load through the runtime
+
+    log("[4/5] parity + accuracy + latency per variant")
+    from edgepipe.benchmarks.measure import measure_variant, measure_torch
+    torch_ref = measure_torch(references[""]["model"], pre, eval_items, recipe)
+    for name, v in variants.items():
+        prefix = "pruned-" if name.startswith("pruned-") else ""
+        if v["status"] != "ok":
+            continue
+        key = hash_key([f["sha256"] for f in manifest["variants"][name]["files"]], recipe.data.evaluation,
+                       data_fingerprint([p for p, _ in eval_items]) if eval_items else None, recipe.bench.model_dump(),
+                       parity_names, versions)
+
+        def check(name=name, v=v, prefix=prefix):
+            return measure_variant(out, name, parity_batch, parity_names, references[prefix]["logits"],
+                                   v["precision"], eval_items, recipe, compare)
+        result = cache.run(f"measure-{name}", key, check)
+        manifest["variants"][name].update(result)
+        if not result["parity"]["ok"]:
+            manifest["variants"][name]["status"] = "failed"
+            log(f"  {name}: parity out of tolerance -> marked failed")
+
+    log("[5/5] report")
+    from edgepipe.benchmarks.report import choose_defaults, write_reports
+    choose_defaults(manifest, torch_ref)
+    write_json(out / MANIFEST_NAME, manifest)
+    report = write_reports(out, recipe, manifest, torch_ref)
+    log(f"done in {time.perf_counter() - t_start:.0f}s: {len(cache.ran)} step(s) run, {len(cache.reused)} reused")
+    return report
+
+
+def _manifest(recipe: Recipe, spec, pre: Preprocess, variants: dict, versions: dict, out: Path) -> dict:
+    entries = {}
+    for name, v in variants.items():
+        entries[name] = {
+            "backend": v["backend"], "precision": v["precision"], "format": v["format"],
+            "files": [file_entry(out, Path(f)) for f in v["files"]],
+            "input_shape": [-1 if recipe.export.dynamic_batch else 1, 3, pre.crop, pre.crop],
+            "status": v["status"], "compile": v.get("compile", {}), "macs": v.get("macs"),
+            "source_onnx_sha256": v["source_onnx_sha256"], "model_hash": v["model_hash"], "versions": versions,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {"name": spec.name, "num_classes": len(spec.labels), "source": spec.source, "recipe": recipe.name},
+        "preprocess": pre.to_dict(),
+        "labels": spec.labels,
+        "input": {"name": "input", "shape": [-1 if recipe.export.dynamic_batch else 1, 3, pre.crop, pre.crop], "dtype": "float32"},
+        "output": {"name": "logits", "kind": "logits"},
+        "versions": versions,
+        "variants": entries,
+    }
