@@ -27,3 +27,56 @@ def summarize(times_ms) -> dict:
     return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
             "mean": round(float(a.mean()), 4), "min": round(float(a.min()), 4), "iqr": round(float(q3 - q1), 4),
             "iterations": int(a.size)}
+
+
+def measure_stable(fn: Callable[[], object], warmup: int = 10, iterations: int = 100, rel_tol: float = 0.05,
+                   max_factor: int = 4) -> dict:
+    """``measure`` that keeps going (in chunks of ``iterations``, up to ``max_factor`` times as many) until
+    the p90 moves by less than ``rel_tol`` when the sample grows; records whether it settled."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    previous = None
+    stable = False
+    while len(times) < iterations * max_factor:
+        for _ in range(iterations):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000.0)
+        p90 = float(np.percentile(times, 90))
+        if previous is not None and abs(p90 - previous) <= rel_tol * previous:
+            stable = True
+            break
+        previous = p90
+    return dict(summarize(times), stable=stable)
+
+
+def batched_throughput(infer: Callable[[np.ndarray], object], x1: np.ndarray, batch_sizes=(8, 32),
+                       images: int = 200) -> dict:
+    """Images per second when the engine gets whole batches (dynamic-batch variants); best batch wins."""
+    by_batch = {}
+    for bs in batch_sizes:
+        xb = np.ascontiguousarray(np.repeat(x1, bs, axis=0))
+        infer(xb)  # warm-up: first call at a new shape allocates
+        calls = max(2, -(-images // bs))
+        start = time.perf_counter()
+        for _ in range(calls):
+            infer(xb)
+        by_batch[bs] = round(calls * bs / (time.perf_counter() - start), 2)
+    best = max(by_batch, key=by_batch.get)
+    return {"fps": by_batch[best], "mode": f"batch {best}", "by_batch": by_batch}
+
+
+def async_throughput(compiled, x1: np.ndarray, images: int = 200) -> dict:
+    """Images per second through OpenVINO's AsyncInferQueue (optimal number of requests, batch 1 each)."""
+    import openvino as ov
+    queue = ov.AsyncInferQueue(compiled, 0)
+    for _ in range(len(queue)):
+        queue.start_async({0: x1})
+    queue.wait_all()
+    n = max(images, 4 * len(queue))
+    start = time.perf_counter()
+    for _ in range(n):
+        queue.start_async({0: x1})
+    queue.wait_all()
+    return {"fps": round(n / (time.perf_counter() - start), 2), "mode": f"async, {len(queue)} requests"}

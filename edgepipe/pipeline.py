@@ -16,7 +16,7 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.atomic import write_json, write_text
 from edgepipe.recipe import Recipe, dump_recipe
-from edgepipe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry
+from edgepipe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, tool_versions
 
@@ -65,7 +65,8 @@ def calibration_images(recipe: Recipe, out: Path) -> list[Path]:
     return paths
 
 
-def load_arrays(paths: list[Path], pre: Preprocess) -> tuple[list[np.ndarray], list[str]]:
+def load_arrays(paths: list[Path], pre: Preprocess, on_bad: str = "skip") -> tuple[list[np.ndarray], list[str]]:
+    """Preprocessed images; unreadable ones are skipped and listed (``on_bad="skip"``) or stop the run."""
     from edgepipe.runtime.evaluate import read_image
     arrays, names, bad = [], [], []
     for p in paths:
@@ -75,13 +76,42 @@ def load_arrays(paths: list[Path], pre: Preprocess) -> tuple[list[np.ndarray], l
             continue
         arrays.append(pre(img))
         names.append(Path(p).name)
-    if bad:
-        log(f"  skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+    report_bad_images(bad, len(paths), on_bad)
     return arrays, names
 
 
+def report_bad_images(bad: list[str], total: int, on_bad: str) -> None:
+    if not bad:
+        return
+    if on_bad == "stop" or len(bad) == total:
+        raise UserError(f"{len(bad)} of {total} image(s) cannot be read as images, e.g. {bad[0]}; fix or remove "
+                        f"them" + (", or set data.on_bad_image: skip" if on_bad == "stop" else ""))
+    log(f"  skipped {len(bad)} unreadable image(s): {', '.join(bad[:20])}" + (" ..." if len(bad) > 20 else ""))
+
+
+def preflight(recipe: Recipe) -> None:
+    """Checks that need no model, so a bad data set fails in a second, before the output folder is touched."""
+    from edgepipe.runtime.data import list_images
+    cfg = recipe.data.calibration
+    if cfg.source == "generated" and cfg.count < 1:
+        raise UserError(f"data.calibration.count is {cfg.count}; give at least 1 (or a folder of images as source)")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"data.calibration.limit is {cfg.limit}; give at least 1, or leave it out to use every image")
+    if cfg.source != "generated" and not list_images(cfg.source):
+        raise UserError(f"data.calibration.source {cfg.source}: no images found (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTS))}); the parity checks and int8 targets need calibration images")
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Temporary files of a killed run (atomic writes not yet renamed); never taken as outputs, so drop them."""
+    for part in out.rglob(".*.part*"):
+        if part.is_file():
+            part.unlink()
+
+
 def data_fingerprint(paths: list[Path]) -> str:
-    return hash_key([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths])
+    """Content hash of a set of images (names + bytes), so a moved or copied output folder stays cached."""
+    return hash_key([(Path(p).name, sha256_file(p) if Path(p).is_file() else None) for p in paths])
 
 
 # ---------------------------------------------------------------- compile one target
@@ -125,8 +155,10 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
 # ---------------------------------------------------------------- run
 
 def run(recipe: Recipe, out_dir: str | os.PathLike) -> dict:
+    preflight(recipe)
     out = prepare_out_dir(Path(out_dir))
     with OutputLock(out):
+        remove_stale_parts(out)
         return _run_locked(recipe, out)
 
 
@@ -160,7 +192,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
 
     log("[2/5] data")
     calib_paths = calibration_images(recipe, out)
-    calib, _ = load_arrays(calib_paths, pre)
+    calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
     eval_items = None
     if recipe.data.evaluation:
         from edgepipe.runtime.data import list_images, load_labeled
@@ -169,7 +201,10 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
         except UserError:
             eval_items = [(p, -1) for p in list_images(recipe.data.evaluation)]  # unlabeled: agreement only
     parity_paths = [p for p, _ in eval_items][:recipe.data.parity_images] if eval_items else calib_paths[:recipe.data.parity_images]
-    parity_arrays, parity_names = load_arrays(parity_paths, pre)
+    if eval_items and recipe.data.on_bad_image == "stop":
+        from edgepipe.runtime.evaluate import read_image
+        report_bad_images([str(p) for p, _ in eval_items if read_image(p) is None], len(eval_items), "stop")
+    parity_arrays, parity_names = load_arrays(parity_paths, pre, recipe.data.on_bad_image)
     parity_batch = np.concatenate(parity_arrays)
     log(f"  calibration: {len(calib)} images; parity: {len(parity_names)} images"
         + (f"; evaluation: {len(eval_items)} images" if eval_items else ""))

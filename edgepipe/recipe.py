@@ -42,6 +42,7 @@ class DataConfig(Section):
     calibration: CalibrationData = CalibrationData()
     evaluation: Optional[str] = None   # labeled CSV (file,class_index) or ImageFolder; unlabeled folder -> agreement only
     parity_images: int = 64            # how many calibration/evaluation images the parity checks use
+    on_bad_image: Literal["skip", "stop"] = "skip"   # unreadable images: skip and list them, or stop before work
     # training data (stages.train): "fashion-mnist", an ImageFolder tree or a CSV
     train: Optional[str] = None
     val_split: float = 0.1
@@ -122,15 +123,22 @@ class BenchConfig(Section):
     threads: Optional[int] = None
 
 
+class RatioBudget(Section):
+    of: str                                        # torch_eager | roofline | <variant> | <variant>@<backend>
+    ratio: float
+
+
 class Budget(Section):
-    variants: str = "*"
+    variants: str = "*"                            # glob over variant names
+    backends: str = "*"                            # glob over the backend a variant runs on (bench)
     top1_min: Optional[float] = None
+    top5_min: Optional[float] = None
     top1_drop_max: Optional[float] = None          # points against the fp32 variant
     per_class_drop_max: Optional[float] = None     # points, worst class
     p90_ms_max: Optional[float] = None
-    p90_ratio_max: Optional[dict] = None           # {of: torch_eager | roofline | <variant>, ratio: 0.5}
+    p90_ratio_max: Optional[RatioBudget] = None    # {of: torch_eager | roofline | <variant>, ratio: 0.5}
     throughput_fps_min: Optional[float] = None
-    agreement_min: Optional[float] = None
+    agreement_min: Optional[float] = None          # top-1 agreement with the fp32 variant
 
 
 class Recipe(Section):

@@ -1,6 +1,8 @@
-"""Classify a camera stream or video: `python runtime/camera.py --model DIR --source SRC`.
+"""Classify a camera, stream, video file or image folder: `python runtime/camera.py --model DIR --source SRC`.
 
-One JSON line per frame, flushed as it comes; a summary line at the end.
+One JSON line per classified frame (flushed line by line), a summary JSON line at the end.
+Exit codes: 0 done or stopped by SIGINT/SIGTERM; 2 bad arguments, model or source; 3 a live source was
+lost and did not come back after --max-reconnects attempts; 1 an unexpected error in the pipeline.
 """
 from __future__ import annotations
 
@@ -11,77 +13,140 @@ import sys
 import time
 
 import cv2
-import numpy as np
 
 from edgepipe import UserError
-from edgepipe.runtime.model import Classifier, softmax
+from edgepipe.atomic import write_json
+from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.outputs import Outputs
+from edgepipe.runtime.sources import parse_source, set_rtsp_transport
+from edgepipe.runtime.stream import Channel, Options, Pipeline
+
+GAVE_UP_EXIT = 3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="artifact folder written by `edgepipe run` (has manifest.json)")
-    p.add_argument("--source", required=True, help="camera index, /dev/videoN, video file, rtsp:// or http:// URL")
+    p.add_argument("--source", required=True,
+                   help="camera index, /dev/videoN, video file, rtsp:// or http(s):// URL, GStreamer pipeline "
+                        "(ending in appsink), image folder or glob")
     p.add_argument("--variant", help="variant name from the manifest (default: the manifest's default for the backend)")
     p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])
     p.add_argument("--jsonl", help="write one JSON line per frame here")
-    p.add_argument("--output", help="write an annotated mp4 here")
-    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: no limit)")
-    p.add_argument("--display", action="store_true", help="show a window (needs a screen)")
-    return p.parse_args(argv)
+    p.add_argument("--output", help="write an annotated mp4 (or .avi) here")
+    p.add_argument("--stats", help="write the summary as JSON here (atomically; refreshed every --stats-interval s)")
+    p.add_argument("--stats-interval", type=float, default=5.0, metavar="S")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after N classified frames (0: no limit)")
+    p.add_argument("--display", action="store_true", help="show a window (needs a screen and OpenCV with GUI)")
+    p.add_argument("--top-k", type=int, default=1, help="also report the K best classes per frame")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
+                   help="average probabilities over frames (weight of the past, 0..1; e.g. 0.7) so labels don't flicker")
+    p.add_argument("--realtime", action="store_true",
+                   help="play a file at its own fps and keep only the newest frame, like a live camera")
+    p.add_argument("--loop", action="store_true", help="start a file or image folder over when it ends")
+    p.add_argument("--open-timeout", type=float, default=10.0, metavar="S", help="give up opening a source after S s")
+    p.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
+                   help="a live source with no frame for S s is reconnected")
+    p.add_argument("--max-reconnects", type=int, default=10,
+                   help="failed attempts in a row before giving up on a live source (exit 3)")
+    p.add_argument("--backoff", type=float, default=0.5, metavar="S", help="first reconnect delay; doubles up to 30 s")
+    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (OpenCV asks for tcp by default)")
+    args = p.parse_args(argv)
+    for name in ("open_timeout", "read_timeout", "backoff", "stats_interval"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.max_reconnects < 0 or args.max_frames < 0 or args.top_k < 1:
+        p.error("--max-reconnects and --max-frames must be >= 0, --top-k >= 1")
+    return args
 
 
-def open_source(src: str) -> cv2.VideoCapture:
-    cap = cv2.VideoCapture(int(src)) if src.isdigit() else cv2.VideoCapture(src)
-    if not cap.isOpened():
-        raise UserError(f"cannot open source {src!r}; check the path/URL/camera index")
-    return cap
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_display() -> None:
+    try:
+        cv2.namedWindow("edgepipe", cv2.WINDOW_NORMAL)
+    except cv2.error:
+        raise UserError("--display needs OpenCV with a GUI and a screen (opencv-python-headless has none); "
+                        "drop --display or use --output") from None
+
+
+class Signals:
+    """SIGINT/SIGTERM: the first stops capture and drains the queues; a second drops unclassified frames."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.count = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, _frame) -> None:
+        self.count += 1
+        self.pipeline.stop.set()
+        if self.count > 1:
+            self.pipeline.drop_queued()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stop = {"flag": False}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.__setitem__("flag", True))
+    spec = parse_source(args.source)
+    set_rtsp_transport(args.rtsp_transport)
+    if args.display:
+        check_display()
     clf = Classifier(args.model, variant=args.variant, backend=args.backend)
-    cap = open_source(args.source)
-    jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
-    writer = None
-    latencies = []
-    frames = 0
-    t0 = time.perf_counter()
+    opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop, max_frames=args.max_frames,
+                   open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
+                   max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
+    display = Channel(1, latest=True) if args.display else None
+    pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
+    outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl, video=args.output,
+                      fps_hint=lambda: pipeline.capture.fps, top_k=args.top_k, smooth=args.smooth,
+                      max_frames=args.max_frames, display=display)
+    extra = {"variant": clf.variant_name, "backend": clf.backend_name, "source": spec.describe(), "live": opts.live}
+    signals = Signals(pipeline)
+    next_stats = [time.monotonic() + args.stats_interval]
+
+    def poll() -> None:
+        if display is not None:
+            image = display.get(timeout=0)
+            if image is not None:
+                cv2.imshow("edgepipe", image)
+            if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                pipeline.stop.set()
+        if args.stats and time.monotonic() >= next_stats[0]:
+            next_stats[0] = time.monotonic() + args.stats_interval
+            write_json(args.stats, dict(pipeline.summary(outputs.frames), running=True, **extra))
+
     try:
-        while not stop["flag"] and (not args.max_frames or frames < args.max_frames):
-            ok, frame = cap.read()
-            if not ok:
-                break
-            t = time.perf_counter()
-            probs = softmax(clf.logits(clf.preprocess(frame)))[0]
-            k = int(np.argmax(probs))
-            ms = (time.perf_counter() - t) * 1000
-            latencies.append(ms)
-            rec = {"frame": frames, "class_index": k, "label": clf.labels[k], "score": round(float(probs[k]), 5), "latency_ms": round(ms, 3)}
-            if jsonl:
-                jsonl.write(json.dumps(rec) + "\n")
-                jsonl.flush()
-            if args.output:
-                if writer is None:
-                    h, w = frame.shape[:2]
-                    writer = cv2.VideoWriter(args.output, cv2.VideoWriter_fourcc(*"mp4v"), cap.get(cv2.CAP_PROP_FPS) or 25, (w, h))
-                cv2.putText(frame, f"{rec['label']} {rec['score']:.2f}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 255, 0), 2)
-                writer.write(frame)
-            frames += 1
+        pipeline.start(outputs)
+        pipeline.join(poll)
     finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
-        if jsonl:
-            jsonl.close()
-    elapsed = time.perf_counter() - t0
-    lat = np.array(latencies) if latencies else np.zeros(1)
-    summary = {"summary": True, "frames": frames, "fps": round(frames / elapsed, 2) if elapsed else 0.0,
-               "p50_ms": round(float(np.percentile(lat, 50)), 3), "p95_ms": round(float(np.percentile(lat, 95)), 3),
-               "variant": clf.variant_name, "backend": clf.backend_name}
+        outputs.close()
+        signals.restore()
+        if display is not None:
+            cv2.destroyAllWindows()
+    summary = dict(pipeline.summary(outputs.frames), **extra)
+    cap = pipeline.capture
+    summary["stopped_by"] = ("error" if pipeline.errors else "gave-up" if cap.gave_up else "signal" if signals.count
+                             else "max-frames" if args.max_frames and outputs.frames >= args.max_frames else "end")
+    if cap.gave_up:
+        summary["gave_up"] = cap.gave_up
+    if args.stats:
+        write_json(args.stats, summary)
     print(json.dumps(summary), flush=True)
+    if pipeline.errors:
+        exc = pipeline.errors[0]
+        if isinstance(exc, UserError):
+            raise exc
+        log(f"camera.py: error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        return 1
+    if cap.gave_up:
+        log(f"camera.py: error: {cap.gave_up}")
+        return GAVE_UP_EXIT
     return 0
 
 

@@ -42,10 +42,18 @@ def _from_csv(path: Path) -> list[tuple[Path, int]]:
 
 
 def _from_folder(root: Path, labels: list[str] | None) -> list[tuple[Path, int]]:
-    lookup = {name.lower(): i for i, name in enumerate(labels or [])}
+    lookup: dict[str, int] = {}
+    ambiguous = set()
+    for i, name in enumerate(labels or []):
+        if name.lower() in lookup:
+            ambiguous.add(name.lower())
+        lookup.setdefault(name.lower(), i)
     items = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         key = sub.name.lower()
+        if key in ambiguous:
+            dupes = [i for i, n in enumerate(labels) if n.lower() == key]
+            raise UserError(f"{root}: folder {sub.name!r} names more than one class ({dupes}); name the folder by its class index instead")
         if key in lookup:
             idx = lookup[key]
         elif sub.name.isdigit():

@@ -7,17 +7,23 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.runtime.data import load_labeled
 from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.preprocess import check_frame
 
 
 def read_image(path) -> np.ndarray | None:
-    """BGR uint8 or None when the file is missing, unreadable or not an image."""
+    """BGR uint8, or None when the file is missing, unreadable, not an image or too small to classify."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
+    except (OSError, ValueError):
         return None
     if data.size == 0:
         return None
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        check_frame(img)
+    except (cv2.error, ValueError):  # OpenCV refuses some damaged files with an exception instead of None
+        return None
+    return img
 
 
 def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -35,11 +37,16 @@ def file_entry(root: Path, path: Path) -> dict:
 
 def safe_join(root: Path, rel: str) -> Path:
     """``root/rel``, refusing absolute paths, ``..`` and symlinks that resolve outside ``root``."""
-    if not rel or os.path.isabs(rel) or Path(rel).drive:
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or Path(rel).drive:
         raise ManifestError(f"manifest path {rel!r} is absolute or empty; artifact paths must be relative to {root}")
+    if "\0" in rel:
+        raise ManifestError(f"manifest path {rel!r} contains a NUL character")
     root_real = root.resolve()
     full = (root / rel)
-    real = full.resolve()
+    try:
+        real = full.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        raise ManifestError(f"manifest path {rel!r} cannot be resolved ({exc}); refusing it") from None
     if real != root_real and root_real not in real.parents:
         raise ManifestError(f"manifest path {rel!r} resolves outside the artifact folder {root} (to {real}); refusing it")
     return full
@@ -61,7 +68,16 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
     return data
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_size(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 16384
+
+
 def validate_manifest(data, where="manifest") -> None:
+    """Check structure and types, so a damaged or hand-edited manifest is one clear error, never a crash later."""
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected a JSON object at the top level")
     missing = [k for k in REQUIRED_TOP if k not in data]
@@ -69,11 +85,20 @@ def validate_manifest(data, where="manifest") -> None:
         raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)}")
     if data["format_version"] != FORMAT_VERSION:
         raise ManifestError(f"{where}: format_version {data['format_version']!r} is not supported (expected {FORMAT_VERSION})")
+    if not isinstance(data["model"], dict):
+        raise ManifestError(f"{where}: model must be an object")
     pre = data["preprocess"]
     if not isinstance(pre, dict) or [k for k in REQUIRED_PREPROCESS if k not in pre]:
         raise ManifestError(f"{where}: preprocess must give {', '.join(REQUIRED_PREPROCESS)}")
-    if len(pre["mean"]) != 3 or len(pre["std"]) != 3 or any(s == 0 for s in pre["std"]):
-        raise ManifestError(f"{where}: preprocess mean/std must be 3 numbers each, std non-zero")
+    if not _is_size(pre["resize"]) or not _is_size(pre["crop"]):
+        raise ManifestError(f"{where}: preprocess resize/crop must be positive pixel counts (got {pre['resize']!r}, {pre['crop']!r})")
+    for key in ("mean", "std"):
+        if not isinstance(pre[key], list) or len(pre[key]) != 3 or not all(_is_number(x) for x in pre[key]):
+            raise ManifestError(f"{where}: preprocess {key} must be 3 numbers (got {pre[key]!r})")
+    if any(s == 0 for s in pre["std"]):
+        raise ManifestError(f"{where}: preprocess std must be non-zero")
+    if not isinstance(pre["color"], str) or pre["color"].upper() not in ("RGB", "BGR"):
+        raise ManifestError(f"{where}: preprocess color must be RGB or BGR (got {pre['color']!r})")
     labels = data["labels"]
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise ManifestError(f"{where}: labels must be a non-empty list of strings")
@@ -81,14 +106,31 @@ def validate_manifest(data, where="manifest") -> None:
     if not isinstance(variants, dict) or not variants:
         raise ManifestError(f"{where}: variants must be a non-empty object")
     for name, v in variants.items():
-        if not isinstance(v, dict):
-            raise ManifestError(f"{where}: variant {name!r} must be an object")
-        miss = [k for k in REQUIRED_VARIANT if k not in v]
-        if miss:
-            raise ManifestError(f"{where}: variant {name!r} is missing {', '.join(miss)}")
-        for f in v["files"]:
-            if not isinstance(f, dict) or not {"path", "sha256"} <= set(f):
-                raise ManifestError(f"{where}: variant {name!r} has a file entry without path/sha256")
+        _validate_variant(v, f"{where}: variant {name!r}")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict) or not all(isinstance(x, str) for x in defaults.values()):
+        raise ManifestError(f"{where}: defaults must map backend names to variant names")
+    if not isinstance(data.get("default_variant", ""), (str, type(None))):
+        raise ManifestError(f"{where}: default_variant must be a variant name")
+
+
+def _validate_variant(v, where: str) -> None:
+    if not isinstance(v, dict):
+        raise ManifestError(f"{where} must be an object")
+    miss = [k for k in REQUIRED_VARIANT if k not in v]
+    if miss:
+        raise ManifestError(f"{where} is missing {', '.join(miss)}")
+    for key in ("backend", "precision", "format", "status"):
+        if not isinstance(v.get(key, ""), str):
+            raise ManifestError(f"{where}: {key} must be a string (got {v[key]!r})")
+    shape = v["input_shape"]
+    if not isinstance(shape, list) or len(shape) != 4 or not all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in shape):
+        raise ManifestError(f"{where}: input_shape must be 4 integers (N, C, H, W; -1 for any), got {shape!r}")
+    if not isinstance(v["files"], list) or not v["files"]:
+        raise ManifestError(f"{where}: files must be a non-empty list")
+    for f in v["files"]:
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("sha256"), str):
+            raise ManifestError(f"{where} has a file entry without a path/sha256 string")
 
 
 def verify_files(model_dir: str | os.PathLike, variant: dict, name: str = "") -> list[Path]:
@@ -105,4 +147,107 @@ def verify_files(model_dir: str | os.PathLike, variant: dict, name: str = "") ->
                 f"variant {name!r}: {entry['path']} has sha256 {digest[:12]}... but the manifest says "
                 f"{entry['sha256'][:12]}...; refusing to load a modified file (rebuild with `edgepipe run`)")
         paths.append(path)
+    for path in paths:
+        if path.suffix == ".onnx":
+            check_onnx_external_data(path, paths)
     return paths
+
+
+# ---------------------------------------------------------------- ONNX external data
+# An ONNX file may point its weights at other files ("external data"). ONNX Runtime >= 1.2x and OpenVINO
+# 2025+ refuse locations outside the model's folder, older ones do not, and none of them checks the data
+# against the manifest. So before any backend sees an .onnx file we read every tensor's location ourselves
+# with a small protobuf wire-format walk (the runtime does not depend on the onnx package) and require each
+# to be a relative path inside the model's folder that the manifest lists (so its sha256 was checked).
+
+# message -> {field number: message type of that field}, for the fields that can hold a TensorProto
+_ONNX_TENSOR_PATHS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attr"},
+    "node": {5: "attr"},
+    "attr": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_MAX_NESTING = 64
+
+
+def _wire_fields(buf: memoryview, what: str):
+    """Yield (field number, wire type, value) of one protobuf message; raise ManifestError if malformed."""
+    pos, end = 0, len(buf)
+
+    def varint() -> int:
+        nonlocal pos
+        result = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ManifestError(f"{what} is not a valid ONNX file (malformed protobuf); rebuild it with `edgepipe run`")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return result
+
+    while pos < end:
+        tag = varint()
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            if pos + size > end:
+                raise ManifestError(f"{what} is not a valid ONNX file (truncated); rebuild it with `edgepipe run`")
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            value = None
+        else:
+            raise ManifestError(f"{what} is not a valid ONNX file (protobuf wire type {wire}); rebuild it with `edgepipe run`")
+        if pos > end or number == 0:
+            raise ManifestError(f"{what} is not a valid ONNX file (truncated); rebuild it with `edgepipe run`")
+        yield number, wire, value
+
+
+def onnx_external_locations(path: str | os.PathLike) -> list[str]:
+    """Every external-data location named by any tensor in an ONNX file (initializers, attributes, subgraphs)."""
+    path = Path(path)
+    found: list[str] = []
+
+    def walk(buf: memoryview, kind: str, depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise ManifestError(f"{path.name}: ONNX graphs nested more than {_MAX_NESTING} deep; refusing it")
+        for number, wire, value in _wire_fields(buf, path.name):
+            if kind == "tensor":
+                if number == 13 and wire == 2:  # external_data: StringStringEntryProto {key, value}
+                    entry = {n: bytes(v) for n, w, v in _wire_fields(value, path.name) if w == 2}
+                    if entry.get(1) == b"location":
+                        found.append(entry.get(2, b"").decode("utf-8", "replace"))
+            elif wire == 2 and number in _ONNX_TENSOR_PATHS[kind]:
+                walk(value, _ONNX_TENSOR_PATHS[kind][number], depth + 1)
+
+    if path.stat().st_size == 0:
+        raise ManifestError(f"{path.name} is empty, not an ONNX model; rebuild it with `edgepipe run`")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            walk(view, "model", 0)
+        finally:
+            view.release()
+    return found
+
+
+def check_onnx_external_data(path: Path, verified: list[Path]) -> None:
+    """Refuse external-data locations that are absolute, leave the model's folder, or were not hash-checked."""
+    folder = path.parent.resolve()
+    allowed = {p.resolve() for p in verified}
+    for loc in onnx_external_locations(path):
+        if not loc or "\0" in loc or os.path.isabs(loc) or Path(loc).drive:
+            raise ManifestError(f"{path.name}: external data location {loc!r} is absolute or empty; refusing it")
+        real = (folder / loc).resolve()
+        if folder not in real.parents:
+            raise ManifestError(f"{path.name}: external data location {loc!r} resolves outside {folder} (to {real}); refusing it")
+        if real not in allowed:
+            raise ManifestError(f"{path.name}: external data file {loc!r} is not listed in the manifest, so its "
+                                f"sha256 cannot be checked; refusing it")

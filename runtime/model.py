@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -54,40 +55,71 @@ def choose_variant(manifest: dict, variant: str | None = None, backend: str = "a
 
 
 class Classifier:
-    """Load a model folder written by `edgepipe run` and classify BGR frames."""
+    """Load a model folder written by `edgepipe run` and classify BGR frames.
+
+    Everything about the serving model (manifest, variant, labels, preprocessing, backend) lives in one
+    snapshot, so :meth:`reload` can verify and load a new variant completely before swapping it in with a
+    single assignment; if anything about the new one is wrong, the old one keeps serving.
+    """
 
     def __init__(self, model_dir: str | os.PathLike, variant: str | None = None, backend: str = "auto"):
         self.model_dir = Path(model_dir)
-        self.manifest = load_manifest(self.model_dir)
-        self.variant_name, self.backend_name = choose_variant(self.manifest, variant, backend)
-        self.variant = self.manifest["variants"][self.variant_name]
-        self.labels = list(self.manifest["labels"])
-        self.preprocess = Preprocess.from_manifest(self.manifest["preprocess"])
-        files = verify_files(self.model_dir, self.variant, self.variant_name)  # before anything is loaded
-        backend_obj = create_backend(self.backend_name)
-        backend_obj.load(files, dict(self.variant, model_dir=str(self.model_dir)))
-        self.backend = backend_obj
+        self._backend_choice = backend
+        self._active = self._prepare(variant, backend)
         self.batch_size = 1
-        self._check_outputs()
 
-    def _check_outputs(self) -> None:
-        """One warm-up inference that also checks the model's output count against the labels."""
-        logits = self.backend.infer(np.zeros(self.preprocess.input_shape, np.float32))
-        if logits.ndim != 2 or logits.shape[1] != len(self.labels):
-            raise ManifestError(f"variant {self.variant_name!r} outputs shape {tuple(logits.shape)} but the manifest "
-                                f"has {len(self.labels)} labels; the artifact folder is inconsistent")
+    def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
+        """Read the manifest, hash-check the variant's files, load and test them; touches nothing serving now."""
+        manifest = load_manifest(self.model_dir)
+        name, backend_name = choose_variant(manifest, variant, backend)
+        spec = manifest["variants"][name]
+        files = verify_files(self.model_dir, spec, name)  # before anything is loaded
+        pre = Preprocess.from_manifest(manifest["preprocess"])
+        labels = list(manifest["labels"])
+        backend_obj = create_backend(backend_name)
+        backend_obj.load(files, dict(spec, model_dir=str(self.model_dir)))
+        _check_outputs(backend_obj, pre, labels, name)
+        return SimpleNamespace(manifest=manifest, variant_name=name, backend_name=backend_name, variant=spec,
+                               labels=labels, preprocess=pre, backend=backend_obj)
+
+    def reload(self, variant: str | None = None, backend: str | None = None) -> str:
+        """Switch to ``variant`` (None: the manifest's default, re-read from disk) without a gap in service.
+
+        The new variant is verified (sha256), loaded and test-run first; only then does it replace the
+        serving one. On any error the error is raised and the previous variant keeps serving.
+        Returns the name of the variant now serving.
+        """
+        self._active = self._prepare(variant, backend or self._backend_choice)
+        return self._active.variant_name
+
+    manifest = property(lambda self: self._active.manifest)
+    variant_name = property(lambda self: self._active.variant_name)
+    backend_name = property(lambda self: self._active.backend_name)
+    variant = property(lambda self: self._active.variant)
+    labels = property(lambda self: self._active.labels)
+    preprocess = property(lambda self: self._active.preprocess)
+    backend = property(lambda self: self._active.backend)
 
     @property
     def dynamic_batch(self) -> bool:
         return self.variant["input_shape"][0] in (-1, None)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.backend.infer(batch)
+        return self._active.backend.infer(batch)
 
     def classify(self, bgr: np.ndarray, top_k: int = 1) -> list[tuple[int, str, float]]:
-        probs = softmax(self.backend.infer(self.preprocess(bgr)))[0]
+        active = self._active  # one snapshot: a concurrent reload() cannot mix two variants in one answer
+        probs = softmax(active.backend.infer(active.preprocess(bgr)))[0]
         idx = np.argsort(-probs)[:top_k]
-        return [(int(i), self.labels[i], float(probs[i])) for i in idx]
+        return [(int(i), active.labels[i], float(probs[i])) for i in idx]
+
+
+def _check_outputs(backend, pre: Preprocess, labels: list, name: str) -> None:
+    """One warm-up inference that also checks the model's output count against the labels."""
+    logits = backend.infer(np.zeros(pre.input_shape, np.float32))
+    if logits.ndim != 2 or logits.shape[1] != len(labels):
+        raise ManifestError(f"variant {name!r} outputs shape {tuple(logits.shape)} but the manifest "
+                            f"has {len(labels)} labels; the artifact folder is inconsistent")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ SHARED_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 TINY_RECIPE = """
 name: tiny
-model: {name: mobilenet_v3_small, pretrained: false, num_classes: 10, input_size: 224}
+model: {name: efficientnet_lite0}
 data:
   calibration: {source: generated, count: 16}
   parity_images: 8
@@ -41,7 +41,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_recipe) -> Path:
-    """A small random-init torchvision model through the whole pipeline (ORT fp32, OV fp32, OV int8)."""
+    """EfficientNet-Lite0 through the whole pipeline with few calibration images (ORT fp32, OV fp32, OV int8)."""
     out = tmp_path_factory.mktemp("tiny-artifacts")
     proc = run_edgepipe("run", tiny_recipe, "--out", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,77 @@
+"""Sensitivity-driven mixed precision: when an int8 model misses its accuracy target, measure how much each
+layer's quantization costs (the logit error that goes away when only that layer is kept in float) and keep
+the most sensitive layers in float, one at a time, until the target is met.
+
+Backend-neutral: the caller gives ``evaluate(float_layers) -> logits`` (QDQ: nodes_to_exclude; OpenVINO:
+NNCF ignored_scope) on the same validation images as the fp32 ``reference`` logits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Search:
+    float_layers: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def logit_error(reference: np.ndarray, logits: np.ndarray) -> float:
+    return float(np.mean((reference.astype(np.float64) - logits) ** 2))
+
+
+def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarray, reference: np.ndarray,
+                        evaluate: Callable[[list[str]], np.ndarray], max_float_fraction: float = 0.25,
+                        ranking_images: int = 128, log: Callable[[str], None] = print) -> Search:
+    """Greedy search; ``max_drop`` is in top-1 points against ``reference`` on ``labels``.
+
+    Sensitivity is ranked on the first ``ranking_images`` validation images (logit MSE, smoother than
+    top-1 on few images); the acceptance test uses top-1 on all of them. At most ``max_float_fraction`` of
+    the layers are kept in float; if the target is still missed the report says so (``target_met`` False).
+    """
+    t0 = time.perf_counter()
+    labels = np.asarray(labels)
+    ref_top1 = top1(reference, labels)
+    full = evaluate([])
+    steps = [{"float_layers": 0, "top1": top1(full, labels), "drop_points": round((ref_top1 - top1(full, labels)) * 100, 3)}]
+    report = {"fp32_top1": ref_top1, "int8_top1": steps[0]["top1"], "max_drop_points": max_drop,
+              "validation_images": int(len(labels)), "steps": steps}
+    if steps[0]["drop_points"] <= max_drop:
+        report.update(target_met=True, final_top1=steps[0]["top1"], final_drop_points=steps[0]["drop_points"], seconds=round(time.perf_counter() - t0, 1))
+        return Search([], report)
+
+    n = min(ranking_images, len(labels))
+    base_err = logit_error(reference[:n], full[:n])
+    gains = []
+    for i, layer in enumerate(layers):
+        err = logit_error(reference[:n], evaluate([layer])[:n])
+        gains.append((base_err - err, layer))
+        if (i + 1) % 10 == 0:
+            log(f"    sensitivity: {i + 1}/{len(layers)} layers")
+    ranked = [layer for gain, layer in sorted(gains, key=lambda g: -g[0])]
+    report["sensitivity_top"] = [{"layer": layer, "logit_mse_gain": round(g, 5)} for g, layer in sorted(gains, key=lambda g: -g[0])[:10]]
+
+    chosen: list[str] = []
+    met = False
+    for layer in ranked[:max(1, int(len(layers) * max_float_fraction))]:
+        chosen.append(layer)
+        acc = top1(evaluate(chosen), labels)
+        drop = round((ref_top1 - acc) * 100, 3)
+        steps.append({"float_layers": len(chosen), "added": layer, "top1": acc, "drop_points": drop})
+        log(f"    {len(chosen)} layer(s) in float: top-1 {acc:.4f} (drop {drop:.2f} pts)")
+        if drop <= max_drop:
+            met = True
+            break
+    best = steps[-1] if met else min(steps, key=lambda s: s["drop_points"])  # not met: keep the best step
+    chosen = ranked[:best["float_layers"]]
+    report.update(target_met=met, final_top1=best["top1"], final_drop_points=best["drop_points"],
+                  float_layers=list(chosen), seconds=round(time.perf_counter() - t0, 1))
+    return Search(chosen, report)

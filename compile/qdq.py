@@ -1,0 +1,170 @@
+"""ONNX fp32 -> int8 QDQ ONNX with onnxruntime.quantization, in the form TensorRT consumes for explicit
+quantization: int8 weights per output channel, symmetric int8 activations, zero points 0, float bias.
+
+The same file runs on ONNX Runtime (CPU/CUDA) and is the source of `edgepipe build-engine --precision int8`.
+Calibration runs once (ORT's calibration cache); the mixed-precision search re-quantizes from that cache
+with the most sensitive layers left in float (``nodes_to_exclude``) until the accuracy target is met.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgepipe import UserError
+from edgepipe.atomic import atomic_path
+
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+from edgepipe.compile.qdq_check import FLOAT_LAYERS_KEY  # metadata_props entry: layers deliberately left in float
+
+
+def cpu_has_vnni() -> bool:
+    """x86 CPUs with VNNI (or AMX) do int8 dot products without the u8s8 16-bit saturation of AVX2/AVX-512BW."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def resolve_mode(mode: str) -> tuple[str, str]:
+    """(mode, why). ``auto``: s8s8 (TensorRT's form) unless an x86 CPU without VNNI would saturate u8s8/s8s8."""
+    if mode != "auto":
+        return mode, "set in the recipe"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return "s8s8", f"{platform.machine()} CPU (Arm int8 dot products do not saturate)"
+    if cpu_has_vnni():
+        return "s8s8", "x86 CPU with VNNI: no u8s8 saturation; s8s8 is also TensorRT's form"
+    return "u8s8_reduce_range", "x86 CPU without VNNI: 7-bit weights avoid VPMADDUBSW saturation (not TensorRT's form)"
+
+
+def _quant_args(mode: str, activation_symmetric: bool) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType
+    if mode == "s8s8":
+        act, reduce_range = QuantType.QInt8, False
+    elif mode == "u8s8_reduce_range":
+        act, reduce_range = QuantType.QUInt8, True
+    else:
+        raise UserError(f"stages.quantize.qdq_mode {mode!r}: choose s8s8, u8s8_reduce_range or auto")
+    return dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range, activation_type=act,
+                weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
+                extra_options={"ActivationSymmetric": activation_symmetric and mode == "s8s8", "WeightSymmetric": True,
+                               "QuantizeBias": False,  # TensorRT keeps bias in float and fuses it
+                               # Q/DQ only on the inputs of weighted layers (TensorRT's placement); logits stay float
+                               "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)})
+
+
+class ArrayReader:
+    """onnxruntime CalibrationDataReader over preprocessed (1, 3, H, W) arrays (all of them)."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], input_name: str):
+        self.arrays, self.input_name, self.i = list(arrays), input_name, 0
+
+    def get_next(self):
+        if self.i >= len(self.arrays):
+            return None
+        self.i += 1
+        return {self.input_name: np.ascontiguousarray(self.arrays[self.i - 1], dtype=np.float32)}
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def rewind(self):
+        self.i = 0
+
+
+class QdqQuantizer:
+    """Pre-processes once, calibrates once, then quantizes with any set of layers kept in float."""
+
+    def __init__(self, onnx_path: Path, calibration: Sequence[np.ndarray], mode: str, activation_symmetric: bool, work: Path):
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static  # noqa: F401
+        self.work, self.mode = Path(work), mode
+        self.src = self.work / "preprocessed.onnx"
+        try:
+            quant_pre_process(str(onnx_path), str(self.src), skip_symbolic_shape=True)
+            self.preprocessed = True
+        except Exception as exc:  # pre-processing is an optimisation; quantize the exported graph if it fails
+            logging.getLogger("edgepipe").warning("quant_pre_process failed (%s); quantizing the exported graph", exc)
+            self.src.write_bytes(Path(onnx_path).read_bytes())
+            self.preprocessed = False
+        model = onnx.load(str(self.src), load_external_data=False)
+        self.input_name = model.graph.input[0].name
+        self.layers = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+        self.cache = self.work / "calibration-ranges.json"
+        self.calibration = calibration
+        self.args = _quant_args(mode, activation_symmetric)
+        self.metadata = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+    def quantize(self, dst: Path, float_layers: Sequence[str] = ()) -> Path:
+        import onnx
+        from onnxruntime.quantization import quantize_static
+        logging.getLogger().setLevel(logging.ERROR)  # ORT logs a warning per skipped node through the root logger
+        reader = None if self.cache.is_file() else ArrayReader(self.calibration, self.input_name)
+        quantize_static(str(self.src), str(dst), reader, nodes_to_exclude=list(float_layers),
+                        calibration_cache_path=str(self.cache), **self.args)
+        model = onnx.load(str(dst))
+        del model.metadata_props[:]
+        for key, value in dict(self.metadata, **{FLOAT_LAYERS_KEY: ",".join(float_layers)}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(dst))
+        return dst
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_logits(path: Path, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0] == 1
+    step = 1 if fixed else batch
+    return np.concatenate([sess.run(None, {name: arrays[i:i + step]})[0] for i in range(0, len(arrays), step)])
+
+
+def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg,
+                 validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None) -> dict:
+    """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
+
+    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. With labeled ``validation`` items
+    ((1, 3, H, W) array, class index) and ``max_drop`` (top-1 points) and ``cfg.mixed_precision``, layers are
+    kept in float, most sensitive first, until the drop against the fp32 ONNX is within ``max_drop``.
+    """
+    from edgepipe.compile.mixed_precision import search_float_layers
+    from edgepipe.compile.qdq_check import check_qdq
+    if not calibration:
+        raise UserError("the onnxruntime int8 target needs calibration images (data.calibration)")
+    mode, why = resolve_mode(cfg.qdq_mode)
+    dst_path = Path(dst_path)
+    info = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "mode": mode, "mode_reason": why,
+            "per_channel": True, "weight_symmetric": True, "activation_symmetric": bool(cfg.activation_symmetric and mode == "s8s8"),
+            "bias": "float", "calibration_images": len(calibration), "calibrate_method": "MinMax", "float_layers": []}
+    with tempfile.TemporaryDirectory(prefix="edgepipe-qdq-") as tmp:
+        q = QdqQuantizer(Path(onnx_path), calibration, mode, cfg.activation_symmetric, Path(tmp))
+        info["quant_pre_process"] = q.preprocessed
+        full = q.quantize(Path(tmp) / "int8.onnx")
+        chosen = full
+        if validation and max_drop is not None and cfg.mixed_precision:
+            x = np.concatenate([a for a, _ in validation]).astype(np.float32)
+            y = np.array([t for _, t in validation])
+            search = search_float_layers(
+                layers=q.layers, max_drop=max_drop, labels=y,
+                reference=run_logits(Path(onnx_path), x),
+                evaluate=lambda float_layers: run_logits(q.quantize(Path(tmp) / "candidate.onnx", float_layers), x))
+            info["mixed_precision"] = search.report
+            info["float_layers"] = search.float_layers
+            if search.float_layers:
+                chosen = q.quantize(Path(tmp) / "mixed.onnx", search.float_layers)
+        with atomic_path(dst_path, suffix=".onnx") as out:
+            Path(out).write_bytes(chosen.read_bytes())
+    info["tensorrt_qdq_check"] = check_qdq(dst_path)
+    return info
