@@ -167,13 +167,23 @@ def judge_ratio(measure_round: Callable[[int], float], limit: float, rounds: int
             "confidence": confidence, "samples": [round(s, 5) for s in samples]}
 
 
-def interleaved(a: Callable[[int], dict], b: Callable[[int], dict], iterations: int, stat: str = "p90") -> Callable[[int], float]:
-    """One round = time A and B back to back (order alternating by round); returns A[stat] / B[stat]."""
-    def round_ratio(i: int) -> float:
+def interleaved_pair(a: Callable[[int], dict], b: Callable[[int], dict], iterations: int) -> Callable[[int], tuple]:
+    """One round = time A and B back to back, the order alternating by round; returns both summaries."""
+    def one_round(i: int) -> tuple[dict, dict]:
         if i % 2:
             vb, va = b(iterations), a(iterations)
         else:
             va, vb = a(iterations), b(iterations)
+        return va, vb
+    return one_round
+
+
+def interleaved(a: Callable[[int], dict], b: Callable[[int], dict], iterations: int, stat: str = "p90") -> Callable[[int], float]:
+    """Per round: A[stat] / B[stat] from interleaved_pair."""
+    pair = interleaved_pair(a, b, iterations)
+
+    def round_ratio(i: int) -> float:
+        va, vb = pair(i)
         return va[stat] / vb[stat]
     return round_ratio
 

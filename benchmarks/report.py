@@ -107,3 +107,106 @@ def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
         lines.append("")
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return report
+
+
+# ---------------------------------------------------------------- `edgepipe bench` report
+
+def _check_value(c: dict, x) -> str:
+    if x is None:
+        return "—"
+    if c["check"] in ("top1_min", "top5_min", "agreement_min"):
+        return f"{x:.4f}"
+    return f"{x:.3f}{c['unit']}" if c["check"] == "p90_ratio_max" else f"{x:.2f}{c['unit']}"
+
+
+def budget_table(checks: list[dict]) -> list[str]:
+    lines = ["| # | budget variants | measured on | check | limit | measured | margin | verdict | detail |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        check = c["check"] + (f" (of {c['of']})" if c.get("of") else "")
+        verdict = c["verdict"] if c["verdict"] == "pass" else f"**{c['verdict'].upper()}**"
+        lines.append(f"| {c['budget']} | `{c['variants']}` | {c['row']} | {check} | {_check_value(c, c['limit'])} "
+                     f"| {_check_value(c, c['measured'])} | {_check_value(c, c['margin'])} | {verdict} | {c.get('detail', '')} |")
+    return lines
+
+
+def _ratio_text(val: dict) -> str:
+    return "; ".join(f"{s} {val[s]['median']:.3f} (CI {val[s]['ci'][0]:.3f}–{val[s]['ci'][1]:.3f})" for s in ("p50", "p90"))
+
+
+def bench_markdown(report: dict) -> str:
+    m, d, s, ref = report["machine"], report["data"], report["settings"], report["reference"]
+    lines = [f"# edgepipe bench — {report['model']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads. Latencies on a shared machine are "
+             "noisy: prefer the ratios measured in the same run (interleaved rounds) to absolute ms across runs.",
+             "Data: " + (f"{d['path']} ({d['images']} images, " + ("labeled: top-1/top-5)" if d["labeled"] else
+                         "unlabeled: agreement with the fp32 variant)") if d["path"] else "none (latency only)") + ".",
+             f"Latency: batch 1, {s['warmup']} warm-up calls, then at least {s['iterations']} timed calls (more until "
+             "the p90 settles within 5%); spread = interquartile range. Throughput: the best the backend offers "
+             "(OpenVINO AsyncInferQueue with the THROUGHPUT hint; batched calls for dynamic-batch ONNX).", "",
+             "| variant | backend | precision | top-1 | top-5 | Δ top-1 vs fp32 (pts) | worst class Δ (pts) | agree w/ fp32 "
+             "| p50 ms | p90 ms | p99 ms | iterations (IQR ms) | img/s (mode) | GMACs | MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["variants"]:
+        lat = r["latency"]
+        flag = "" if r["status"] == "ok" else f" ({r['status']} parity in the pipeline)"
+        lines.append(f"| {r['id']}{flag} | {r['backend']} | {r['precision']} | {_fmt(r.get('top1'), '.4f')} | {_fmt(r.get('top5'), '.4f')} "
+                     f"| {_fmt(r.get('top1_drop_pts'))} | {_fmt(r.get('worst_class_drop_pts'))} | {_fmt(r.get('agreement_with_fp32'), '.3f')} "
+                     f"| {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {lat['iterations']} ({lat['iqr']:.2f}) "
+                     f"| {r['throughput_fps']:.0f} ({r['throughput_mode']}) | {_fmt(r['macs'] / 1e9 if r.get('macs') else None, '.3f')} "
+                     f"| {_fmt(r['size_mb'])} |")
+    tl = ref.get("torch_eager_latency_ms")
+    lines += ["", "References measured in this run:",
+              "- PyTorch eager fp32: " + (f"p50 {tl['p50']:.2f} ms, p90 {tl['p90']:.2f} ms ({tl['iterations']} iterations). "
+                                           if tl else "") + (ref.get("torch_note") or ""),
+              f"- Roofline floor: {_fmt(ref.get('roofline_ms'))} ms = {_fmt((ref.get('flops') or 0) / 1e9, '.3f')} GFLOP (2 × MACs) "
+              f"at {ref['sgemm_gflops']:.1f} GFLOP/s, the fp32 sgemm rate measured here ({ref['sgemm']['library']}, "
+              f"{ref['sgemm']['n']}×{ref['sgemm']['n']}, {ref['sgemm']['threads']} threads)."]
+    bf = ref.get("best_fp32") or {}
+    for key, what in (("vs_torch_eager", "PyTorch eager"), ("vs_roofline", "the roofline floor")):
+        if key in bf:
+            lines.append(f"- Best fp32 engine {bf['variant']} ÷ {what}, median of {bf[key]['rounds']} interleaved rounds "
+                         f"(CI of the median): {_ratio_text(bf[key])}.")
+    rule = ("lowest p90 among the variants that pass every budget matching them" if report["settings"]["budgets"]
+            else f"lowest p90 within {DEFAULT_MAX_DROP} top-1 points of fp32 (no --budgets given)")
+    lines += ["", "## Best variant per target", "", f"Rule: {rule}.", ""]
+    rows = {r["id"]: r for r in report["variants"]}
+    for backend, rid in report["best_per_target"].items():
+        pick = rows.get(rid)
+        lines.append(f"- {backend}: " + (f"**{rid}** (p90 {pick['p90_ms']:.2f} ms, {pick['precision']}"
+                                         + (f", top-1 {pick['top1']:.4f}" if pick.get("top1") is not None else "") + ")"
+                                         if pick else "none meets every budget"))
+    if report["budgets"]:
+        verdict = "all pass" if report["passed"] else "FAILED"
+        lines += ["", f"## Budgets ({report['settings']['budgets']}): {verdict}", ""] + budget_table(report["budgets"])
+    video = report.get("video")
+    if video:
+        lines += ["", "## Glass-to-glass (camera pipeline on a video)", ""]
+        st = video.get("stats")
+        if not st:
+            lines.append(f"- {video['variant']}: {video.get('error')}")
+        else:
+            lines.append(f"- {video['variant']} on {video['source']}: {st.get('frames')} frames at {_fmt(st.get('fps'), '.1f')} fps "
+                         f"(dropped {st.get('dropped')}, reconnects {st.get('reconnects')}); engine alone: "
+                         f"{video['engine_batch1_fps']:.0f} img/s at batch 1, {video['engine_fps']:.0f} img/s best.")
+            lines += ["", "| stage | p50 ms | p95 ms |", "|---|---|---|"]
+            for name, t in (st.get("stages") or {}).items():
+                lines.append(f"| {name} | {_fmt((t or {}).get('p50'))} | {_fmt((t or {}).get('p95'))} |")
+    if report["skipped"]:
+        lines += ["", "Not measured: " + "; ".join(report["skipped"]) + "."]
+    lines += ["", "![accuracy against p90 latency](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def write_bench_reports(out: Path, report: dict, budget_file=None, junit: str | None = None) -> str:
+    """report.json, report.md, pareto.png (each written atomically) and the JUnit XML when asked."""
+    from edgepipe.benchmarks.junit import write_junit
+    from edgepipe.benchmarks.pareto import plot_pareto
+    out = Path(out)
+    plot_pareto(report, budget_file, out / "pareto.png")
+    md = bench_markdown(report)
+    write_text(out / "report.md", md)
+    write_json(out / "report.json", report)
+    if junit:
+        write_junit(junit, report)
+    return md

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 
 from edgepipe import UserError, __version__
@@ -11,7 +13,8 @@ from edgepipe import UserError, __version__
 def cmd_run(args) -> int:
     from edgepipe.pipeline import run
     from edgepipe.recipe import load_recipe
-    recipe = load_recipe(args.recipe, profile=args.profile, overrides=args.set or [])
+    resume = ["stages.train.resume=true"] if getattr(args, "resume", False) else []
+    recipe = load_recipe(args.recipe, profile=args.profile, overrides=(args.set or []) + resume)
     report = run(recipe, args.out)
     print(f"report: {args.out}/report.md  manifest: {args.out}/manifest.json  default variant: {report['default_variant']}")
     return 0
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (artifacts, manifest.json, report)")
     r.add_argument("--profile", help="profile from the recipe's profiles: section (e.g. quick, full)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe value, e.g. data.evaluation=val.csv")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
     r.set_defaults(fn=cmd_run)
 
     e = sub.add_parser("eval", help="top-1/top-5 of one variant on labeled images (prints one JSON object)")
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rebuild", action="store_true")
     t.set_defaults(fn=cmd_build_engine)
 
-    c = sub.add_parser("camera", help="same as python runtime/camera.py", add_help=False)
+    # prefix_chars="+": every --flag after `camera` is passed through to runtime/camera.py untouched
+    c = sub.add_parser("camera", help="same as python runtime/camera.py", add_help=False, prefix_chars="+")
     c.add_argument("rest", nargs=argparse.REMAINDER)
     c.set_defaults(fn=cmd_camera)
     return p
@@ -100,6 +105,28 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edgepipe: interrupted; completed steps are kept and a re-run resumes from them", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only, file too large, I/O error: the machine, not a bug
+        if os.environ.get("EDGEPIPE_DEBUG"):
+            raise
+        print(f"edgepipe: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+# errno -> what to do about it
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full; free space or choose another --out",
+    errno.EDQUOT: "the disk quota is exhausted; free space or choose another --out",
+    errno.EFBIG: "the file is larger than this system allows (file size limit); raise the limit or choose another --out",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = OS_ERROR_HINTS.get(exc.errno, "")
+    return f"{exc.strerror or exc}{where}" + (f": {hint}" if hint else "")
 
 
 if __name__ == "__main__":

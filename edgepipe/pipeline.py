@@ -91,13 +91,15 @@ def report_bad_images(bad: list[str], total: int, on_bad: str) -> None:
 
 def preflight(recipe: Recipe) -> None:
     """Checks that need no model, so a bad data set fails in a second, before the output folder is touched."""
-    from edgepipe.runtime.data import list_images
+    from edgepipe.runtime.data import IMAGE_EXTS, list_images
     cfg = recipe.data.calibration
+    if recipe.data.parity_images < 1:
+        raise UserError(f"data.parity_images is {recipe.data.parity_images}; the parity checks need at least 1 image")
     if cfg.source == "generated" and cfg.count < 1:
         raise UserError(f"data.calibration.count is {cfg.count}; give at least 1 (or a folder of images as source)")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"data.calibration.limit is {cfg.limit}; give at least 1, or leave it out to use every image")
-    if cfg.source != "generated" and not list_images(cfg.source):
+    if cfg.source != "generated" and not cfg.source.startswith("fashion-mnist:") and not list_images(cfg.source):
         raise UserError(f"data.calibration.source {cfg.source}: no images found (looked for "
                         f"{', '.join(sorted(IMAGE_EXTS))}); the parity checks and int8 targets need calibration images")
 
@@ -191,6 +193,8 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     pre = Preprocess(pre.resize, recipe.model.input_size if recipe.model.input_size != 224 else pre.crop, pre.mean, pre.std, pre.color)
 
     log("[2/5] data")
+    from edgepipe.train.data import materialize_data_refs
+    materialize_data_refs(recipe, out)  # "fashion-mnist:test[:N]" -> PNG files + labels.csv under out/data
     calib_paths = calibration_images(recipe, out)
     calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
     eval_items = None
@@ -229,12 +233,20 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
         for target in recipe.targets:
             if target.pruned is not None and target.pruned != bool(prefix):
                 continue
+            if target.precision == "int8" and recipe.stages.quantize.method == "qat":
+                continue  # only the "-int8-qat" variants (below)
             name = variant_name(prefix, target.backend, target.precision)
             key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
                            data_fingerprint(calib_paths), versions)
             rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
                             files=lambda r: [Path(f) for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
+        if recipe.stages.quantize.enabled and recipe.stages.quantize.method in ("qat", "both"):
+            from edgepipe.train.stage import qat_variants
+            qat, qat_logits = qat_variants(mspec, prefix, recipe, out, cache, parity_batch)
+            for name, rec in qat.items():
+                variants[name] = dict(rec, model_hash=mhash, macs=references[prefix]["macs"])
+                references[name] = {"logits": qat_logits}  # parity of a QAT variant: against the QAT model
 
     manifest = _manifest(recipe, spec, pre, variants, versions, out)
     write_json(out / MANIFEST_NAME, manifest)  # provisional: lets the checks below load through the runtime
@@ -251,7 +263,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
                        parity_names, versions)
 
         def check(name=name, v=v, prefix=prefix):
-            return measure_variant(out, name, parity_batch, parity_names, references[prefix]["logits"],
+            return measure_variant(out, name, parity_batch, parity_names, references.get(name, references[prefix])["logits"],
                                    v["precision"], eval_items, recipe, compare)
         result = cache.run(f"measure-{name}", key, check)
         manifest["variants"][name].update(result)

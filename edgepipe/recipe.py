@@ -61,12 +61,14 @@ class TrainStage(Section):
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     amp: bool = True                   # mixed precision (CUDA only)
-    channels_last: bool = True         # CUDA only
+    channels_last: bool = True         # NHWC memory format (faster on CUDA and, measured here, on CPU too)
+    threads: Optional[int] = None      # CPU threads for training (None: torch's default)
     workers: int = 2
     max_train_images: Optional[int] = None
     max_val_images: Optional[int] = None
     input_size: Optional[int] = None   # train at this size (default: model.input_size)
     freeze_backbone_epochs: int = 0
+    resume: bool = False               # continue from the last epoch checkpoint (`edgepipe run --resume`)
 
 
 class PruneStage(Section):
@@ -78,6 +80,10 @@ class PruneStage(Section):
     round_to: int = 8                  # channel counts rounded to hardware-friendly multiples
     finetune_epochs: float = 1.0
     importance: Literal["magnitude", "taylor"] = "magnitude"
+    latency_speedup: Optional[float] = None     # prune until batch-1 latency on `backend` is this many times lower
+    max_pruning_ratio: float = 0.6     # channel ratio reached at the last iterative step (stops earlier when targets are met)
+    recovery_epochs: float = 1.0       # fine-tuning after the last pruning step
+    lr: Optional[float] = None         # fine-tuning learning rate (default: stages.train.lr)
 
 
 class QuantizeStage(Section):
@@ -87,6 +93,7 @@ class QuantizeStage(Section):
     mixed_precision: bool = True       # keep the most sensitive layers in float until max_drop is met
     qat_epochs: float = 1.0
     qat_lr: float = 1e-4
+    qat_calibration_batches: int = 8   # batches that set the initial fake-quant ranges before QAT
     fast_bias_correction: bool = False
     activation_symmetric: bool = True  # QDQ for TensorRT: symmetric activations (zero point 0)
     qdq_mode: Literal["s8s8", "u8s8_reduce_range", "auto"] = "auto"
@@ -241,7 +248,10 @@ def load_recipe(path: str | Path, profile: str | None = None, overrides: list[st
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+        detail = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(f"{path}: invalid YAML{at}: {detail}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -285,7 +295,7 @@ def recipe_from_dict(data: dict, profile: str | None = None, overrides: list[str
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
     """Relative paths are relative to the recipe's folder; every given file must exist now."""
     def resolve(value: str | None, what: str, special=()) -> str | None:
-        if value is None or value in special:
+        if value is None or value in special or value.startswith("fashion-mnist:") or value == "fashion-mnist":
             return value
         p = Path(value).expanduser()
         if not p.is_absolute():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -93,6 +94,10 @@ class Signals:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # our own lines say what happened; OpenCV's and FFmpeg's are only noise (set these variables to debug)
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     spec = parse_source(args.source)
     set_rtsp_transport(args.rtsp_transport)
     if args.display:
@@ -126,9 +131,10 @@ def main(argv=None) -> int:
         pipeline.join(poll)
     finally:
         outputs.close()
-        signals.restore()
         if display is not None:
             cv2.destroyAllWindows()
+    stuck = pipeline.capture.wait_readers()
+    signals.restore()
     summary = dict(pipeline.summary(outputs.frames), **extra)
     cap = pipeline.capture
     summary["stopped_by"] = ("error" if pipeline.errors else "gave-up" if cap.gave_up else "signal" if signals.count
@@ -138,11 +144,25 @@ def main(argv=None) -> int:
     if args.stats:
         write_json(args.stats, summary)
     print(json.dumps(summary), flush=True)
+    code = exit_status(pipeline)
+    if stuck:
+        # a read is still blocked inside OpenCV; Python would abort when that thread returns during shutdown
+        log("camera.py: a source read is still blocked in OpenCV; exiting without waiting for it")
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def exit_status(pipeline: Pipeline) -> int:
+    """Print the error or give-up line after the summary; the exit code."""
+    cap = pipeline.capture
     if pipeline.errors:
         exc = pipeline.errors[0]
         if isinstance(exc, UserError):
-            raise exc
-        log(f"camera.py: error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            log(f"camera.py: error: {exc}")
+            return exc.exit_code
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log(f"camera.py: error: {type(exc).__name__}: {first_line}")
         return 1
     if cap.gave_up:
         log(f"camera.py: error: {cap.gave_up}")

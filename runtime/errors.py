@@ -14,5 +14,5 @@ class BackendUnavailable(UserError):
     """The backend's library is not installed here."""
 
 
-class InputMismatch(UserError):
-    """Input of the wrong shape/dtype reached a backend."""
+class InputMismatch(UserError, ValueError):
+    """Input of the wrong shape/dtype reached a backend, or a frame is not an image (also a ValueError)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 from pathlib import Path
 
@@ -64,6 +63,8 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON ({exc}); re-run `edgepipe run` to rewrite it") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply to be a manifest; re-run `edgepipe run` to rewrite it") from None
     validate_manifest(data, path)
     return data
 
@@ -227,14 +228,10 @@ def onnx_external_locations(path: str | os.PathLike) -> list[str]:
             elif wire == 2 and number in _ONNX_TENSOR_PATHS[kind]:
                 walk(value, _ONNX_TENSOR_PATHS[kind][number], depth + 1)
 
-    if path.stat().st_size == 0:
+    data = path.read_bytes()  # protobuf caps an .onnx file at 2 GB; bigger weights are external data
+    if not data:
         raise ManifestError(f"{path.name} is empty, not an ONNX model; rebuild it with `edgepipe run`")
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            walk(view, "model", 0)
-        finally:
-            view.release()
+    walk(memoryview(data), "model", 0)
     return found
 
 

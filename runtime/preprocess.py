@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from edgepipe.runtime.errors import InputMismatch
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -72,12 +74,12 @@ class Preprocess:
 def check_frame(frame) -> None:
     """Reject what is not an image: empty, zero-size, wrong dtype or channel count."""
     if not isinstance(frame, np.ndarray) or frame.size == 0:
-        raise ValueError("empty frame")
+        raise InputMismatch("empty frame")
     if frame.dtype != np.uint8:
-        raise ValueError(f"frame dtype {frame.dtype}, expected uint8")
+        raise InputMismatch(f"frame dtype {frame.dtype}, expected uint8")
     if frame.ndim == 3 and frame.shape[2] not in (3, 4):
-        raise ValueError(f"frame has {frame.shape[2]} channels, expected 3 (BGR)")
+        raise InputMismatch(f"frame has {frame.shape[2]} channels, expected 3 (BGR)")
     if frame.ndim not in (2, 3):
-        raise ValueError(f"frame has shape {frame.shape}, expected (H, W, 3)")
+        raise InputMismatch(f"frame has shape {frame.shape}, expected (H, W, 3)")
     if min(frame.shape[:2]) < 8:
-        raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, too small to classify")
+        raise InputMismatch(f"frame is {frame.shape[1]}x{frame.shape[0]}, too small to classify")

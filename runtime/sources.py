@@ -112,7 +112,7 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
     if not cap.isOpened():
         cap.release()
         what = {"file": "not a video OpenCV can decode (corrupt, empty or unsupported codec)",
-                "stream": f"unreachable or not streaming (open timeout {open_timeout_s:g} s)",
+                "stream": f"unreachable, refused or not streaming within the {open_timeout_s:g} s open timeout",
                 "camera": "no such camera or it is busy",
                 "gstreamer": "the pipeline did not start"}[spec.kind]
         raise OSError(f"cannot open {spec.kind} {spec.text!r}: {what}")

@@ -24,7 +24,13 @@ from edgepipe.runtime.sources import SourceError, SourceSpec, open_capture
 
 STAGES = ("capture", "preprocess", "infer", "postprocess", "write")
 MAX_SIDE = 16384          # larger frames are dropped as corrupt (a broken header, not a camera)
-WATCHDOG_GRACE_S = 0.5    # OpenCV's own timeouts get this long to fire before the watchdog abandons a read
+WATCHDOG_GRACE_S = 0.5    # OpenCV's open timeout gets this long to fire before the watchdog abandons an open
+
+
+def backstop_read_timeout(read_timeout_s: float) -> float:
+    """OpenCV's own read timeout: later than the watchdog's, so the watchdog decides (and reconnects at
+    read_timeout_s) while an abandoned reader is still released by OpenCV soon after."""
+    return 2.0 * read_timeout_s + 1.0
 
 
 @dataclass
@@ -143,7 +149,7 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            src = open_capture(self.spec, self.opts.open_timeout_s, self.opts.read_timeout_s)
+            src = open_capture(self.spec, self.opts.open_timeout_s, backstop_read_timeout(self.opts.read_timeout_s))
         except SourceError as exc:
             self.outcome, self.error = "fatal", str(exc)
             return
@@ -184,6 +190,7 @@ class Capture(threading.Thread):
         self.fps = 0.0
         self.t_first: float | None = None
         self._pace = None            # (t0, index0) for --realtime
+        self.readers: list[Reader] = []
 
     def run(self) -> None:
         try:
@@ -197,6 +204,7 @@ class Capture(threading.Thread):
         failures, frames_total = 0, 0
         while not self.stop.is_set():
             reader = Reader(self.spec, self.opts, self._emit)
+            self.readers = [r for r in self.readers if r.is_alive()] + [reader]
             reader.start()
             outcome = self._watch(reader)
             frames_total += reader.frames
@@ -243,10 +251,18 @@ class Capture(threading.Thread):
                 reader.abandoned = True
                 return "stopped"
             busy = reader.busy_since
-            limit = self.opts.open_timeout_s if reader.opening else self.opts.read_timeout_s
-            if busy is not None and time.monotonic() - busy > limit + WATCHDOG_GRACE_S:
+            limit = self.opts.open_timeout_s + WATCHDOG_GRACE_S if reader.opening else self.opts.read_timeout_s
+            if busy is not None and time.monotonic() - busy > limit:
                 reader.abandoned = True
                 return "stalled"
+
+    def wait_readers(self) -> int:
+        """Give readers still inside OpenCV (stopped or abandoned) time to return and release their capture:
+        a thread that comes back while Python shuts down would abort the process. Returns how many are stuck."""
+        deadline = time.monotonic() + max(self.opts.open_timeout_s, backstop_read_timeout(self.opts.read_timeout_s)) + 1.0
+        for reader in self.readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        return sum(r.is_alive() for r in self.readers)
 
     def _emit(self, reader: Reader, image, t0: float) -> bool:
         """Called by the reader for each frame read; False tells it to stop."""
@@ -296,7 +312,7 @@ class Pipeline:
         self.done = Channel(16)                       # computed results are never dropped
         self.capture = Capture(spec, opts, self.raw, self.stats, self.stop)
         self.threads = [self.capture]
-        self.t_end: float | None = None
+        self.t_start = self.t_end = None
 
     @property
     def dropped(self) -> int:
@@ -338,6 +354,7 @@ class Pipeline:
                          for name, fn, inp, out in (("preprocess", self._pre, self.raw, self.ready),
                                                     ("infer", self._infer, self.ready, self.done),
                                                     ("output", output, self.done, None))]
+        self.t_start = time.monotonic()
         for t in self.threads:
             t.start()
 
@@ -366,5 +383,5 @@ class Pipeline:
                 "p50_ms": infer["p50"] or 0.0, "p95_ms": infer["p95"] or 0.0,
                 "dropped": self.dropped, "corrupt": self.capture.corrupt, "frames_read": self.capture.next_index,
                 "reconnects": self.capture.reconnects, "reconnected": self.capture.reconnected,
-                "elapsed_s": round(elapsed, 3), "source_fps": round(self.capture.fps, 3),
+                "elapsed_s": round(elapsed, 3), "run_s": round(t_end - (self.t_start or t_end), 3), "source_fps": round(self.capture.fps, 3),
                 "stages": {s: self.stats.percentiles(s) for s in STAGES}}

@@ -159,3 +159,21 @@ def test_camera_classifies_every_frame_of_a_file(tiny_artifacts, sample_video, t
     assert summary["frames"] == frames_in_file and summary["p95_ms"] >= summary["p50_ms"] > 0
     out = cv2.VideoCapture(str(mp4))
     assert int(out.get(cv2.CAP_PROP_FRAME_COUNT)) == frames_in_file
+
+
+# ------------------------------------------------------------------ runtime stays deployable
+
+def test_runtime_never_imports_torch_train_or_compile(tiny_artifacts):
+    code = ("import sys, pathlib, importlib\n"
+            "from edgepipe.runtime.model import Classifier\n"
+            "for f in pathlib.Path('runtime').rglob('*.py'):\n"
+            "    mod = 'edgepipe.' + '.'.join(f.with_suffix('').parts).replace('.__init__', '')\n"
+            "    if not mod.endswith('.trt'):\n"
+            "        importlib.import_module(mod)\n"
+            f"Classifier({str(tiny_artifacts)!r}, backend='openvino'); Classifier({str(tiny_artifacts)!r}, backend='onnxruntime')\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'nncf')"
+            " or m.startswith(('edgepipe.train', 'edgepipe.compile')))\n"
+            "print(bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

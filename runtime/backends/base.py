@@ -62,7 +62,10 @@ def check_input(batch: np.ndarray, expected: list | tuple) -> np.ndarray:
     if not isinstance(batch, np.ndarray):
         raise InputMismatch(f"input must be a numpy array, got {type(batch).__name__}")
     if batch.dtype != np.float32:
-        raise InputMismatch(f"input dtype {batch.dtype}, expected float32")
+        raise InputMismatch(f"input dtype {batch.dtype}, expected float32 (use the manifest's preprocessing)")
     if batch.ndim != len(expected) or any(e not in (-1, None) and e != g for e, g in zip(expected, batch.shape)):
-        raise InputMismatch(f"input shape {tuple(batch.shape)}, expected {tuple(expected)} (N, C, H, W)")
+        want = ", ".join("any" if e in (-1, None) else str(e) for e in expected)
+        raise InputMismatch(f"input shape {tuple(batch.shape)}, expected ({want}) as (N, C, H, W)")
+    if batch.shape[0] == 0:
+        raise InputMismatch("input batch is empty (N = 0); give at least one image")
     return np.ascontiguousarray(batch)

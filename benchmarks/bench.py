@@ -1,0 +1,339 @@
+"""`edgepipe bench DIR`: accuracy against latency for every variant on every backend installed here, the
+PyTorch eager and roofline references measured in the same run, budgets that gate CI, and a report
+(report.md, report.json, pareto.png, optional JUnit XML) written into DIR/bench/.
+
+Exit 0 when every budget passes, 1 when any fails (or stays inconclusive after re-measuring), 2 for a bad
+budget file or invocation (one line, before anything is measured).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import UserError
+from edgepipe.benchmarks import budgets as B
+from edgepipe.benchmarks.latency import async_throughput, batched_throughput, measure, measure_stable
+from edgepipe.benchmarks.roofline import Sgemm, floor_ms, machine
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed
+from edgepipe.runtime.manifest import load_manifest
+from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.preprocess import Preprocess
+
+VIDEO_TIMEOUT_S = 1800
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- what to measure
+
+def plan_rows(manifest: dict) -> tuple[list[dict], list[str]]:
+    """One row per (variant, installed backend that can load its format); native backend first. Variants
+    that failed the pipeline's parity check are measured too (status "failed") but never chosen as best."""
+    rows, skipped = [], []
+    for name, v in manifest["variants"].items():
+        if v.get("status", "ok") not in ("ok", "failed"):
+            hint = ": build the engine on the device with `edgepipe build-engine`" if v.get("status") == "pending-build" else ""
+            skipped.append(f"{name}: status {v.get('status')}{hint}")
+            continue
+        able = sorted((b for b in BACKENDS if can_load(b, v["format"])), key=lambda b: b != v["backend"])
+        here = [b for b in able if is_installed(b)]
+        if not here:
+            skipped.append(f"{name}: needs {' or '.join(able)}, not installed here")
+        for b in here:
+            rows.append({"id": name if b == v["backend"] else f"{name}@{b}", "name": name, "backend": b,
+                         "native_backend": v["backend"], "precision": v["precision"], "format": v["format"],
+                         "status": v.get("status", "ok"),
+                         "macs": v.get("macs"), "size_mb": round(sum(f.get("bytes", 0) for f in v["files"]) / 1e6, 3)})
+    return rows, skipped
+
+
+def load_data(path: str | None, labels: list[str]) -> tuple[list, bool]:
+    """(items, labeled): a labeled CSV/ImageFolder gives (path, class); any other image set gives (path, -1)."""
+    if path is None:
+        return [], False
+    from edgepipe.runtime.data import list_images, load_labeled
+    with contextlib.suppress(UserError):
+        return load_labeled(path, labels), True
+    return [(p, -1) for p in list_images(path)], False
+
+
+@contextlib.contextmanager
+def env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def timer(fn):
+    """A thing to time in interleaved rounds: n calls -> latency summary."""
+    return lambda n: measure(fn, 2, n)
+
+
+# ---------------------------------------------------------------- one row
+
+def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup: int, iterations: int):
+    """Accuracy, batch-1 latency and best throughput of one variant on one backend; returns its timer."""
+    from edgepipe.runtime.evaluate import evaluate_items
+    clf = Classifier(model_dir, variant=row["name"], backend=row["backend"])
+    if items:
+        acc = evaluate_items(clf, items)
+        row["predictions"] = acc["predictions"]
+        if items[0][1] >= 0:
+            row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"], per_class_top1=acc["per_class_top1"])
+        row["images"] = acc["n"]
+    infer = lambda: clf.logits(x1)  # noqa: E731
+    lat = measure_stable(infer, warmup, iterations)
+    row["latency"] = lat
+    row["latency_ms"] = {k: lat[k] for k in ("p50", "p90", "p99")}
+    row["p90_ms"] = lat["p90"]
+    images = max(iterations, 32)
+    candidates = [{"fps": round(1000.0 / lat["mean"], 2), "mode": "batch 1, synchronous"}]
+    if row["backend"] == "openvino":
+        with env(EDGEPIPE_OV_HINT="THROUGHPUT"):
+            tp_clf = Classifier(model_dir, variant=row["name"], backend="openvino")
+        candidates.append(dict(async_throughput(tp_clf.backend.compiled, x1, images), mode="async, THROUGHPUT hint"))
+        del tp_clf
+    elif clf.dynamic_batch:
+        candidates.append(batched_throughput(clf.logits, x1, images=images))
+    best = max(candidates, key=lambda c: c["fps"])
+    row.update(throughput_fps=best["fps"], throughput_mode=best["mode"], throughput_all=candidates)
+    log(f"  {row['id']:<28} p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  ({lat['iterations']} it)  "
+        f"{best['fps']:.0f} img/s ({best['mode']})" + (f"  top-1 {row['top1']:.4f}" if "top1" in row else ""))
+    return timer(infer)
+
+
+def add_accuracy_deltas(rows: list[dict]) -> None:
+    """Against the fp32 variant (same pruning, first in the manifest, on its own backend): agreement of
+    top-1 predictions, top-1 drop and the worst per-class drop, in points."""
+    for row in rows:
+        prefix = row["name"].startswith("pruned-")
+        ref = next((r for r in rows if r["precision"] == "fp32" and r["name"].startswith("pruned-") == prefix
+                    and r["backend"] == r["native_backend"]), None)
+        if ref is None:
+            continue
+        row["fp32_reference"] = ref["id"]
+        pred, ref_pred = row.get("predictions") or {}, ref.get("predictions") or {}
+        common = [k for k in pred if k in ref_pred]
+        if common:
+            row["agreement_with_fp32"] = sum(pred[k] == ref_pred[k] for k in common) / len(common)
+        if row.get("top1") is not None and ref.get("top1") is not None:
+            row["top1_drop_pts"] = round((ref["top1"] - row["top1"]) * 100, 4)
+            drops = {c: (a - row["per_class_top1"].get(c, 0.0)) * 100 for c, a in ref["per_class_top1"].items()}
+            worst = max(drops, key=drops.get)
+            row["worst_class_drop_pts"] = round(drops[worst], 4)
+            row["worst_class"] = int(worst)
+
+
+# ---------------------------------------------------------------- references
+
+def torch_reference(model_dir: Path, manifest: dict, x1: np.ndarray, warmup: int, iterations: int):
+    """PyTorch eager fp32 batch-1 latency of the model rebuilt from manifest["model"] (torch imported lazily)."""
+    try:
+        import torch
+    except ImportError:
+        return None, None, "PyTorch eager reference skipped: torch is not installed here (normal on a device)"
+    import yaml
+
+    from edgepipe.train.models import build_model
+    m = manifest["model"]
+    kwargs = {"pretrained": True, "checkpoint": (m.get("source") or {}).get("checkpoint"),
+              "num_classes": m.get("num_classes") if m.get("num_classes") != 1000 else None}
+    resolved = model_dir / "recipe.resolved.yaml"
+    if resolved.is_file():
+        with contextlib.suppress(Exception):
+            spec = (yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}).get("model") or {}
+            kwargs.update({k: spec[k] for k in ("pretrained", "checkpoint", "num_classes") if k in spec})
+    try:
+        model = build_model(m["name"], **kwargs).model.eval()
+    except Exception as exc:  # unknown name, missing checkpoint, ...: say so, measure the rest
+        return None, None, f"PyTorch eager reference skipped: cannot rebuild {m['name']!r} ({str(exc).splitlines()[0][:200]})"
+    xt = torch.from_numpy(x1)
+
+    def call():
+        with torch.inference_mode():
+            model(xt)
+    lat = measure_stable(call, warmup, iterations)
+    note = f"PyTorch {torch.__version__} eager fp32, {torch.get_num_threads()} threads, {m['name']} rebuilt from the manifest"
+    if any(r.startswith("pruned-") for r in manifest["variants"]):
+        note += " (the unpruned model: pruned variants are compared against it)"
+    return lat, timer(call), note
+
+
+def roofline_timer(sgemm: Sgemm, macs):
+    """Per round: the floor from a fresh sgemm measurement (same statistic for p50 and p90)."""
+    def run(_n):
+        ms = floor_ms(macs, sgemm.gflops(repeats=2))
+        return {"p50": ms, "p90": ms}
+    return run
+
+
+def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) -> dict:
+    """p50 and p90 ratios A/B from interleaved rounds, each with the median and its confidence interval."""
+    pair = B.interleaved_pair(a, b, iterations)
+    samples = [pair(i) for i in range(rounds)]
+    out = {"rounds": rounds, "iterations_per_round": iterations}
+    for stat in ("p50", "p90"):
+        ratios = [va[stat] / vb[stat] for va, vb in samples]
+        lo, hi = B.median_ci(ratios, confidence)
+        out[stat] = {"median": round(float(np.median(ratios)), 4), "ci": [round(lo, 4), round(hi, 4)]}
+    return out
+
+
+# ---------------------------------------------------------------- choice, video
+
+def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) -> dict:
+    """Per backend: the lowest-p90 row with status ok that passes every budget matching it (with no
+    budgets: within DEFAULT_MAX_DROP top-1 points of fp32 when labeled data was given)."""
+    from edgepipe.benchmarks.report import DEFAULT_MAX_DROP
+    failed = {c["row"] for c in checks if c["verdict"] != "pass"}
+    best = {}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        ok = [r for r in rows if r["backend"] == backend and r["id"] not in failed and r["status"] == "ok"
+              and (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP)]
+        best[backend] = min(ok, key=lambda r: r["p90_ms"])["id"] if ok else None
+    return best
+
+
+def run_video(model_dir: Path, video: str, row: dict) -> dict:
+    """Glass-to-glass: the camera pipeline on a video file, its per-stage times next to engine-only speed."""
+    import edgepipe.runtime as runtime_pkg
+    camera = Path(runtime_pkg.__file__).resolve().parent / "camera.py"
+    result = {"variant": row["id"], "source": str(video), "engine_fps": row["throughput_fps"],
+              "engine_batch1_fps": round(1000.0 / row["latency"]["mean"], 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = Path(tmp) / "stats.json"
+        cmd = [sys.executable, str(camera), "--model", str(model_dir), "--source", str(video), "--stats", str(stats),
+               "--variant", row["name"], "--backend", row["backend"]]
+        log(f"[video] {' '.join(cmd[1:])}")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VIDEO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return dict(result, error=f"camera pipeline did not finish within {VIDEO_TIMEOUT_S} s")
+        if proc.returncode != 0 or not stats.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no --stats file written"])[-1]
+            return dict(result, error=f"camera pipeline exited {proc.returncode}: {last[:300]}")
+        try:
+            result["stats"] = json.loads(stats.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            return dict(result, error=f"camera --stats is not JSON: {exc}")
+    return result
+
+
+# ---------------------------------------------------------------- main
+
+def main(args) -> int:
+    from edgepipe.benchmarks.report import write_bench_reports
+    t0 = time.perf_counter()
+    model_dir = Path(args.dir)
+    manifest = load_manifest(model_dir)
+    if args.iterations < 3 or args.warmup < 0:
+        raise UserError("--iterations must be >= 3 and --warmup >= 0")
+    if args.video and not Path(args.video).is_file():
+        raise UserError(f"--video {args.video} does not exist")
+    bf = B.load_budgets(args.budgets) if args.budgets else None
+    rows, skipped = plan_rows(manifest)
+    if not rows:
+        raise UserError(f"no variant in {model_dir} runs on a backend installed here ({'; '.join(skipped)})")
+    items, labeled = load_data(args.data, manifest["labels"])
+    if bf is not None:
+        B.validate(bf, rows, args.data, labeled, args.budgets)
+    out = Path(args.out) if args.out else model_dir / "bench"
+
+    pre = Preprocess.from_manifest(manifest["preprocess"])
+    first = None
+    if items:
+        from edgepipe.runtime.evaluate import read_image
+        first = next((img for img in (read_image(p) for p, _ in items[:8]) if img is not None), None)
+    x1 = pre(first if first is not None else np.full((pre.resize, pre.resize, 3), 127, np.uint8))
+
+    log(f"[bench] {len(rows)} variant x backend combination(s)" + (f", {len(items)} images "
+        f"({'labeled' if labeled else 'unlabeled: agreement with fp32'})" if items else ", no --data (latency only)"))
+    timers = {r["id"]: measure_row(model_dir, r, x1, items, args.warmup, args.iterations) for r in rows}
+    add_accuracy_deltas(rows)
+
+    log("[bench] references: PyTorch eager fp32, roofline floor")
+    torch_lat, torch_timer, torch_note = torch_reference(model_dir, manifest, x1, args.warmup, args.iterations)
+    sgemm = Sgemm()
+    gflops = sgemm.gflops()
+    macs = next((r["macs"] for r in rows if r["macs"] and not r["name"].startswith("pruned-")), None)
+    reference = {"torch_eager_ms": torch_lat["p50"] if torch_lat else None, "torch_eager_latency_ms": torch_lat,
+                 "torch_note": torch_note, "roofline_ms": round(floor_ms(macs, gflops), 4) if macs else None,
+                 "sgemm_gflops": round(gflops, 2), "sgemm": {"n": sgemm.n, "threads": sgemm.threads, "library": "numpy (OpenBLAS)"},
+                 "flops": 2 * macs if macs else None}
+    log(f"  torch eager: {'p50 %.2f ms' % torch_lat['p50'] if torch_lat else torch_note}; sgemm {gflops:.1f} GFLOP/s "
+        f"-> floor {reference['roofline_ms'] or float('nan'):.2f} ms for {2 * (macs or 0) / 1e9:.2f} GFLOP")
+
+    def timer_for(of: str, row: dict):
+        if of == "torch_eager":
+            return (torch_timer, None) if torch_timer else (None, torch_note)
+        if of == "roofline":
+            return (roofline_timer(sgemm, row["macs"]), None) if row["macs"] else (None, "no MACs in the manifest")
+        return timers[of], None
+
+    checks = []
+    if bf is not None:
+        log(f"[bench] budgets from {args.budgets}")
+        checks = B.evaluate(bf, rows, timer_for, log)
+    best = best_per_target(rows, checks, bf is not None)
+
+    fp32 = [r for r in rows if r["precision"] == "fp32" and not r["name"].startswith("pruned-")]
+    if fp32:
+        top = min(fp32, key=lambda r: r["p90_ms"])
+        rounds, per_round = (bf.rounds, bf.round_iterations) if bf else (6, max(5, min(30, args.iterations // 4)))
+        conf = bf.confidence if bf else 0.9
+        reference["best_fp32"] = {"variant": top["id"]}
+        log(f"[bench] interleaved ratios of the best fp32 engine ({top['id']}), {rounds} rounds")
+        if torch_timer:
+            reference["best_fp32"]["vs_torch_eager"] = interleaved_ratios(timers[top["id"]], torch_timer, rounds, per_round, conf)
+        if top["macs"]:
+            reference["best_fp32"]["vs_roofline"] = interleaved_ratios(timers[top["id"]], roofline_timer(sgemm, top["macs"]),
+                                                                      rounds, per_round, conf)
+        for key, val in reference["best_fp32"].items():
+            if key != "variant":
+                log(f"  {top['id']} {key}: p50 ratio {val['p50']['median']:.3f}, p90 ratio {val['p90']['median']:.3f}")
+
+    video = None
+    if args.video:
+        pick = next((best[b] for b in AUTO_ORDER if best.get(b)), rows[0]["id"])
+        video = run_video(model_dir, args.video, next(r for r in rows if r["id"] == pick))
+
+    report = {
+        "model": manifest["model"]["name"], "dir": str(model_dir), "machine": dict(machine(), seconds=round(time.perf_counter() - t0, 1)),
+        "data": {"path": args.data, "images": len(items), "labeled": labeled},
+        "settings": {"warmup": args.warmup, "iterations": args.iterations, "budgets": args.budgets},
+        "variants": [{k: v for k, v in r.items() if k not in ("predictions", "per_class_top1")} for r in rows],
+        "reference": reference, "budgets": checks, "best_per_target": best, "skipped": skipped, "video": video,
+        "passed": all(c["verdict"] == "pass" for c in checks),
+    }
+    md = write_bench_reports(out, report, bf, args.junit)
+    log(md)
+    log(f"[bench] report: {out / 'report.md'}  {out / 'report.json'}  {out / 'pareto.png'}"
+        + (f"  junit: {args.junit}" if args.junit else ""))
+    failed = [c for c in checks if c["verdict"] != "pass"]
+    if failed:
+        from edgepipe.benchmarks.report import budget_table
+        log(f"\n[bench] {len(failed)} budget check(s) did not pass (margin < 0 is over budget):")
+        log("\n".join(budget_table(failed)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # python -m edgepipe.benchmarks.bench DIR ... (same as `edgepipe bench`)
+    from edgepipe.cli import main as cli_main
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

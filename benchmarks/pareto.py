@@ -1,0 +1,115 @@
+"""pareto.png: accuracy against p90 latency for every variant x backend, the Pareto front (nothing both
+faster and more accurate) marked, budgets drawn as lines, and the PyTorch eager / roofline references."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepipe.atomic import atomic_path
+
+BACKEND_COLORS = {"openvino": "#1f77b4", "onnxruntime": "#ff7f0e", "tensorrt": "#2ca02c"}
+PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """(latency, accuracy, id) points not dominated by a faster-or-equal and more accurate one."""
+    front, best = [], float("-inf")
+    for lat, acc, rid in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc, rid))
+            best = acc
+    return front
+
+
+def _y_metric(report: dict) -> tuple[str, str]:
+    if report["data"]["labeled"]:
+        return "top1", "top-1 accuracy"
+    if report["data"]["images"]:
+        return "agreement_with_fp32", "top-1 agreement with the fp32 variant"
+    return "throughput_fps", "throughput, img/s (no --data: accuracy not measured)"
+
+
+def _budget_lines(report: dict, budget_file, ykey: str) -> tuple[list, list]:
+    """(horizontal, vertical) budget lines as (value, label)."""
+    rows = {r["id"]: r for r in report["variants"]}
+    ref = report["reference"]
+    refs_ms = {"torch_eager": (ref.get("torch_eager_latency_ms") or {}).get("p90"), "roofline": ref.get("roofline_ms")}
+    fp32_top1 = next((r.get("top1") for r in report["variants"] if r.get("precision") == "fp32" and r.get("top1") is not None), None)
+    hlines, vlines = [], []
+    for b in (budget_file.budgets if budget_file else []):
+        tag = f" [{b.variants}]" if b.variants != "*" else ""
+        if ykey == "top1" and b.top1_min is not None:
+            hlines.append((b.top1_min, f"top-1 ≥ {b.top1_min}{tag}"))
+        if ykey == "top1" and b.top1_drop_max is not None and fp32_top1 is not None:
+            hlines.append((fp32_top1 - b.top1_drop_max / 100, f"drop ≤ {b.top1_drop_max} pts{tag}"))
+        if ykey == "agreement_with_fp32" and b.agreement_min is not None:
+            hlines.append((b.agreement_min, f"agreement ≥ {b.agreement_min}{tag}"))
+        if b.p90_ms_max is not None:
+            vlines.append((b.p90_ms_max, f"p90 ≤ {b.p90_ms_max} ms{tag}"))
+        if b.p90_ratio_max is not None:
+            of = b.p90_ratio_max.of
+            base = refs_ms.get(of) or (rows.get(of) or next((r for r in rows.values() if r["name"] == of), {})).get("p90_ms")
+            if base:
+                vlines.append((b.p90_ratio_max.ratio * base, f"p90 ≤ {b.p90_ratio_max.ratio}×{of}{tag}"))
+    return hlines, vlines
+
+
+def plot_pareto(report: dict, budget_file, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ykey, ylabel = _y_metric(report)
+    pts = [(r["p90_ms"], r.get(ykey), r) for r in report["variants"] if r.get(ykey) is not None]
+    fig, ax = plt.subplots(figsize=(10.5, 6), dpi=110)
+    placed: list[tuple[float, float]] = []
+    yspan = (max(p[1] for p in pts) - min(p[1] for p in pts)) if pts else 0.0
+    for lat, y, r in sorted(pts, key=lambda p: (p[0], -p[1])):
+        ax.scatter(lat, y, s=90, color=BACKEND_COLORS.get(r["backend"], "gray"),
+                   marker=PRECISION_MARKERS.get(r["precision"], "D"), zorder=3, edgecolor="black", linewidth=0.5)
+        # labels of points that (nearly) coincide are stacked downwards instead of printed over each other
+        near = sum(1 for px, py in placed if abs(py - y) <= 0.03 * (yspan or 1.0) and 0.8 < lat / px < 1.25)
+        placed.append((lat, y))
+        ax.annotate(r["id"] + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})"), (lat, y), textcoords="offset points", xytext=(9, 4 - 11 * near), fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5})
+    front = pareto_front([(lat, y, r["id"]) for lat, y, r in pts])
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="crimson", lw=1.5, alpha=0.7,
+                label="Pareto front", zorder=2)
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=260, facecolors="none", edgecolors="crimson", lw=1.5, zorder=4)
+    ref = report["reference"]
+    torch_p90 = (ref.get("torch_eager_latency_ms") or {}).get("p90")
+    for x, label, style in ((torch_p90, "PyTorch eager p90", ":"), (ref.get("roofline_ms"), "roofline floor", "-.")):
+        if x:
+            ax.axvline(x, color="dimgray", ls=style, lw=1.2)
+            ax.text(x, 0.02, f"{label} \n{x:.2f} ms ", transform=ax.get_xaxis_transform(), fontsize=8, color="dimgray", ha="right")
+    hlines, vlines = _budget_lines(report, budget_file, ykey)
+    for y, label in hlines:
+        ax.axhline(y, color="green", ls="--", lw=1)
+        ax.text(0.99, y, f"budget: {label}", transform=ax.get_yaxis_transform(), fontsize=8, color="green", va="bottom", ha="right")
+    for x, label in vlines:
+        ax.axvline(x, color="green", ls="--", lw=1)
+        ax.text(x, 0.98, f" budget: {label}", transform=ax.get_xaxis_transform(), fontsize=8, color="green", va="top", rotation=90)
+    xs = [p[0] for p in pts] + [v for v in (torch_p90, ref.get("roofline_ms")) if v] + [x for x, _ in vlines]
+    if xs and max(xs) / max(min(xs), 1e-9) > 4:
+        ax.set_xscale("log")
+    for backend, color in BACKEND_COLORS.items():
+        if any(r["backend"] == backend for _, _, r in pts):
+            ax.scatter([], [], color=color, marker="s", label=backend)
+    for prec, marker in PRECISION_MARKERS.items():
+        if any(r["precision"] == prec for _, _, r in pts):
+            ax.scatter([], [], color="white", edgecolor="black", marker=marker, label=prec)
+    ax.set_xlabel("p90 latency at batch 1, ms (lower is better)")
+    ax.set_ylabel(ylabel + " (higher is better)")
+    ax.set_title(f"{report['model']}: accuracy against latency on {report['machine']['cpu']}", fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.scatter([], [], s=160, facecolors="none", edgecolors="crimson", label="on the front")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    ys = [p[1] for p in pts] + [y for y, _ in hlines]
+    if ys:
+        span = max(ys) - min(ys) or abs(max(ys)) * 0.05 or 1.0
+        ax.set_ylim(min(ys) - 0.25 * span, max(ys) + 0.25 * span)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

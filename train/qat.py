@@ -1,0 +1,123 @@
+"""Quantization-aware training with torch.ao fake quantization, exported as a QDQ ONNX.
+
+Placement follows what TensorRT's explicit quantization expects (and ONNX Runtime / OpenVINO run): the
+input of every Conv / Linear gets a per-tensor symmetric int8 fake-quant, its weight a per-channel
+symmetric int8 one; BatchNorm is folded into the conv first, so the exported graph is Q/DQ -> Conv with
+nothing between. All scales are symmetric (zero point 0, signed int8), which TensorRT requires.
+
+The weight fake-quant is a parametrization (torch.nn.utils.parametrize), so the layer's own forward
+(e.g. EfficientNet-Lite's static "same" padding) is kept. torch.onnx exports the fake-quant ops as
+QuantizeLinear/DequantizeLinear pairs.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+
+INT8 = dict(quant_min=-128, quant_max=127, dtype=torch.qint8)
+
+
+def _fake_quant(per_channel: bool):
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    if per_channel:
+        return FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, qscheme=torch.per_channel_symmetric,
+                            ch_axis=0, **INT8)
+    return FakeQuantize(observer=MovingAverageMinMaxObserver, qscheme=torch.per_tensor_symmetric, **INT8)
+
+
+class WeightFakeQuant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fq = _fake_quant(per_channel=True)
+
+    def forward(self, weight):
+        return self.fq(weight)
+
+
+def _quantize_input(module, args):
+    return (module.input_quant(args[0]),) + tuple(args[1:])
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, input_size: int) -> int:
+    """Fold every BatchNorm2d that directly consumes a Conv2d's output into that conv (eval statistics);
+    the BN becomes Identity. The pairs are found by running the model once. Returns how many were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+    model.eval()
+    produced_by, pairs, hooks = {}, [], []
+    names = {mod: name for name, mod in model.named_modules()}
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            hooks.append(mod.register_forward_hook(lambda m, i, o: produced_by.__setitem__(id(o), m)))
+        elif isinstance(mod, nn.BatchNorm2d):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, i: pairs.append((produced_by[id(i[0])], m)) if id(i[0]) in produced_by else None))
+    try:
+        model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    for conv, bn in pairs:
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        conv.weight, conv.bias = w, b
+        parent_name, _, attr = names[bn].rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+    return len(pairs)
+
+
+def prepare_qat(model: nn.Module, input_size: int) -> nn.Module:
+    """Fold BN, then add int8 fake quantization to every Conv2d / Linear (in place; returns the model)."""
+    warnings.filterwarnings("ignore", module="torch.ao.quantization")
+    fold_batchnorm(model, input_size)
+    for mod in list(model.modules()):
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(mod, "weight"):
+            parametrize.register_parametrization(mod, "weight", WeightFakeQuant())
+            mod.input_quant = _fake_quant(per_channel=False)
+            mod.register_forward_pre_hook(_quantize_input)
+    return model
+
+
+def set_observers(model: nn.Module, observe: bool, fake_quant: bool = True) -> None:
+    from torch.ao.quantization import FakeQuantize
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantize):
+            (mod.enable_observer if observe else mod.disable_observer)()
+            (mod.enable_fake_quant if fake_quant else mod.disable_fake_quant)()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> None:
+    """Set the initial ranges from real images (observers on, fake quantization off)."""
+    model.eval()
+    set_observers(model, observe=True, fake_quant=False)
+    for x in batches:
+        model(x)
+    set_observers(model, observe=True, fake_quant=True)
+
+
+def export_qdq(model: nn.Module, path: Path, input_size: int, opset: int = 17, dynamic_batch: bool = True,
+               metadata: dict | None = None) -> Path:
+    """Freeze the ranges and export: fake-quant ops become QuantizeLinear/DequantizeLinear pairs."""
+    from edgepipe.compile.export import export_onnx
+    set_observers(model, observe=False, fake_quant=True)
+    return export_onnx(model.eval(), path, input_size, opset, dynamic_batch, simplify=True, metadata=metadata)
+
+
+def qdq_summary(path: Path) -> dict:
+    """Counts of Q/DQ nodes and their zero-point types (TensorRT wants signed int8, zero point 0)."""
+    import onnx
+    from onnx import numpy_helper
+    proto = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"}
+    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    zps = [inits.get(n.input[2], consts.get(n.input[2])) for n in q if len(n.input) > 2]
+    dtypes = sorted({str(z.dtype) for z in zps if z is not None})
+    nonzero = sum(int((z != 0).any()) for z in zps if z is not None)
+    return {"quantize_linear": len(q), "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in proto.graph.node),
+            "zero_point_dtypes": dtypes, "nonzero_zero_points": nonzero}

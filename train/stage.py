@@ -1,0 +1,225 @@
+"""The train / prune / QAT stages of `edgepipe run`, each a cached step (see edgepipe/steps.py): a re-run with
+the same model, recipe section, data and code reuses the saved weights instead of training again.
+
+Outputs: train/model.safetensors (+ a per-configuration epoch checkpoint for --resume), prune/pruned.*
+(see train/prune.py), {prefix}qat/model.qdq.onnx, and the QAT variants "{prefix}{backend}-int8-qat".
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import UserError
+from edgepipe.steps import hash_key, tool_versions
+from edgepipe.train.models import ModelSpec
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train_code_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def training_preprocess(spec: ModelSpec, size: int, source: str) -> dict:
+    """The model's preprocessing at the training size: the same resize/crop ratio, except for Fashion-MNIST
+    whose 28 px items fill the frame (no crop)."""
+    pre = dict(spec.preprocess)
+    ratio = pre["resize"] / pre["crop"]
+    pre["crop"] = size
+    pre["resize"] = size if source == "fashion-mnist" else int(round(size * ratio))
+    return pre
+
+
+def _data(recipe, pre: dict):
+    from edgepipe.runtime.preprocess import Preprocess
+    from edgepipe.train.data import load_train_data
+    cfg = recipe.stages.train
+    return load_train_data(recipe.data.train, Preprocess.from_manifest(pre), recipe.data.val_split, cfg.seed,
+                           cfg.max_train_images, cfg.max_val_images)
+
+
+def _data_key(recipe) -> list:
+    from edgepipe.train.data import data_fingerprint
+    return [recipe.data.train, recipe.data.val_split, recipe.data.on_bad_image, data_fingerprint(recipe.data.train)]
+
+
+def _train_cfg_key(recipe) -> dict:
+    return recipe.stages.train.model_dump(exclude={"resume", "workers", "device", "enabled"})
+
+
+def _fit_cfg(recipe, **update):
+    return recipe.stages.train.model_copy(update=update)
+
+
+# ---------------------------------------------------------------- train
+
+def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
+    """Fine-tune ``spec`` (ImageNet weights) on data.train with a new head for the data's classes."""
+    from safetensors.torch import load_file, save_file
+
+    from edgepipe.atomic import atomic_path
+    from edgepipe.train import distributed
+    from edgepipe.train.finetune import fit, head_module, seed_everything
+    from edgepipe.train.models import build_model, replace_head
+    if not recipe.data.train:
+        raise UserError("stages.train is enabled but data.train is not set; give fashion-mnist, an ImageFolder tree or a CSV")
+    cfg = recipe.stages.train
+    size = cfg.input_size or recipe.model.input_size
+    pre = training_preprocess(spec, size, recipe.data.train)
+    data = _data(recipe, pre)
+    key = hash_key("train", recipe.model.model_dump(), spec.source, _train_cfg_key(recipe), _data_key(recipe),
+                   pre, tool_versions(), train_code_hash())
+    folder = Path(out) / "train"
+    weights = folder / "model.safetensors"
+    _log(f"  train data: {len(data.train)} train / {len(data.val)} val images, {len(data.labels)} classes, {size} px")
+
+    def run() -> dict:
+        seed_everything(cfg.seed)
+        model = spec.model
+        if head_module(model).out_features != len(data.labels):
+            replace_head(model, len(data.labels))
+        result = fit(model, data.train, data.val, cfg, checkpoint=folder / f"checkpoint-{key[:12]}.pt",
+                     resume=cfg.resume, on_bad_image=recipe.data.on_bad_image, log=_log)
+        if distributed.current().is_main:
+            with atomic_path(weights, suffix=".safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        distributed.barrier(distributed.current())
+        return {"labels": data.labels, "fit": result.as_dict(), "input_size": size,
+                "train_images": len(data.train), "val_images": len(data.val)}
+
+    rec = cache.run("train", key, run, files=lambda r: [weights])
+    model = build_model(recipe.model.name, pretrained=False, num_classes=len(rec["labels"])).model
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    source = {**spec.source, "fine_tuned_on": recipe.data.train, "val_top1": rec["fit"].get("val_top1"),
+              "images_per_s": rec["fit"].get("images_per_s"), "device": rec["fit"].get("device")}
+    return ModelSpec(spec.name, model.eval(), pre, list(rec["labels"]), source)
+
+
+# ---------------------------------------------------------------- prune
+
+def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
+    """Prune ``spec`` to the recipe's MACs / latency targets with fine-tuning; variants get prefix "pruned-"."""
+    from edgepipe.pipeline import model_hash
+    from edgepipe.train.finetune import evaluate, fit
+    from edgepipe.train.prune import load_pruned, prune_model, save_pruned
+    cfg = recipe.stages.prune
+    size = spec.preprocess["crop"]
+    data = _data(recipe, spec.preprocess) if recipe.data.train else None
+    folder = Path(out) / "prune"
+    key = hash_key("prune", model_hash(spec.model), cfg.model_dump(), _train_cfg_key(recipe),
+                   _data_key(recipe) if data else None, recipe.bench.threads, tool_versions(), train_code_hash())
+
+    def run() -> dict:
+        import torch
+        model = copy.deepcopy(spec.model).cpu().eval()
+        finetune = taylor = None
+        if data is not None:
+            def finetune(m, epochs):
+                fit(m, data.train, None, _fit_cfg(recipe, epochs=epochs, lr=cfg.lr or recipe.stages.train.lr,
+                                                   warmup_epochs=0.0, freeze_backbone_epochs=0),
+                    on_bad_image=recipe.data.on_bad_image, log=_log, desc="prune fine-tune")
+
+            def taylor():
+                batch = [data.train[i] for i in range(min(len(data.train), recipe.stages.train.batch_size))]
+                return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+        else:
+            _log("  prune: no data.train, so no fine-tuning between and after the steps")
+        info = prune_model(model, size, cfg, finetune, taylor, threads=recipe.bench.threads, log=_log)
+        if data is not None:
+            info["val_top1_before"] = evaluate(spec.model, data.val, recipe.stages.train.batch_size)
+            info["val_top1"] = evaluate(model, data.val, recipe.stages.train.batch_size)
+            _log(f"  prune: val top-1 {info['val_top1_before']:.4f} -> {info['val_top1']:.4f}")
+        save_pruned(model, folder, recipe.model.name, len(spec.labels), size, spec.labels, spec.preprocess)
+        return info
+
+    rec = cache.run("prune", key, run, files=lambda r: [folder / "pruned.safetensors", folder / "pruned.json",
+                                                        folder / "pruned.onnx"])
+    model, _ = load_pruned(folder)
+    summary = {k: rec.get(k) for k in ("base_macs", "macs", "macs_reduction", "base_latency_ms", "latency_ms",
+                                       "speedup", "backend", "targets_met", "val_top1")}
+    return ModelSpec(spec.name, model, dict(spec.preprocess), list(spec.labels), {**spec.source, "pruned": summary})
+
+
+# ---------------------------------------------------------------- quantization-aware training
+
+def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> tuple[dict, np.ndarray]:
+    """QAT of ``spec`` -> QDQ ONNX -> one "-int8-qat" variant per int8 target of this model.
+
+    Returns (variant records for the manifest, reference logits of the QAT model on ``parity_batch``)."""
+    from edgepipe.pipeline import model_hash
+    from edgepipe.runtime.manifest import sha256_file
+    from edgepipe.train.finetune import evaluate, fit
+    from edgepipe.train.qat import calibrate, export_qdq, prepare_qat, qdq_summary
+    targets = [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]
+    if not targets:
+        return {}, None
+    if not recipe.data.train:
+        raise UserError("stages.quantize.method qat needs training data: set data.train (or use method: ptq)")
+    q = recipe.stages.quantize
+    size = spec.preprocess["crop"]
+    folder = Path(out) / f"{prefix}qat"
+    qdq, ref_file = folder / "model.qdq.onnx", folder / "parity_reference.npy"
+    key = hash_key("qat", model_hash(spec.model), q.model_dump(), _train_cfg_key(recipe), _data_key(recipe),
+                   recipe.export.model_dump(), hashlib.sha256(parity_batch.tobytes()).hexdigest(),
+                   tool_versions(), train_code_hash())
+
+    def run() -> dict:
+        import torch
+        data = _data(recipe, spec.preprocess)
+        model = prepare_qat(copy.deepcopy(spec.model).cpu().eval(), size)
+        loader = torch.utils.data.DataLoader(data.val if len(data.val) else data.train, batch_size=32)
+        calibrate(model, [x for _, (x, y, _) in zip(range(q.qat_calibration_batches), loader)])
+        before = evaluate(model, data.val) if len(data.val) else None
+        fit(model, data.train, None, _fit_cfg(recipe, epochs=q.qat_epochs, lr=q.qat_lr, warmup_epochs=0.0, amp=False,
+                                              freeze_backbone_epochs=0),
+            on_bad_image=recipe.data.on_bad_image, log=_log, desc=f"{prefix}qat")
+        after = evaluate(model, data.val) if len(data.val) else None
+        export_qdq(model, qdq, size, recipe.export.opset, recipe.export.dynamic_batch,
+                   metadata={"labels": spec.labels, "producer": "edgepipe qat"})
+        with torch.no_grad():
+            ref = model(torch.from_numpy(parity_batch)).numpy()
+        folder.mkdir(parents=True, exist_ok=True)
+        from edgepipe.atomic import atomic_path
+        with atomic_path(ref_file, suffix=".npy") as tmp:
+            np.save(tmp, ref)
+        _log(f"  {prefix}qat: val top-1 after calibration {before}, after QAT {after}")
+        return {"val_top1_calibrated": before, "val_top1": after, "qdq": qdq_summary(qdq), "epochs": q.qat_epochs, "lr": q.qat_lr}
+
+    info = cache.run(f"{prefix}qat", key, run, files=lambda r: [qdq, ref_file])
+    variants = {}
+    for target in targets:
+        name = f"{prefix}{target.backend}-int8-qat"
+        rec = cache.run(f"compile-{name}", hash_key(key, target.model_dump(), tool_versions()),
+                        lambda target=target, name=name: _qat_target(target, name, qdq, out, info),
+                        files=lambda r: [Path(f) for f in r["files"]])
+        variants[name] = dict(rec, source_onnx_sha256=sha256_file(qdq))
+    return variants, np.load(ref_file)
+
+
+def _qat_target(target, name: str, qdq: Path, out: Path, info: dict) -> dict:
+    vdir = Path(out) / name
+    vdir.mkdir(parents=True, exist_ok=True)
+    status, fmt = "ok", "onnx"
+    if target.backend == "openvino":
+        from edgepipe.compile import openvino_ir
+        files, fmt = openvino_ir.convert(qdq, vdir / "model.xml", "fp32"), "ir"  # Q/DQ become int8 FakeQuantize
+    else:
+        dst = vdir / "model.onnx"
+        shutil.copyfile(qdq, dst)
+        files = [dst]
+        if target.backend == "tensorrt":
+            status, fmt = "pending-build", "engine"
+    compile_info = {"method": "qat (torch.ao fake-quant, symmetric int8, per-channel weights)", **info}
+    if target.backend == "tensorrt":
+        compile_info["engine"] = "build on the device with `edgepipe build-engine DIR --precision int8`"
+    return {"backend": target.backend, "precision": "int8", "format": fmt, "files": [str(f) for f in files],
+            "compile": compile_info, "status": status}
