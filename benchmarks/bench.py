@@ -52,7 +52,8 @@ def plan_rows(manifest: dict) -> tuple[list[dict], list[str]]:
         for b in here:
             rows.append({"id": name if b == v["backend"] else f"{name}@{b}", "name": name, "backend": b,
                          "native_backend": v["backend"], "precision": v["precision"], "format": v["format"],
-                         "status": v.get("status", "ok"),
+                         "status": v.get("status", "ok"), "top1": None, "top5": None, "n": None,
+                         "agreement_with_fp32": None, "top1_drop_pts": None, "worst_class_drop_pts": None,
                          "macs": v.get("macs"), "size_mb": round(sum(f.get("bytes", 0) for f in v["files"]) / 1e6, 3)})
     return rows, skipped
 
@@ -115,7 +116,7 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     best = max(candidates, key=lambda c: c["fps"])
     row.update(throughput_fps=best["fps"], throughput_mode=best["mode"], throughput_all=candidates)
     log(f"  {row['id']:<28} p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  ({lat['iterations']} it)  "
-        f"{best['fps']:.0f} img/s ({best['mode']})" + (f"  top-1 {row['top1']:.4f}" if "top1" in row else ""))
+        f"{best['fps']:.0f} img/s ({best['mode']})" + (f"  top-1 {row['top1']:.4f}" if row["top1"] is not None else ""))
     return timer(infer)
 
 

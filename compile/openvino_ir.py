@@ -30,8 +30,12 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
 
 def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray],
                   validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                  ignored_scopes: list[str] | None = None, fast_bias_correction: bool = False) -> tuple[list[Path], dict]:
-    """NNCF PTQ (or accuracy-controlled PTQ when labeled validation data and ``max_drop`` are given).
+                  ignored_scopes: list[str] | None = None, fast_bias_correction: bool = False,
+                  mixed_precision: bool = True) -> tuple[list[Path], dict]:
+    """NNCF PTQ, or, when labeled ``validation`` items ((1, 3, H, W) array, class index) and ``max_drop``
+    (top-1 points) are given and ``mixed_precision`` is on, NNCF's accuracy-controlled PTQ: it ranks the
+    quantized layers by their effect on the validation metric and reverts the most sensitive to float until
+    the drop is within ``max_drop``. The layers left in float are read back from the graph and reported.
 
     ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
     Returns the written files and a dict describing what was done.
@@ -47,7 +51,7 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
         common["ignored_scope"] = nncf.IgnoredScope(names=list(ignored_scopes), validate=False)
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
             "float_layers": list(ignored_scopes or [])}
-    if validation and max_drop is not None:
+    if validation and max_drop is not None and mixed_precision:
         val = nncf.Dataset(list(validation), lambda item: item[0])
 
         def validate(compiled, items) -> float:
@@ -59,9 +63,25 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
                                                     max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **common)
         info["method"] = "nncf.quantize_with_accuracy_control"
         info["max_drop_points"] = max_drop
+        info["validation_images"] = len(validation)
     else:
         model = nncf.quantize(model, calib, **common)
+    info["float_layers"] = float_layers(model)
     return _save(model, Path(xml_path), compress_to_fp16=False), info
+
+
+WEIGHTED_OV_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def float_layers(model) -> list[str]:
+    """Weighted layers (Convolution/GroupConvolution/MatMul) whose data input is not fake-quantized."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in WEIGHTED_OV_OPS:
+            src = op.input_value(0).get_node()
+            if src.get_type_name() != "FakeQuantize":
+                out.append(op.get_friendly_name())
+    return out
 
 
 def _wrap(fn: Callable) -> Callable:

@@ -116,15 +116,48 @@ class QdqQuantizer:
         return dst
 
 
-def ort_session(path: Path):
+class FloatBypass:
+    """Evaluates "these layers in float" without re-quantizing: a copy of the QDQ graph whose chosen layers
+    read the float input (before its Q/DQ pair) and the float weight. Used to rank sensitivity fast;
+    the shipped model is re-quantized with ``nodes_to_exclude``."""
+
+    def __init__(self, qdq_path: Path, fp32_path: Path):
+        import onnx
+        self.model = onnx.load(str(qdq_path))
+        fp32 = onnx.load(str(fp32_path))
+        weights = {t.name: t for t in fp32.graph.initializer}
+        self.float_weight = {n.name: weights[n.input[1]] for n in fp32.graph.node
+                             if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in weights}
+
+    def model_bytes(self, float_layers: Sequence[str]) -> bytes:
+        import onnx
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        producer = {out: n for n in model.graph.node for out in n.output}
+        for node in model.graph.node:
+            if node.name not in float_layers or node.name not in self.float_weight:
+                continue
+            dq = producer.get(node.input[0])
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[0] = q.input[0]
+            weight = onnx.TensorProto()
+            weight.CopyFrom(self.float_weight[node.name])
+            weight.name += "_float"
+            node.input[1] = weight.name
+            model.graph.initializer.append(weight)
+        return model.SerializeToString()
+
+
+def ort_session(model: Path | bytes):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
 
 
-def run_logits(path: Path, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
-    sess = ort_session(path)
+def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    sess = ort_session(model)
     name = sess.get_inputs()[0].name
     fixed = sess.get_inputs()[0].shape[0] == 1
     step = 1 if fixed else batch
@@ -156,10 +189,10 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
         if validation and max_drop is not None and cfg.mixed_precision:
             x = np.concatenate([a for a, _ in validation]).astype(np.float32)
             y = np.array([t for _, t in validation])
+            bypass = FloatBypass(full, q.src)
             search = search_float_layers(
-                layers=q.layers, max_drop=max_drop, labels=y,
-                reference=run_logits(Path(onnx_path), x),
-                evaluate=lambda float_layers: run_logits(q.quantize(Path(tmp) / "candidate.onnx", float_layers), x))
+                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=max_drop, labels=y,
+                reference=run_logits(q.src, x), evaluate=lambda float_layers: run_logits(bypass.model_bytes(float_layers), x))
             info["mixed_precision"] = search.report
             info["float_layers"] = search.float_layers
             if search.float_layers:

@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", help="budgets YAML; exit 1 when any budget fails")
     b.add_argument("--junit", help="write JUnit XML here")
     b.add_argument("--video", help="also run the camera pipeline on this video (glass-to-glass)")
-    b.add_argument("--iterations", type=int, default=200)
-    b.add_argument("--warmup", type=int, default=20)
-    b.add_argument("--out", help="report folder (default: DIR/bench)")
+    b.add_argument("--iterations", type=int, default=200, help="timed batch-1 calls per variant (more until the p90 settles)")
+    b.add_argument("--warmup", type=int, default=20, help="untimed calls before timing")
+    b.add_argument("--out", help="report folder: report.md, report.json, pareto.png (default: DIR/bench)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("build-engine", help="build a TensorRT engine on the Jetson / GPU host from the artifact's ONNX")

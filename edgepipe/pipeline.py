@@ -118,6 +118,43 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 # ---------------------------------------------------------------- compile one target
 
+def accuracy_validation(recipe: Recipe, onnx_path: Path) -> tuple[list | None, str | None]:
+    """Labeled (preprocessed array, class index) items for int8 accuracy control, when stages.quantize.max_drop
+    is set: the labeled calibration set if the calibration source has labels (so data.evaluation stays
+    held out), else a labeled data.evaluation (then the reported drop is measured on the tuning set)."""
+    import json
+
+    import onnx
+
+    from edgepipe.runtime.data import load_labeled
+    from edgepipe.runtime.evaluate import read_image
+    if recipe.stages.quantize.max_drop is None:
+        return None, None
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    labels, pre = json.loads(meta["labels"]), Preprocess.from_manifest(json.loads(meta["preprocess"]))
+    sources = [("calibration", recipe.data.calibration.source, recipe.data.calibration.limit),
+               ("evaluation", recipe.data.evaluation, None)]
+    for what, source, limit in sources:
+        if not source or source == "generated":
+            continue
+        try:
+            items = load_labeled(source, labels)[:limit]
+        except UserError:
+            continue
+        images = [(read_image(p), t) for p, t in items if t >= 0]
+        items = [(pre(img), t) for img, t in images if img is not None]
+        if items:
+            return items, f"{what} ({len(items)} labeled images): {source}"
+    log("  stages.quantize.max_drop is set but no labeled calibration/evaluation data is given: plain int8")
+    return None, None
+
+
+def validation_fingerprint(recipe: Recipe) -> list:
+    """What accuracy_validation reads, for the compile step's cache key."""
+    files = [recipe.data.calibration.source, recipe.data.evaluation]
+    return [data_fingerprint([Path(f)]) if f and Path(f).is_file() else f for f in files]
+
+
 def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np.ndarray], recipe: Recipe) -> dict:
     """Compile one (backend, precision) from the fp32 ONNX; returns the variant record (without checks)."""
     name = variant_name(prefix, target.backend, target.precision)
@@ -128,8 +165,12 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
         from edgepipe.compile import openvino_ir
         xml = vdir / "model.xml"
         if target.precision == "int8":
-            files, info = openvino_ir.quantize_int8(onnx_path, xml, calib,
-                                                    fast_bias_correction=recipe.stages.quantize.fast_bias_correction)
+            validation, vsource = accuracy_validation(recipe, onnx_path)
+            files, info = openvino_ir.quantize_int8(onnx_path, xml, calib, validation=validation,
+                                                    max_drop=recipe.stages.quantize.max_drop,
+                                                    fast_bias_correction=recipe.stages.quantize.fast_bias_correction,
+                                                    mixed_precision=recipe.stages.quantize.mixed_precision)
+            info["validation"] = vsource
         else:
             files = openvino_ir.convert(onnx_path, xml, target.precision)
         fmt = "ir"
@@ -139,7 +180,10 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
             dst.write_bytes(onnx_path.read_bytes())
         elif target.precision == "int8":
             from edgepipe.compile.qdq import quantize_qdq
-            info = quantize_qdq(onnx_path, dst, calib, recipe.stages.quantize)
+            validation, vsource = accuracy_validation(recipe, onnx_path)
+            info = quantize_qdq(onnx_path, dst, calib, recipe.stages.quantize, validation=validation,
+                                max_drop=recipe.stages.quantize.max_drop)
+            info["validation"] = vsource
         else:
             raise UserError(f"target onnxruntime/{target.precision}: ONNX Runtime variants are fp32 or int8 (QDQ)")
         files, fmt = [dst], "onnx"
@@ -152,6 +196,15 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
     return {"backend": target.backend, "precision": target.precision, "format": "engine" if target.backend == "tensorrt" else fmt,
             "files": [str(f) for f in files], "compile": info,
             "status": "pending-build" if target.backend == "tensorrt" else "ok"}
+
+
+def export_parity(onnx_path: Path, onnx_sha: str, ref_logits, parity_batch, parity_names, compare) -> dict:
+    """The exported fp32 ONNX (ONNX Runtime, CPU) against PyTorch on the parity images."""
+    from edgepipe.compile.qdq import run_logits
+    parity = compare(ref_logits, run_logits(onnx_path, parity_batch), parity_names, "fp32")
+    log(f"  PyTorch -> ONNX parity: max abs {parity['max_abs']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
+        + ("" if parity["ok"] else "  OUT OF TOLERANCE"))
+    return {"sha256": onnx_sha, "parity_vs_pytorch": parity}
 
 
 # ---------------------------------------------------------------- run
@@ -215,6 +268,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
 
     variants: dict[str, dict] = {}
     references: dict[str, dict] = {}
+    exports: dict[str, dict] = {}
     log("[3/5] export + compile")
     for prefix, mspec in models.items():
         model = mspec.model.eval()
@@ -230,6 +284,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
         references[prefix] = {"logits": ref_logits, "macs": count_macs(model, (1, 3, pre.crop, pre.crop)),
                               "model": model, "model_hash": mhash}
         onnx_sha = file_entry(out, onnx_path)["sha256"]
+        exports[f"{prefix}model.onnx"] = export_parity(onnx_path, onnx_sha, ref_logits, parity_batch, parity_names, compare)
         for target in recipe.targets:
             if target.pruned is not None and target.pruned != bool(prefix):
                 continue
@@ -237,7 +292,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
                 continue  # only the "-int8-qat" variants (below)
             name = variant_name(prefix, target.backend, target.precision)
             key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
-                           data_fingerprint(calib_paths), versions)
+                           data_fingerprint(calib_paths), versions, validation_fingerprint(recipe))
             rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
                             files=lambda r: [Path(f) for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
@@ -249,6 +304,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
                 references[name] = {"logits": qat_logits}  # parity of a QAT variant: against the QAT model
 
     manifest = _manifest(recipe, spec, pre, variants, versions, out)
+    manifest["export"] = exports  # PyTorch -> fp32 ONNX parity, per exported model
     write_json(out / MANIFEST_NAME, manifest)  # provisional: lets the checks below load through the runtime
 
     log("[4/5] parity + accuracy + latency per variant")

@@ -99,12 +99,15 @@ class StepCache:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if rec.get("key") != key:
-            return None
-        for f in rec.get("files", []):
-            p = self.out / f["path"]
-            if not p.is_file() or p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
+        try:  # a record edited or damaged by hand is ignored (the step runs again), never a crash
+            if rec.get("key") != key:
                 return None
+            for f in rec.get("files", []):
+                p = self.out / f["path"]
+                if not p.is_file() or p.stat().st_size != f["bytes"] or sha256_file(p) != f["sha256"]:
+                    return None
+        except (AttributeError, KeyError, TypeError, ValueError, OSError):
+            return None
         return rec.get("result")
 
     def run(self, name: str, key: str, fn: Callable[[], dict], files: Callable[[dict], list[Path]] = lambda r: []) -> dict:

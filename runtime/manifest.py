@@ -242,7 +242,10 @@ def check_onnx_external_data(path: Path, verified: list[Path]) -> None:
     for loc in onnx_external_locations(path):
         if not loc or "\0" in loc or os.path.isabs(loc) or Path(loc).drive:
             raise ManifestError(f"{path.name}: external data location {loc!r} is absolute or empty; refusing it")
-        real = (folder / loc).resolve()
+        try:
+            real = (folder / loc).resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loops
+            raise ManifestError(f"{path.name}: external data location {loc!r} cannot be resolved ({exc}); refusing it") from None
         if folder not in real.parents:
             raise ManifestError(f"{path.name}: external data location {loc!r} resolves outside {folder} (to {real}); refusing it")
         if real not in allowed:

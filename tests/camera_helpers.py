@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -43,7 +42,7 @@ def count_frames(path: Path) -> int:
 
 
 def camera_cmd(model, source, *args) -> list[str]:
-    return [sys.executable, str(CAMERA), "--model", str(model), "--source", str(source), *map(str, args)]
+    return [sys.executable, "-X", "faulthandler", str(CAMERA), "--model", str(model), "--source", str(source), *map(str, args)]
 
 
 def run_camera(model, source, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -160,7 +159,3 @@ def http_stream(video: Path, port: int, loop: bool = True) -> subprocess.Popen:
 
 def rtsp_available() -> bool:
     return shutil.which("rtsp-server-perl") is not None and shutil.which("ffmpeg") is not None
-
-
-def env_without(*names) -> dict:
-    return {k: v for k, v in os.environ.items() if k not in names}

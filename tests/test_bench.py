@@ -89,6 +89,8 @@ def test_bench_passing_budgets_exit_0(tiny_artifacts, tmp_path, sample_video):
     budgets = write(tmp_path / "ok.yaml", ROUNDS + """budgets:
   - variants: "*fp32*"
     agreement_min: 0.5
+  - variants: onnxruntime-fp32
+    backends: onnxruntime
     p90_ratio_max: {of: torch_eager, ratio: 5}
   - variants: "*int8*"
     backends: openvino

@@ -177,7 +177,7 @@ def test_case01_reload_keeps_old_variant_serving(tiny_artifacts, tmp_path):
     # the serving file is damaged on disk: a reload of it is refused too; the loaded copy keeps serving
     flip_byte(d / "onnxruntime-fp32" / "model.onnx")
     with pytest.raises(IntegrityError, match="onnxruntime-fp32/model.onnx"):
-        clf.reload()
+        clf.reload("onnxruntime-fp32")
     np.testing.assert_array_equal(clf.logits(clf.preprocess(frame)), before)
 
     # a manifest that no longer fits the model (labels) is refused as a whole, still serving
@@ -537,6 +537,26 @@ def test_case09_interrupted_run_resumes_from_last_completed_step(interrupted_run
         assert variant["status"] == "ok", name
         verify_files(out, variant, name)
         assert Classifier(out, variant=name).classify(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_case09_step_record_trusted_only_while_outputs_verify(tmp_path):
+    from edgepipe.steps import StepCache
+    cache = StepCache(tmp_path, log=lambda msg: None)
+    output = tmp_path / "artifact.bin"
+
+    def step():
+        output.write_bytes(b"complete output")
+        return {"n": len(cache.ran)}
+    key = "k1"
+    cache.run("step", key, step, files=lambda r: [output])
+    assert cache.run("step", key, step, files=lambda r: [output]) == {"n": 0} and cache.reused == ["step"]
+    output.write_bytes(b"complete outpuT")  # same size, other bytes: e.g. a copy torn by a crash
+    cache.run("step", key, step, files=lambda r: [output])
+    record = tmp_path / ".edgepipe" / "steps" / "step.json"
+    for damaged in ('["not", "a", "record"]', '{"key": "k1", "files": [{"path": 3}]}', '{"key": "k1", "fil'):
+        record.write_text(damaged)
+        cache.run("step", key, step, files=lambda r: [output])
+    assert cache.ran == ["step"] * 5 and cache.reused == ["step"]
 
 
 def test_case10_second_run_into_same_folder_refused(interrupted_runs):

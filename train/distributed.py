@@ -54,14 +54,21 @@ def current() -> DistInfo:
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """DDP around the model when more than one process runs (SyncBatchNorm on CUDA)."""
+    """DDP around the model when more than one process runs. BatchNorm stays per process (no SyncBatchNorm:
+    converting would swap the modules the pruner tracks)."""
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    if device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DDP(model, device_ids=[info.local_rank])
-    return DDP(model)
+    return DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+
+
+def agree(value):
+    """Rank 0's ``value`` on every rank (a decision that must not differ, e.g. a latency-based stop)."""
+    if not current().enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,6 +21,8 @@ from edgepipe.train import distributed
 from edgepipe.train.checkpoint import save_checkpoint
 from edgepipe.train.data import BadImages, ImageSet
 
+BN_RECALIBRATION_BATCHES = 20
+
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -200,6 +202,7 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
         busy += time.perf_counter() - t0
         bar.close()
         result.train_loss, result.train_top1 = run_loss / max(run_n, 1), run_hits / max(run_n, 1)
+        recalibrate_batchnorm(ddp, loader, device, memory_format, dtype)
         result.epochs_done = min(step / steps_per_epoch, cfg.epochs)
         if val_set is not None and len(val_set) and info.is_main:
             result.val_top1 = evaluate(model, val_set, cfg.batch_size, device, memory_format, dtype)
@@ -216,6 +219,34 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
     result.skipped_images = bad.paths
     model.to("cpu", memory_format=torch.contiguous_format).eval()
     return result
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device, memory_format=torch.contiguous_format, dtype=None,
+                          batches: int = BN_RECALIBRATION_BATCHES) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over ``batches`` training batches.
+
+    The running statistics follow the weights only slowly (EfficientNet-Lite's BN momentum is 0.01), so after a
+    short fine-tune, and above all after pruning changed every layer's input, eval-mode accuracy lags far
+    behind (measured: 0.22 vs 0.74 train top-1 after a pruning recovery epoch). A cheap forward-only pass fixes it.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i, (x, y, _) in enumerate(loader):
+        if i >= batches:
+            break
+        x = x[y >= 0].to(device, memory_format=memory_format)
+        if len(x) > 1:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.benchmarks.latency import measure
+from edgepipe.train import distributed
 from edgepipe.train.finetune import head_module
 from edgepipe.train.models import build_model, count_macs
 
@@ -91,9 +92,9 @@ def prune_model(model: nn.Module, input_size: int, cfg, finetune: Callable[[nn.M
         macs = count_macs(model, example.shape)
         ms = onnx_latency_ms(model, input_size, cfg.backend, threads) if measure_latency else None
         reduction = 1 - macs / base_macs
-        met = (reduction >= cfg.macs_reduction
-               and (cfg.latency_budget_ms is None or ms <= cfg.latency_budget_ms)
-               and (cfg.latency_speedup is None or base_ms / ms >= cfg.latency_speedup))
+        met = distributed.agree(reduction >= cfg.macs_reduction
+                                and (cfg.latency_budget_ms is None or ms <= cfg.latency_budget_ms)
+                                and (cfg.latency_speedup is None or base_ms / ms >= cfg.latency_speedup))
         history.append({"step": step, "macs": macs, "macs_reduction": round(reduction, 4), "latency_ms": ms,
                         "speedup": round(base_ms / ms, 3) if ms else None, "targets_met": met})
         log(f"  prune step {step}/{cfg.iterative_steps}: {macs / 1e6:.1f} M MACs (-{reduction:.0%})"

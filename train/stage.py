@@ -109,6 +109,7 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     """Prune ``spec`` to the recipe's MACs / latency targets with fine-tuning; variants get prefix "pruned-"."""
     from edgepipe.pipeline import model_hash
+    from edgepipe.train import distributed
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
     cfg = recipe.stages.prune
@@ -138,7 +139,9 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
             info["val_top1_before"] = evaluate(spec.model, data.val, recipe.stages.train.batch_size)
             info["val_top1"] = evaluate(model, data.val, recipe.stages.train.batch_size)
             _log(f"  prune: val top-1 {info['val_top1_before']:.4f} -> {info['val_top1']:.4f}")
-        save_pruned(model, folder, recipe.model.name, len(spec.labels), size, spec.labels, spec.preprocess)
+        if distributed.current().is_main:
+            save_pruned(model, folder, recipe.model.name, len(spec.labels), size, spec.labels, spec.preprocess)
+        distributed.barrier(distributed.current())
         return info
 
     rec = cache.run("prune", key, run, files=lambda r: [folder / "pruned.safetensors", folder / "pruned.json",
