@@ -14,9 +14,9 @@ Kinds and the real code each goes through:
 "Clean" means the loader returns, or raises :class:`edgepipe.UserError` with a one-line message. Anything else
 is a finding: another exception, a crash of the process (segfault), or no answer within ``--timeout``. Each
 input runs in a worker process, so a crash or hang is recorded (the input is kept under ``--keep``) and the run
-goes on. tests/test_reliability.py runs the same generators in-process, 30 seeded inputs per kind, with the
-``safe`` generators (no bit flips inside model graphs, image headers or video headers, which may make a
-library allocate gigabytes); this script also runs those.
+goes on. tests/test_reliability.py runs the same generators in-process, 30 seeded inputs per kind, in their
+``safe`` form (no byte flips inside model graphs, image headers or video headers, which could make a library
+allocate gigabytes or crash the test process); this script flips bytes everywhere unless given ``--safe``.
 """
 from __future__ import annotations
 
@@ -296,13 +296,16 @@ class Worker:
         self.conn, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
         self.proc.start()
+        child.close()  # so a dead worker reads as end-of-file here at once
 
     def run(self, task, timeout: float) -> tuple[str, str]:
+        if not self.proc.is_alive():  # died between tasks
+            self._start()
         self.conn.send(task)
         if self.conn.poll(timeout):
             try:
                 return self.conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the worker died while answering
                 pass
         hung = self.proc.is_alive()
         self.proc.kill()

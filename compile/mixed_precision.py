@@ -30,7 +30,7 @@ def logit_error(reference: np.ndarray, logits: np.ndarray) -> float:
 
 def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarray, reference: np.ndarray,
                         evaluate: Callable[[list[str]], np.ndarray], max_float_fraction: float = 0.25,
-                        ranking_images: int = 128, log: Callable[[str], None] = print) -> Search:
+                        ranking_images: int = 64, log: Callable[[str], None] = print) -> Search:
     """Greedy search; ``max_drop`` is in top-1 points against ``reference`` on ``labels``.
 
     Sensitivity is ranked on the first ``ranking_images`` validation images (logit MSE, smoother than

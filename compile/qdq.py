@@ -82,7 +82,7 @@ class QdqQuantizer:
 
     def __init__(self, onnx_path: Path, calibration: Sequence[np.ndarray], mode: str, activation_symmetric: bool, work: Path):
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, quant_pre_process, quantize_static  # noqa: F401
+        from onnxruntime.quantization import quant_pre_process
         self.work, self.mode = Path(work), mode
         self.src = self.work / "preprocessed.onnx"
         try:
@@ -103,10 +103,15 @@ class QdqQuantizer:
     def quantize(self, dst: Path, float_layers: Sequence[str] = ()) -> Path:
         import onnx
         from onnxruntime.quantization import quantize_static
-        logging.getLogger().setLevel(logging.ERROR)  # ORT logs a warning per skipped node through the root logger
-        reader = None if self.cache.is_file() else ArrayReader(self.calibration, self.input_name)
-        quantize_static(str(self.src), str(dst), reader, nodes_to_exclude=list(float_layers),
-                        calibration_cache_path=str(self.cache), **self.args)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT logs a warning per skipped node through the root logger
+        try:
+            reader = None if self.cache.is_file() else ArrayReader(self.calibration, self.input_name)
+            quantize_static(str(self.src), str(dst), reader, nodes_to_exclude=list(float_layers),
+                            calibration_cache_path=str(self.cache), **self.args)
+        finally:
+            root.setLevel(level)
         model = onnx.load(str(dst))
         del model.metadata_props[:]
         for key, value in dict(self.metadata, **{FLOAT_LAYERS_KEY: ",".join(float_layers)}).items():
@@ -165,7 +170,8 @@ def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.n
 
 
 def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg,
-                 validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None) -> dict:
+                 validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
+                 ranking_images: int = 64) -> dict:
     """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
 
     ``calibration``: preprocessed (1, 3, H, W) arrays, all used. With labeled ``validation`` items
@@ -191,7 +197,7 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
             y = np.array([t for _, t in validation])
             bypass = FloatBypass(full, q.src)
             search = search_float_layers(
-                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=max_drop, labels=y,
+                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=max_drop, labels=y, ranking_images=ranking_images,
                 reference=run_logits(q.src, x), evaluate=lambda float_layers: run_logits(bypass.model_bytes(float_layers), x))
             info["mixed_precision"] = search.report
             info["float_layers"] = search.float_layers

@@ -99,9 +99,15 @@ def preflight(recipe: Recipe) -> None:
         raise UserError(f"data.calibration.count is {cfg.count}; give at least 1 (or a folder of images as source)")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"data.calibration.limit is {cfg.limit}; give at least 1, or leave it out to use every image")
-    if cfg.source != "generated" and not cfg.source.startswith("fashion-mnist:") and not list_images(cfg.source):
+    if cfg.source == "generated" or cfg.source.startswith("fashion-mnist:"):
+        return
+    paths = list_images(cfg.source)[:cfg.limit]
+    if not paths:
         raise UserError(f"data.calibration.source {cfg.source}: no images found (looked for "
                         f"{', '.join(sorted(IMAGE_EXTS))}); the parity checks and int8 targets need calibration images")
+    if recipe.data.on_bad_image == "stop":
+        from edgepipe.runtime.evaluate import read_image
+        report_bad_images([str(p) for p in paths if read_image(p) is None], len(paths), "stop")
 
 
 def remove_stale_parts(out: Path) -> None:

@@ -58,6 +58,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.max_reconnects < 0 or args.max_frames < 0 or args.top_k < 1:
         p.error("--max-reconnects and --max-frames must be >= 0, --top-k >= 1")
+    if not 0.0 <= args.smooth < 1.0:
+        p.error("--smooth is the weight of previous frames: 0 (off) <= ALPHA < 1")
     return args
 
 
@@ -176,6 +178,9 @@ def cli(argv=None) -> int:
     except UserError as exc:
         print(f"camera.py: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:            # Ctrl-C while the model loads (afterwards the pipeline handles it)
+        print("camera.py: interrupted before the first frame", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -95,6 +95,15 @@ class RateMeter:
         return (len(self.times) - 1) / max(1e-9, self.times[-1] - self.times[0])
 
 
+def open_jsonl(path: str):
+    """The per-frame log, line-buffered so every line is on disk as soon as it is written."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8", buffering=1)
+    except OSError as exc:
+        raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
+
+
 class Outputs:
     """Called once per classified frame, in order: postprocess, then JSONL / mp4 / window."""
 
@@ -107,7 +116,7 @@ class Outputs:
         self.display = display                 # a latest-frame Channel read by the main thread, or None
         self.frames = 0
         self.rate = RateMeter()
-        self.jsonl = open(jsonl, "w", encoding="utf-8", buffering=1) if jsonl else None
+        self.jsonl = open_jsonl(jsonl) if jsonl else None
         self.video_path, self.fps_hint = video, fps_hint   # fps_hint(): the source's fps, known once it is open
         self.video: VideoFile | None = None
 

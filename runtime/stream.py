@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from edgepipe.runtime.preprocess import check_frame
@@ -71,6 +72,8 @@ class Channel:
 
     def put(self, item, cancel=lambda: False) -> bool:
         with self.cond:
+            if self.closed:
+                return False
             if self.latest:
                 while len(self.items) >= self.maxsize:
                     self.items.popleft()
@@ -153,19 +156,23 @@ class Reader(threading.Thread):
         except SourceError as exc:
             self.outcome, self.error = "fatal", str(exc)
             return
-        except OSError as exc:
-            self.outcome, self.error = "open-failed", str(exc)
+        except (OSError, cv2.error) as exc:
+            self.outcome, self.error = "open-failed", str(exc).strip().splitlines()[-1]
             return
         self.opening, self.busy_since, self.fps = False, None, src.fps()
         try:
             while not self.abandoned:
                 t0 = self.busy_since = time.monotonic()
-                ok, frame = src.read()
+                try:
+                    ok, frame = src.read()
+                except cv2.error as exc:               # some backends raise instead of returning False
+                    ok, frame, self.error = False, None, f"read failed: {str(exc).strip().splitlines()[-1]}"
                 self.busy_since = None
                 if self.abandoned:
                     return
                 if not ok:
-                    self.outcome, self.error = "eof", "the stream ended" if self.spec.live else ""
+                    self.outcome = "eof"
+                    self.error = self.error or ("the stream ended" if self.spec.live else "")
                     return
                 self.frames += 1
                 if not self.emit(self, frame, t0):
@@ -191,6 +198,7 @@ class Capture(threading.Thread):
         self.t_first: float | None = None
         self._pace = None            # (t0, index0) for --realtime
         self.readers: list[Reader] = []
+        self._lock = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -231,8 +239,8 @@ class Capture(threading.Thread):
             reason = {"stalled": f"no frame for {self.opts.read_timeout_s:g} s" if not reader.opening
                       else f"open did not finish in {self.opts.open_timeout_s:g} s"}.get(outcome, reader.error or outcome)
             if failures > self.opts.max_reconnects:
-                self.gave_up = (f"gave up on {self.spec.text!r} after {failures} failed attempt(s) in a row "
-                                f"({self.reconnects} reconnects in total); last error: {reason}")
+                self.gave_up = (f"gave up on {self.spec.text!r}: {failures} failed attempt(s) in a row "
+                                f"(--max-reconnects {self.opts.max_reconnects}); last error: {reason}")
                 return
             delay = min(self.opts.backoff_s * 2 ** (failures - 1), self.opts.backoff_max_s)
             self.opts.log(f"camera.py: source {self.spec.text!r}: {reason}; reconnecting in {delay:.1f} s "
@@ -256,10 +264,10 @@ class Capture(threading.Thread):
                 reader.abandoned = True
                 return "stalled"
 
-    def wait_readers(self) -> int:
+    def wait_readers(self, timeout: float = 2.0) -> int:
         """Give readers still inside OpenCV (stopped or abandoned) time to return and release their capture:
         a thread that comes back while Python shuts down would abort the process. Returns how many are stuck."""
-        deadline = time.monotonic() + max(self.opts.open_timeout_s, backstop_read_timeout(self.opts.read_timeout_s)) + 1.0
+        deadline = time.monotonic() + timeout
         for reader in self.readers:
             reader.join(max(0.0, deadline - time.monotonic()))
         return sum(r.is_alive() for r in self.readers)
@@ -270,10 +278,11 @@ class Capture(threading.Thread):
         if self.stop.is_set():
             return False
         self.stats.add("capture", now - t0)
-        index = self.next_index
-        self.next_index += 1
-        if self.t_first is None:
-            self.t_first = t0
+        with self._lock:                # a reader abandoned just after its read may still get here once
+            index = self.next_index
+            self.next_index += 1
+            if self.t_first is None:
+                self.t_first = t0
         self.fps = self.fps or reader.fps
         try:
             check_frame(image)

@@ -79,8 +79,10 @@ def test_every_frame_of_a_file_is_classified_in_order(tiny_artifacts, videos, tm
 @needs_ffmpeg
 def test_annotated_mp4_top_k_and_max_frames(tiny_artifacts, videos, tmp_path):
     out, jsonl = tmp_path / "annotated.mp4", tmp_path / "f.jsonl"
-    proc = run_camera(tiny_artifacts, videos["mp4"], "--output", out, "--jsonl", jsonl, "--top-k", 3, "--max-frames", 25)
+    proc = run_camera(tiny_artifacts, videos["mp4"], "--output", out, "--jsonl", jsonl, "--top-k", 3, "--max-frames", 25,
+                      "--variant", "openvino-int8")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary_of(proc)["variant"] == "openvino-int8"
     lines = read_jsonl(jsonl)
     assert len(lines) == 25 and summary_of(proc)["frames"] == 25 and summary_of(proc)["stopped_by"] == "max-frames"
     for r in lines:
@@ -134,9 +136,11 @@ def test_image_folder_and_glob(tiny_artifacts, tmp_path):
     for i in range(4):
         cv2.imwrite(str(tmp_path / f"img{i}.jpg"), np.full((120, 160, 3), 40 * i, np.uint8))
     jsonl = tmp_path / "f.jsonl"
-    proc = run_camera(tiny_artifacts, tmp_path / "img[12].jpg", "--jsonl", jsonl)
+    proc = run_camera(tiny_artifacts, tmp_path / "img[12].jpg", "--jsonl", jsonl, "--backend", "onnxruntime")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert summary_of(proc)["frames"] == 2 and len(read_jsonl(jsonl)) == 2
+    summary = summary_of(proc)
+    assert summary["frames"] == 2 and len(read_jsonl(jsonl)) == 2
+    assert (summary["backend"], summary["variant"]) == ("onnxruntime", "onnxruntime-fp32")   # --backend forces one
 
 
 @pytest.mark.parametrize("source, message", [

@@ -1,0 +1,215 @@
+"""compile/: export parity, QDQ int8 in TensorRT's form (structure check), mixed precision, step cache,
+`edgepipe build-engine` without TensorRT. Real ONNX Runtime / onnxruntime.quantization, real images."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgepipe.compile.calibration import bundled_photos
+from edgepipe.compile.export import export_onnx
+from edgepipe.compile.parity import compare
+from edgepipe.compile.qdq import quantize_qdq, run_logits
+from edgepipe.compile.qdq_check import check_qdq
+from edgepipe.recipe import QuantizeStage
+from edgepipe.runtime.data import load_labeled
+from edgepipe.runtime.evaluate import read_image
+from edgepipe.runtime.preprocess import Preprocess
+from edgepipe.runtime.backends.trt import engine_mismatch
+
+from conftest import run_edgepipe
+
+PRE = Preprocess(resize=146, crop=128, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], color="RGB")
+
+
+def small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    def block(i, o, groups=1):
+        return [torch.nn.Conv2d(i, o, 3, 2 if groups == 1 else 1, 1, groups=groups), torch.nn.BatchNorm2d(o), torch.nn.ReLU6()]
+    model = torch.nn.Sequential(*block(3, 16), *block(16, 16, groups=16), *block(16, 32), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    with torch.no_grad():  # non-trivial BN statistics so the folded weights are not identity-like
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    imgs = [read_image(p) for p in bundled_photos()]
+    return np.concatenate([PRE(img) for img in imgs if img is not None])
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "small.onnx"
+    model = small_cnn()
+    export_onnx(model, path, 128, 17, True, True, {"labels": [str(i) for i in range(10)], "preprocess": PRE.to_dict()})
+    return model, path
+
+
+def test_export_parity_on_real_images(small_onnx, photos):
+    model, path = small_onnx
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["labels"]) == [str(i) for i in range(10)] and json.loads(meta["preprocess"])["crop"] == 128
+    assert proto.opset_import[0].version >= 17
+    with torch.no_grad():
+        ref = model(torch.from_numpy(photos)).numpy()
+    got = run_logits(path, photos)  # dynamic batch: all photos at once
+    parity = compare(ref, got, [f"photo{i}" for i in range(len(photos))], "fp32")
+    assert parity["ok"], parity
+    assert parity["max_abs"] < 1e-4 and parity["top1_agreement"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def small_qdq(small_onnx, photos, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("qdq") / "int8.onnx"
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="s8s8"))
+    return dst, info
+
+
+def test_qdq_is_tensorrt_explicit_quantization_form(small_onnx, small_qdq, photos):
+    dst, info = small_qdq
+    assert info["calibration_images"] == len(photos) and info["mode"] == "s8s8"
+    check = check_qdq(dst)
+    assert check["ok"], check["errors"]
+    assert info["tensorrt_qdq_check"]["ok"]
+    assert check["counts"]["quantized_layers"] == check["counts"]["weighted_layers"] == 4  # 3 convs + gemm
+    # and ONNX Runtime runs it, close to fp32
+    ref, got = run_logits(small_onnx[1], photos), run_logits(dst, photos)
+    assert np.abs(ref - got).max() < 0.1 * np.ptp(ref)
+
+
+def _broken(src, tmp_path, edit) -> str:
+    model = onnx.load(str(src))
+    edit(model)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_qdq_check_rejects_asymmetric_zero_point(small_qdq, tmp_path):
+    def asymmetric(model):
+        zp = next(t for t in model.graph.initializer if t.name.endswith("zero_point") and numpy_helper.to_array(t).size == 1)
+        zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+    check = check_qdq(_broken(small_qdq[0], tmp_path, asymmetric))
+    assert not check["ok"] and any("is not 0" in e for e in check["errors"]), check
+
+
+def test_qdq_check_rejects_conv_without_weight_qdq(small_onnx, small_qdq, tmp_path):
+    fp32 = onnx.load(str(small_onnx[1]))
+    conv_fp32 = next(n for n in fp32.graph.node if n.op_type == "Conv")
+    weight = next(t for t in fp32.graph.initializer if t.name == conv_fp32.input[1])
+
+    def float_weight(model):
+        conv = next(n for n in model.graph.node if n.op_type == "Conv")
+        model.graph.initializer.append(weight)
+        conv.input[1] = weight.name
+    check = check_qdq(_broken(small_qdq[0], tmp_path, float_weight))
+    assert not check["ok"] and any("has no int8 Q/DQ" in e for e in check["errors"]), check
+
+
+def test_qdq_check_rejects_uint8_activations(small_onnx, photos, tmp_path):
+    dst = tmp_path / "u8.onnx"
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="u8s8_reduce_range"))
+    assert not info["tensorrt_qdq_check"]["ok"]
+    assert any("uint8" in e for e in info["tensorrt_qdq_check"]["errors"])
+
+
+def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_path):
+    """EfficientNet-Lite0 (real weights, 160 px), calibrated on only 8 real images; target: the top-1 of the
+    fp32 ONNX on 40 other real images must be reproduced exactly (labels = the fp32 predictions, max_drop 0)."""
+    from edgepipe.train.models import build_model
+    spec = build_model("efficientnet_lite0", pretrained=True, num_classes=None, checkpoint=None)
+    src = tmp_path / "lite0.onnx"
+    export_onnx(spec.model.eval(), src, 160, 17, True, True, {})
+    pre = Preprocess(resize=182, crop=160, mean=spec.preprocess["mean"], std=spec.preprocess["std"], color="RGB")
+    arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:48]]
+    calib, val = arrays[:8], np.concatenate(arrays[8:])
+    pseudo = run_logits(src, val).argmax(1)
+    dst = tmp_path / "mixed.onnx"
+    info = quantize_qdq(src, dst, calib, QuantizeStage(qdq_mode="s8s8"), validation=list(zip(val[:, None], pseudo)),
+                        max_drop=0.0, ranking_images=16)
+    search = info["mixed_precision"]
+    assert search["steps"][0]["drop_points"] > 0, "plain int8 met the strict target: the setting tests nothing"
+    assert search["target_met"] and info["float_layers"] and info["float_layers"] == search["float_layers"]
+    # independent of the search's own bookkeeping: the shipped file reproduces every fp32 prediction
+    assert (run_logits(dst, val).argmax(1) == pseudo).all()
+    check = check_qdq(dst)
+    assert check["ok"], check["errors"]
+    assert check["float_layers"] == info["float_layers"] and check["counts"]["float_layers"] == len(info["float_layers"])
+
+
+def test_engine_sidecar_mismatch_is_refused():
+    built = {"version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
+    assert engine_mismatch(built, "10.3.0", {"gpu": "Orin", "compute_capability": "8.7"}) is None
+    assert "TensorRT 10.3.0" in engine_mismatch(built, "10.7.0", {"gpu": "Orin", "compute_capability": "8.7"})
+    assert "Orin" in engine_mismatch(built, "10.3.0", {"gpu": "NVIDIA A100", "compute_capability": "8.0"})
+    assert engine_mismatch(None, "10.3.0", {"gpu": "Orin", "compute_capability": "8.7"})
+
+
+CACHE_RECIPE = """
+name: compile-cache
+model: {name: efficientnet_lite0, input_size: 160}
+data:
+  calibration: {source: generated, count: 32}
+  parity_images: 16
+targets:
+  - {backend: onnxruntime, precision: fp32}
+  - {backend: onnxruntime, precision: int8}
+  - {backend: tensorrt, precision: int8}
+bench: {warmup: 1, iterations: 5}
+"""
+
+
+@pytest.fixture(scope="module")
+def qdq_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qdq-run")
+    (work / "recipe.yaml").write_text(CACHE_RECIPE)
+    first = run_edgepipe("run", work / "recipe.yaml", "--out", work / "out")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return work, first
+
+
+def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
+    work, first = qdq_run
+    out = work / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["model.onnx"]["parity_vs_pytorch"]["ok"]
+    v = manifest["variants"]["onnxruntime-int8"]
+    assert v["compile"]["tensorrt_qdq_check"]["ok"] and "top1_agreement" in v["parity"]
+    assert v["status"] == ("ok" if v["parity"]["ok"] else "failed")  # out of tolerance: marked, not shipped silently
+    trt = manifest["variants"]["tensorrt-int8"]
+    assert trt["status"] == "pending-build" and trt["files"][0]["path"] == "onnxruntime-int8/model.onnx"
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["variants"] if r["name"] == "onnxruntime-int8")
+    assert row["parity"]["n"] == 16 and isinstance(row["flipped"], list)
+    assert "onnxruntime-int8" in (out / "report.md").read_text()
+    records = sorted((out / ".edgepipe" / "steps").glob("*.json"))
+    before = {p.name: p.read_text() for p in records}
+    second = run_edgepipe("run", work / "recipe.yaml", "--out", out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "compile-onnxruntime-int8: up to date (reused)" in second.stdout
+    assert "compile-onnxruntime-int8: running" in first.stdout and "compile-onnxruntime-int8: running" not in second.stdout
+    assert {p.name: p.read_text() for p in records} == before  # no step record rewritten
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_build_engine_without_tensorrt_exits_2_with_one_line(qdq_run):
+    out = qdq_run[0] / "out"
+    proc = run_edgepipe("build-engine", out, "--precision", "int8")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "pip install tensorrt" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = run_edgepipe("build-engine", out, "--batch", "8,1,1")
+    assert bad.returncode == 2 and "MIN,OPT,MAX" in bad.stderr and "Traceback" not in bad.stderr
