@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgepipe.atomic import write_bytes
+
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png")
 
@@ -59,7 +61,10 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
             crop = crop[:, ::-1]
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
         crop = np.clip(crop.astype(np.float32) * rng.uniform(0.7, 1.3) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(out_dir / f"calib_{i:04d}.jpg"), crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not ok:
+            raise RuntimeError("OpenCV could not encode a calibration image")
+        write_bytes(out_dir / f"calib_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
     return out_dir
 
 

@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 
 from edgepipe import UserError, __version__
@@ -95,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "camera":  # camera.py has its own clean-stop handling
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` stops a run like Ctrl-C: steps kept
     try:
         return args.fn(args)
     except UserError as exc:

@@ -7,6 +7,7 @@ an interrupted run resumes from the last completed step.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -311,7 +312,12 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
 
     manifest = _manifest(recipe, spec, pre, variants, versions, out)
     manifest["export"] = exports  # PyTorch -> fp32 ONNX parity, per exported model
-    write_json(out / MANIFEST_NAME, manifest)  # provisional: lets the checks below load through the runtime
+    # Provisional manifest: lets the checks below load each variant through the real runtime. Its variants
+    # are "unverified", so a run killed before the end never leaves a manifest that `--backend auto` serves.
+    provisional = json.loads(json.dumps(manifest))
+    for v in provisional["variants"].values():
+        v["status"] = "unverified" if v["status"] == "ok" else v["status"]
+    write_json(out / MANIFEST_NAME, provisional)
 
     log("[4/5] parity + accuracy + latency per variant")
     from edgepipe.benchmarks.measure import measure_variant, measure_torch

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     code = exit_status(pipeline)
     if stuck:
         # a read is still blocked inside OpenCV; Python would abort when that thread returns during shutdown
-        log("camera.py: a source read is still blocked in OpenCV; exiting without waiting for it")
+        log("camera.py: the source is still blocked inside OpenCV (open or read); exiting without waiting for it")
         sys.stdout.flush()
         os._exit(code)
     return code

@@ -35,7 +35,7 @@ def choose_variant(manifest: dict, variant: str | None = None, backend: str = "a
                                  f"install {native}: pip install 'edgepipe[{native}]'")
     usable = {n: v for n, v in variants.items() if v.get("status", "ok") == "ok"}
     if not usable:
-        raise ManifestError("every variant in the manifest is marked failed; nothing to serve")
+        raise ManifestError("no variant in the manifest is verified (failed, unverified or pending-build); re-run `edgepipe run` or pick one with --variant")
     order = AUTO_ORDER if backend == "auto" else (backend,)
     for name in order:
         if not is_installed(name):

@@ -14,11 +14,14 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from conftest import run_edgepipe
+import yaml
+
+from conftest import REPO, run_edgepipe
 from edgepipe.benchmarks import budgets as B
-from edgepipe.benchmarks.bench import timer
+from edgepipe.benchmarks.bench import plan_rows, timer
 from edgepipe.benchmarks.pareto import pareto_front
 from edgepipe.cli import main as cli_main
+from edgepipe.runtime.manifest import load_manifest
 from edgepipe.runtime.model import Classifier
 
 FAST = ["--iterations", "10", "--warmup", "2"]
@@ -199,3 +202,15 @@ def test_interleaved_round_alternates_order():
     ratio = B.interleaved(a, b, iterations=3)
     assert [ratio(0), ratio(1)] == [0.5, 0.5] and calls == ["a", "b", "b", "a"]
 
+
+
+def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
+    path = REPO / "examples" / "budgets.yaml"
+    bf = B.load_budgets(path)
+    rows, _ = plan_rows(load_manifest(tiny_artifacts))  # same variant names as the default recipe
+    B.validate(bf, rows, data="calibration", labeled=False, where=str(path))
+    assert bf.budgets and all(B.checks_of(b) for b in bf.budgets)
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "github-actions.yml").read_text())
+    commands = " ".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
+    assert "edgepipe run" in commands and "edgepipe bench" in commands
+    assert "--budgets" in commands and "--junit" in commands

@@ -50,7 +50,7 @@ def silent_server():
                 pass
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield sock.getsockname()[1]
+    yield sock.getsockname()[1], held
     done.set()
     thread.join()
     for conn in held:
@@ -64,7 +64,7 @@ def attempt_lines(stderr: str) -> list[str]:
 
 def test_case13_unreachable_source_gives_up_within_open_timeout_with_backoff(tiny_artifacts, silent_server, tmp_path):
     open_timeout, retries = 1.0, 2
-    url = f"http://127.0.0.1:{silent_server}/stream"
+    url = f"http://127.0.0.1:{silent_server[0]}/stream"
     proc = run_camera(tiny_artifacts, url, "--open-timeout", open_timeout, "--max-reconnects", retries, "--backoff", 0.2,
                       "--jsonl", tmp_path / "f.jsonl")
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -252,6 +252,27 @@ def test_case19_signal_stops_cleanly_with_valid_outputs(tiny_artifacts, tmp_path
     assert jsonl.read_text().endswith("\n")
     assert count_frames(out) == summary["frames"]                        # playable, complete mp4
     assert json.loads(stats.read_text())["frames"] == summary["frames"]
+
+
+def test_case19_signal_while_open_hangs_stops_without_waiting_for_opencv(tiny_artifacts, silent_server):
+    """SIGTERM while OpenCV is blocked opening a camera that never answers: the main thread is not stuck in
+    OpenCV, so camera.py stops long before the open timeout, with its summary and exit 0."""
+    port, held = silent_server
+    open_timeout = 60
+    cam = start_camera(tiny_artifacts, f"http://127.0.0.1:{port}/stream", "--open-timeout", open_timeout)
+    try:
+        deadline = time.monotonic() + 120
+        while not held and cam.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)                                  # until OpenCV has connected and waits for an answer
+        assert held, "camera.py never connected"
+        proc = finish(cam, signal.SIGTERM)
+    finally:
+        stop_process(cam)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_clean_stderr(proc)
+    summary = summary_of(proc)
+    assert summary["stopped_by"] == "signal" and summary["frames"] == 0
+    assert summary["run_s"] < open_timeout / 4
 
 
 @pytest.mark.parametrize("template", ["x; touch {marker}", "rtsp://127.0.0.1:9/x;touch${{IFS}}{marker}",
