@@ -13,7 +13,6 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-
 import yaml
 
 from conftest import REPO, run_edgepipe
