@@ -197,6 +197,41 @@ def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) ->
     return out
 
 
+def measure_references(model_dir: Path, manifest: dict, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
+    """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, Sgemm)."""
+    torch_lat, torch_timer, torch_note = torch_reference(model_dir, manifest, x1, warmup, iterations)
+    sgemm = Sgemm()
+    gflops = sgemm.gflops()
+    macs = next((r["macs"] for r in rows if r["macs"] and not r["name"].startswith("pruned-")), None)
+    reference = {"torch_eager_ms": torch_lat["p50"] if torch_lat else None, "torch_eager_latency_ms": torch_lat,
+                 "torch_note": torch_note, "roofline_ms": round(floor_ms(macs, gflops), 4) if macs else None,
+                 "sgemm_gflops": round(gflops, 2), "flops": 2 * macs if macs else None,
+                 "sgemm": {"n": sgemm.n, "threads": sgemm.threads, "library": "numpy (OpenBLAS)"}}
+    log(f"  torch eager: {'p50 %.2f ms' % torch_lat['p50'] if torch_lat else torch_note}; sgemm {gflops:.1f} GFLOP/s "
+        f"-> floor {reference['roofline_ms'] or float('nan'):.2f} ms for {2 * (macs or 0) / 1e9:.2f} GFLOP")
+    return reference, torch_timer, sgemm
+
+
+def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, sgemm: Sgemm, bf, iterations: int) -> dict | None:
+    """The fastest fp32 engine against PyTorch eager and the roofline floor, in interleaved rounds."""
+    fp32 = [r for r in rows if r["precision"] == "fp32" and not r["name"].startswith("pruned-")]
+    if not fp32:
+        return None
+    top = min(fp32, key=lambda r: r["p90_ms"])
+    rounds, per_round = (bf.rounds, bf.round_iterations) if bf else (6, max(5, min(30, iterations // 4)))
+    conf = bf.confidence if bf else 0.9
+    out = {"variant": top["id"]}
+    log(f"[bench] interleaved ratios of the best fp32 engine ({top['id']}), {rounds} rounds")
+    if torch_timer:
+        out["vs_torch_eager"] = interleaved_ratios(timers[top["id"]], torch_timer, rounds, per_round, conf)
+    if top["macs"]:
+        out["vs_roofline"] = interleaved_ratios(timers[top["id"]], roofline_timer(sgemm, top["macs"]), rounds, per_round, conf)
+    for key, val in out.items():
+        if key != "variant":
+            log(f"  {top['id']} {key}: p50 ratio {val['p50']['median']:.3f}, p90 ratio {val['p90']['median']:.3f}")
+    return out
+
+
 # ---------------------------------------------------------------- choice, video
 
 def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) -> dict:
@@ -270,20 +305,11 @@ def main(args) -> int:
     add_accuracy_deltas(rows)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
-    torch_lat, torch_timer, torch_note = torch_reference(model_dir, manifest, x1, args.warmup, args.iterations)
-    sgemm = Sgemm()
-    gflops = sgemm.gflops()
-    macs = next((r["macs"] for r in rows if r["macs"] and not r["name"].startswith("pruned-")), None)
-    reference = {"torch_eager_ms": torch_lat["p50"] if torch_lat else None, "torch_eager_latency_ms": torch_lat,
-                 "torch_note": torch_note, "roofline_ms": round(floor_ms(macs, gflops), 4) if macs else None,
-                 "sgemm_gflops": round(gflops, 2), "sgemm": {"n": sgemm.n, "threads": sgemm.threads, "library": "numpy (OpenBLAS)"},
-                 "flops": 2 * macs if macs else None}
-    log(f"  torch eager: {'p50 %.2f ms' % torch_lat['p50'] if torch_lat else torch_note}; sgemm {gflops:.1f} GFLOP/s "
-        f"-> floor {reference['roofline_ms'] or float('nan'):.2f} ms for {2 * (macs or 0) / 1e9:.2f} GFLOP")
+    reference, torch_timer, sgemm = measure_references(model_dir, manifest, rows, x1, args.warmup, args.iterations)
 
     def timer_for(of: str, row: dict):
         if of == "torch_eager":
-            return (torch_timer, None) if torch_timer else (None, torch_note)
+            return (torch_timer, None) if torch_timer else (None, reference["torch_note"])
         if of == "roofline":
             return (roofline_timer(sgemm, row["macs"]), None) if row["macs"] else (None, "no MACs in the manifest")
         return timers[of], None
@@ -294,21 +320,7 @@ def main(args) -> int:
         checks = B.evaluate(bf, rows, timer_for, log)
     best = best_per_target(rows, checks, bf is not None)
 
-    fp32 = [r for r in rows if r["precision"] == "fp32" and not r["name"].startswith("pruned-")]
-    if fp32:
-        top = min(fp32, key=lambda r: r["p90_ms"])
-        rounds, per_round = (bf.rounds, bf.round_iterations) if bf else (6, max(5, min(30, args.iterations // 4)))
-        conf = bf.confidence if bf else 0.9
-        reference["best_fp32"] = {"variant": top["id"]}
-        log(f"[bench] interleaved ratios of the best fp32 engine ({top['id']}), {rounds} rounds")
-        if torch_timer:
-            reference["best_fp32"]["vs_torch_eager"] = interleaved_ratios(timers[top["id"]], torch_timer, rounds, per_round, conf)
-        if top["macs"]:
-            reference["best_fp32"]["vs_roofline"] = interleaved_ratios(timers[top["id"]], roofline_timer(sgemm, top["macs"]),
-                                                                      rounds, per_round, conf)
-        for key, val in reference["best_fp32"].items():
-            if key != "variant":
-                log(f"  {top['id']} {key}: p50 ratio {val['p50']['median']:.3f}, p90 ratio {val['p90']['median']:.3f}")
+    reference["best_fp32"] = best_fp32_ratios(rows, timers, torch_timer, sgemm, bf, args.iterations)
 
     video = None
     if args.video:

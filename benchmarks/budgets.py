@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib.util
 import math
 import statistics
 from pathlib import Path
@@ -114,6 +115,9 @@ def validate(bf: BudgetFile, rows: list[dict], data: str | None, labeled: bool, 
                               f"ImageFolder){'' if data is None else f'; {data} has no labels'}")
         if b.agreement_min is not None and data is None:
             raise BudgetError(f"{where}: budgets[{i}].agreement_min needs --data (images, labels not needed)")
+        if b.p90_ratio_max is not None and b.p90_ratio_max.of == "torch_eager" and importlib.util.find_spec("torch") is None:
+            raise BudgetError(f"{where}: budgets[{i}].p90_ratio_max is relative to torch_eager but PyTorch is not installed "
+                              "here; install edgepipe[train] or compare with roofline or another variant")
         if b.p90_ratio_max is not None and not resolve_of(b.p90_ratio_max.of, rows):
             choices = list(REFERENCES) + sorted({r["name"] for r in rows} | {r["id"] for r in rows})
             close = difflib.get_close_matches(b.p90_ratio_max.of, choices, n=1, cutoff=0.5)

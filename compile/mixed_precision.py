@@ -33,8 +33,8 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
                         ranking_images: int = 64, log: Callable[[str], None] = print) -> Search:
     """Greedy search; ``max_drop`` is in top-1 points against ``reference`` on ``labels``.
 
-    Sensitivity is ranked on the first ``ranking_images`` validation images (logit MSE, smoother than
-    top-1 on few images); the acceptance test uses top-1 on all of them. At most ``max_float_fraction`` of
+    Sensitivity is ranked by logit MSE (smoother than top-1 on few images) on the images plain int8 flips
+    plus the first others, ``ranking_images`` in all; the acceptance test uses top-1 on all of them. At most ``max_float_fraction`` of
     the layers are kept in float; if the target is still missed the report says so (``target_met`` False).
     """
     t0 = time.perf_counter()
@@ -48,11 +48,13 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
         report.update(target_met=True, final_top1=steps[0]["top1"], final_drop_points=steps[0]["drop_points"], seconds=round(time.perf_counter() - t0, 1))
         return Search([], report)
 
-    n = min(ranking_images, len(labels))
-    base_err = logit_error(reference[:n], full[:n])
+    # rank on the images int8 flips (where sensitivity shows) plus the first others, up to ranking_images
+    flipped = np.flatnonzero(full.argmax(1) != reference.argmax(1))
+    rows = np.concatenate([flipped, np.setdiff1d(np.arange(len(labels)), flipped)])[:max(ranking_images, len(flipped))]
+    base_err = logit_error(reference[rows], full[rows])
     gains = []
     for i, layer in enumerate(layers):
-        err = logit_error(reference[:n], evaluate([layer])[:n])
+        err = logit_error(reference[rows], evaluate([layer])[rows])
         gains.append((base_err - err, layer))
         if (i + 1) % 10 == 0:
             log(f"    sensitivity: {i + 1}/{len(layers)} layers")
