@@ -44,7 +44,7 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
     steps = [{"float_layers": 0, "top1": top1(full, labels), "drop_points": round((ref_top1 - top1(full, labels)) * 100, 3)}]
     report = {"fp32_top1": ref_top1, "int8_top1": steps[0]["top1"], "max_drop_points": max_drop,
               "validation_images": int(len(labels)), "steps": steps}
-    if steps[0]["drop_points"] <= max_drop:
+    if (ref_top1 - steps[0]["top1"]) * 100 <= max_drop + 1e-9:
         report.update(target_met=True, final_top1=steps[0]["top1"], final_drop_points=steps[0]["drop_points"], seconds=round(time.perf_counter() - t0, 1))
         return Search([], report)
 
@@ -66,10 +66,10 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
     for layer in ranked[:max(1, int(len(layers) * max_float_fraction))]:
         chosen.append(layer)
         acc = top1(evaluate(chosen), labels)
-        drop = round((ref_top1 - acc) * 100, 3)
-        steps.append({"float_layers": len(chosen), "added": layer, "top1": acc, "drop_points": drop})
+        drop = (ref_top1 - acc) * 100
+        steps.append({"float_layers": len(chosen), "added": layer, "top1": acc, "drop_points": round(drop, 3)})
         log(f"    {len(chosen)} layer(s) in float: top-1 {acc:.4f} (drop {drop:.2f} pts)")
-        if drop <= max_drop:
+        if drop <= max_drop + 1e-9:
             met = True
             break
     best = steps[-1] if met else min(steps, key=lambda s: s["drop_points"])  # not met: keep the best step

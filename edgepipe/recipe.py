@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -295,7 +296,11 @@ def recipe_from_dict(data: dict, profile: str | None = None, overrides: list[str
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
     """Relative paths are relative to the recipe's folder; every given file must exist now."""
     def resolve(value: str | None, what: str, special=()) -> str | None:
-        if value is None or value in special or value.startswith("fashion-mnist:") or value == "fashion-mnist":
+        if value is None or value in special or value == "fashion-mnist":
+            return value
+        if value.startswith("fashion-mnist:"):
+            if not re.fullmatch(r"fashion-mnist:(train|test)(:[1-9][0-9]*)?", value):
+                raise RecipeError(f"{what}: {value!r}: write fashion-mnist:test or fashion-mnist:train, optionally :COUNT")
             return value
         p = Path(value).expanduser()
         if not p.is_absolute():

@@ -126,24 +126,30 @@ def test_qdq_check_rejects_uint8_activations(small_onnx, photos, tmp_path):
 
 
 def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_path):
-    """EfficientNet-Lite0 (real weights, 160 px), calibrated on only 8 real images; target: the top-1 of the
-    fp32 ONNX on 40 other real images must be reproduced exactly (labels = the fp32 predictions, max_drop 0)."""
+    """EfficientNet-Lite0 (real weights, 160 px) calibrated on only 8 real images; labels = the fp32 ONNX's
+    own predictions on 56 other real images. Plain int8 flips some of them; the target (max_drop) allows at
+    most half as many flips, so plain int8 misses it by construction and mixed precision must close the gap."""
     from edgepipe.train.models import build_model
     spec = build_model("efficientnet_lite0", pretrained=True, num_classes=None, checkpoint=None)
     src = tmp_path / "lite0.onnx"
     export_onnx(spec.model.eval(), src, 160, 17, True, True, {})
     pre = Preprocess(resize=182, crop=160, mean=spec.preprocess["mean"], std=spec.preprocess["std"], color="RGB")
-    arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:48]]
+    arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:64]]
     calib, val = arrays[:8], np.concatenate(arrays[8:])
     pseudo = run_logits(src, val).argmax(1)
+    plain = tmp_path / "plain.onnx"
+    quantize_qdq(src, plain, calib, QuantizeStage(qdq_mode="s8s8"))
+    flips = int((run_logits(plain, val).argmax(1) != pseudo).sum())
+    assert flips >= 2, f"plain int8 flips only {flips} of {len(val)}: the setting tests nothing"
+    allowed = flips // 2
     dst = tmp_path / "mixed.onnx"
     info = quantize_qdq(src, dst, calib, QuantizeStage(qdq_mode="s8s8"), validation=list(zip(val[:, None], pseudo)),
-                        max_drop=0.0, ranking_images=16)
+                        max_drop=100.0 * allowed / len(val) + 1e-6, ranking_images=16)
     search = info["mixed_precision"]
-    assert search["steps"][0]["drop_points"] > 0, "plain int8 met the strict target: the setting tests nothing"
+    assert search["steps"][0]["drop_points"] > search["max_drop_points"]  # plain misses the target
     assert search["target_met"] and info["float_layers"] and info["float_layers"] == search["float_layers"]
-    # independent of the search's own bookkeeping: the shipped file reproduces every fp32 prediction
-    assert (run_logits(dst, val).argmax(1) == pseudo).all()
+    # independent of the search's own bookkeeping: the shipped file flips at most `allowed` predictions
+    assert int((run_logits(dst, val).argmax(1) != pseudo).sum()) <= allowed
     check = check_qdq(dst)
     assert check["ok"], check["errors"]
     assert check["float_layers"] == info["float_layers"] and check["counts"]["float_layers"] == len(info["float_layers"])

@@ -307,3 +307,5 @@ def test_resume_flag_sets_the_recipe(tmp_path):
     from edgepipe.recipe import load_recipe
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "fashion-mnist.yaml", "quick", ["stages.train.resume=true"])
     assert recipe.stages.train.resume and recipe.data.evaluation == "fashion-mnist:test:2000"
+    with pytest.raises(UserError, match="fashion-mnist:test or fashion-mnist:train"):
+        load_recipe(Path(__file__).parent.parent / "recipes" / "fashion-mnist.yaml", "quick", ["data.evaluation=fashion-mnist:val"])
