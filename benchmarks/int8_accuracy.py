@@ -1,11 +1,14 @@
 """int8 accuracy of EfficientNet-Lite0 through the real pipeline: OpenVINO int8 (NNCF) and ONNX Runtime QDQ int8
-against fp32, on the ImageNet sample split in two halves (even rows of labels.csv calibrate -- and, with
---max-drop, drive accuracy control / mixed precision --, odd rows evaluate, held out).
+against fp32, on the ImageNet sample with two-fold cross-validation: fold "even" calibrates on the even rows of
+labels.csv (and, with --max-drop, tunes accuracy control / mixed precision on them) and evaluates on the odd
+rows; fold "odd" swaps the halves. Every image is held out exactly once, so the pooled drop is measured on all
+of them (500 on the bundled sample) instead of on one noisy half.
 
-    .venv/bin/python -m edgepipe.benchmarks.int8_accuracy [--sample DIR] [--out DIR] [--max-drop 0.5|none]
+    .venv/bin/python -m edgepipe.benchmarks.int8_accuracy [--sample DIR] [--out DIR] [--max-drop none|0.5] [--folds even odd]
 
-Prints one table row per variant (top-1 on the held-out half, drop against fp32 in points, layers kept in
-float, the TensorRT QDQ structure check) and the command it ran.
+Prints per fold and pooled: top-1 per variant, drop against onnxruntime-fp32 in points, layers kept in float,
+p50 latency (batch 1, measured in the same run), the TensorRT QDQ structure check and the per-backend default
+the pipeline chose, plus the commands it ran.
 """
 from __future__ import annotations
 
@@ -21,29 +24,84 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 TARGETS = ("[{backend: onnxruntime, precision: fp32}, {backend: openvino, precision: fp32}, "
            "{backend: openvino, precision: int8}, {backend: onnxruntime, precision: int8}]")
+REFERENCE = "onnxruntime-fp32"
+FOLDS = {"even": (0, 1), "odd": (1, 0)}  # fold -> (calibration row parity, evaluation row parity)
 
 
-def split(sample: Path, work: Path) -> tuple[Path, Path]:
-    """Even rows -> calib.csv, odd rows -> eval.csv (absolute paths)."""
+def split(sample: Path, work: Path, fold: str) -> tuple[Path, Path]:
+    """Write calib.csv and eval.csv (absolute paths) for one fold; returns their paths."""
     with open(sample / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     paths = []
-    for name, part in (("calib", rows[0::2]), ("eval", rows[1::2])):
-        path = work / f"{name}.csv"
+    for name, parity in zip(("calib", "eval"), FOLDS[fold]):
+        path = work / f"{fold}-{name}.csv"
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["file", "class_index"])
-            w.writerows([(str((sample / r["file"]).resolve()), r["class_index"]) for r in part])
+            w.writerows([(str((sample / r["file"]).resolve()), r["class_index"]) for r in rows[parity::2]])
         paths.append(path)
     return paths[0], paths[1]
+
+
+def run_fold(fold: str, sample: Path, work: Path, out: Path, args) -> dict:
+    """One `edgepipe run` with this fold's halves; returns its report.json."""
+    calib, evaluation = split(sample, work, fold)
+    cmd = [sys.executable, "-m", "edgepipe", "run", str(REPO / "recipes" / "default.yaml"), "--out", str(out),
+           "--set", f"data.calibration.source={calib}", "--set", f"data.evaluation={evaluation}",
+           "--set", f"targets={TARGETS}", "--set", f"stages.quantize.qdq_mode={args.qdq_mode}",
+           "--set", f"bench.iterations={args.iterations}"]
+    if args.max_drop != "none":
+        cmd += ["--set", f"stages.quantize.max_drop={float(args.max_drop)}"]
+    print(f"fold {fold}: calibrate on the {'even' if FOLDS[fold][0] == 0 else 'odd'} rows, evaluate on the others",
+          "\nrunning:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def qdq_check(compile_info: dict) -> str:
+    check = compile_info.get("tensorrt_qdq_check")
+    if check is None:
+        return "-"
+    return "ok" if check["ok"] else "FAIL: " + "; ".join(check["errors"][:2])
+
+
+def print_fold(fold: str, report: dict) -> None:
+    rows = {r["name"]: r for r in report["variants"]}
+    ref = rows[REFERENCE]["top1"]
+    print(f"\nfold {fold}: {rows[REFERENCE]['n']} held-out images; PyTorch top-1 {report['reference']['torch_top1']:.4f}; "
+          f"defaults chosen: {report['defaults']}")
+    print("| variant | top-1 | drop vs fp32 (pts) | agreement w/ torch | layers in float | p50 ms | method | TensorRT QDQ check |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        c = r.get("compile") or {}
+        print(f"| {name} | {r['top1']:.4f} | {(ref - r['top1']) * 100:.2f} | {r['agreement_with_torch']:.3f} "
+              f"| {len(c.get('float_layers', []))} | {(r.get('latency_ms') or {}).get('p50', float('nan')):.2f} "
+              f"| {c.get('method', '-')} {c.get('mode', '')} | {qdq_check(c)} |")
+
+
+def print_pooled(reports: dict) -> None:
+    """Top-1 over every held-out prediction of all folds (image-weighted), and its drop against fp32."""
+    pooled = {}
+    for report in reports.values():
+        for r in report["variants"]:
+            hits, n = pooled.get(r["name"], (0.0, 0))
+            pooled[r["name"]] = (hits + r["top1"] * r["n"], n + r["n"])
+    ref = pooled[REFERENCE][0] / pooled[REFERENCE][1]
+    print(f"\npooled over folds {', '.join(reports)} (each image held out once):")
+    print("| variant | held-out images | top-1 | drop vs fp32 (pts) |")
+    print("|---|---|---|---|")
+    for name, (hits, n) in pooled.items():
+        print(f"| {name} | {n} | {hits / n:.4f} | {(ref - hits / n) * 100:.2f} |")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sample", default=str(SAMPLE), help="folder with labels.csv (file,class_index,...) and the images")
-    p.add_argument("--out", help="artifact folder (default: a temporary folder)")
-    p.add_argument("--max-drop", default="0.5", help="stages.quantize.max_drop in top-1 points, or none (plain PTQ)")
+    p.add_argument("--out", help="artifact folder, one sub-folder per fold (default: a temporary folder)")
+    p.add_argument("--max-drop", default="none", help="stages.quantize.max_drop in top-1 points (accuracy control), or none (plain PTQ)")
     p.add_argument("--qdq-mode", default="auto", choices=["auto", "s8s8", "u8s8_reduce_range"])
+    p.add_argument("--folds", nargs="+", default=list(FOLDS), choices=list(FOLDS))
+    p.add_argument("--iterations", type=int, default=50, help="bench.iterations per variant")
     args = p.parse_args(argv)
     sample = Path(args.sample)
     if not (sample / "labels.csv").is_file():
@@ -51,30 +109,13 @@ def main(argv=None) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="edgepipe-int8-"))
     out = Path(args.out) if args.out else work / "artifacts"
-    calib, evaluation = split(sample, work)
-    cmd = [sys.executable, "-m", "edgepipe", "run", str(REPO / "recipes" / "default.yaml"), "--out", str(out),
-           "--set", f"data.calibration.source={calib}", "--set", f"data.evaluation={evaluation}",
-           "--set", f"targets={TARGETS}", "--set", f"stages.quantize.qdq_mode={args.qdq_mode}",
-           "--set", "bench.iterations=30"]
-    if args.max_drop != "none":
-        cmd += ["--set", f"stages.quantize.max_drop={float(args.max_drop)}"]
-    print("running:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        return proc.returncode
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["name"]: r for r in report["variants"]}
-    fp32 = rows["onnxruntime-fp32"]["top1"]
-    print(f"\nheld-out: {rows['onnxruntime-fp32']['n']} images (odd rows of labels.csv); "
-          f"PyTorch top-1 {report['reference']['torch_top1']:.4f}; max_drop {args.max_drop}")
-    print("| variant | top-1 | drop vs fp32 (pts) | agreement w/ torch | layers in float | method | TensorRT QDQ check |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        c = r.get("compile") or {}
-        check = c.get("tensorrt_qdq_check")
-        print(f"| {name} | {r['top1']:.4f} | {(fp32 - r['top1']) * 100:.2f} | {r['agreement_with_torch']:.3f} "
-              f"| {len(c.get('float_layers', []))} | {c.get('method', '-')} {c.get('mode', '')} "
-              f"| {'-' if check is None else ('ok' if check['ok'] else 'FAIL: ' + '; '.join(check['errors'][:2]))} |")
+    try:
+        reports = {fold: run_fold(fold, sample, work, out / f"fold-{fold}", args) for fold in args.folds}
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode
+    for fold, report in reports.items():
+        print_fold(fold, report)
+    print_pooled(reports)
     print(f"\nartifacts: {out}")
     return 0
 

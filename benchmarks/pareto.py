@@ -53,61 +53,74 @@ def _budget_lines(report: dict, budget_file, ykey: str) -> tuple[list, list]:
     return hlines, vlines
 
 
+def _set_limits(ax, xs: list[float], ys: list[float]) -> None:
+    """Fix the axes first, so labels can be placed in pixels: log x when the range is wide."""
+    if xs and max(xs) / max(min(xs), 1e-9) > 4:
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)
+    elif xs:
+        pad = (max(xs) - min(xs)) * 0.1 or max(xs) * 0.1
+        ax.set_xlim(max(0.0, min(xs) - pad), max(xs) + 2 * pad)
+    if ys:
+        span = max(ys) - min(ys) or abs(max(ys)) * 0.05 or 1.0
+        ax.set_ylim(min(ys) - 0.25 * span, max(ys) + 0.25 * span)
+
+
 def plot_pareto(report: dict, budget_file, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ykey, ylabel = _y_metric(report)
-    pts = [(r["p90_ms"], r.get(ykey), r) for r in report["variants"] if r.get(ykey) is not None]
+    pts = sorted(((r["p90_ms"], r.get(ykey), r) for r in report["variants"] if r.get(ykey) is not None),
+                 key=lambda p: (p[0], -p[1]))
+    ref = report["reference"]
+    torch_p90 = (ref.get("torch_eager_latency_ms") or {}).get("p90")
+    refs = [(x, label, style) for x, label, style in ((torch_p90, "PyTorch eager p90", ":"),
+                                                     (ref.get("roofline_ms"), "roofline floor", "-.")) if x]
+    hlines, vlines = _budget_lines(report, budget_file, ykey)
     fig, ax = plt.subplots(figsize=(10.5, 6), dpi=110)
-    placed: list[tuple[float, float]] = []
-    yspan = (max(p[1] for p in pts) - min(p[1] for p in pts)) if pts else 0.0
-    for lat, y, r in sorted(pts, key=lambda p: (p[0], -p[1])):
+    _set_limits(ax, [p[0] for p in pts] + [x for x, _, _ in refs] + [x for x, _ in vlines],
+                [p[1] for p in pts] + [y for y, _ in hlines])
+    placed: list = []
+    for lat, y, r in pts:
         ax.scatter(lat, y, s=90, color=BACKEND_COLORS.get(r["backend"], "gray"),
                    marker=PRECISION_MARKERS.get(r["precision"], "D"), zorder=3, edgecolor="black", linewidth=0.5)
-        # labels of points that (nearly) coincide are stacked downwards instead of printed over each other
-        near = sum(1 for px, py in placed if abs(py - y) <= 0.03 * (yspan or 1.0) and 0.8 < lat / px < 1.25)
-        placed.append((lat, y))
-        ax.annotate(r["id"] + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})"), (lat, y), textcoords="offset points", xytext=(9, 4 - 11 * near), fontsize=8,
-                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5})
+        # a label that would overlap an earlier one (in pixels) is moved down a line
+        px, py = ax.transData.transform((lat, y))
+        near = sum(1 for qx, qy in placed if abs(qy - py) < 14 and abs(qx - px) < 150)
+        placed.append((px, py))
+        label = r["id"] + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})")
+        ax.annotate(label, (lat, y), textcoords="offset points", xytext=(9, 4 - 11 * near), fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5}, zorder=5)
     front = pareto_front([(lat, y, r["id"]) for lat, y, r in pts])
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="crimson", lw=1.5, alpha=0.7,
                 label="Pareto front", zorder=2)
         ax.scatter([p[0] for p in front], [p[1] for p in front], s=260, facecolors="none", edgecolors="crimson", lw=1.5, zorder=4)
-    ref = report["reference"]
-    torch_p90 = (ref.get("torch_eager_latency_ms") or {}).get("p90")
-    for x, label, style in ((torch_p90, "PyTorch eager p90", ":"), (ref.get("roofline_ms"), "roofline floor", "-.")):
-        if x:
-            ax.axvline(x, color="dimgray", ls=style, lw=1.2)
-            ax.text(x, 0.02, f"{label} \n{x:.2f} ms ", transform=ax.get_xaxis_transform(), fontsize=8, color="dimgray", ha="right")
-    hlines, vlines = _budget_lines(report, budget_file, ykey)
+    for x, label, style in refs:
+        ax.axvline(x, color="dimgray", ls=style, lw=1.2)
+        left_half = ax.transAxes.inverted().transform(ax.transData.transform((x, 0)))[0] < 0.5
+        ax.text(x, 0.02, f" {label}\n {x:.2f} ms" if left_half else f"{label} \n{x:.2f} ms ", fontsize=8, color="dimgray",
+                transform=ax.get_xaxis_transform(), ha="left" if left_half else "right")
     for y, label in hlines:
         ax.axhline(y, color="green", ls="--", lw=1)
         ax.text(0.99, y, f"budget: {label}", transform=ax.get_yaxis_transform(), fontsize=8, color="green", va="bottom", ha="right")
     for x, label in vlines:
         ax.axvline(x, color="green", ls="--", lw=1)
         ax.text(x, 0.98, f" budget: {label}", transform=ax.get_xaxis_transform(), fontsize=8, color="green", va="top", rotation=90)
-    xs = [p[0] for p in pts] + [v for v in (torch_p90, ref.get("roofline_ms")) if v] + [x for x, _ in vlines]
-    if xs and max(xs) / max(min(xs), 1e-9) > 4:
-        ax.set_xscale("log")
     for backend, color in BACKEND_COLORS.items():
         if any(r["backend"] == backend for _, _, r in pts):
             ax.scatter([], [], color=color, marker="s", label=backend)
     for prec, marker in PRECISION_MARKERS.items():
         if any(r["precision"] == prec for _, _, r in pts):
             ax.scatter([], [], color="white", edgecolor="black", marker=marker, label=prec)
+    ax.scatter([], [], s=160, facecolors="none", edgecolors="crimson", label="on the front")
     ax.set_xlabel("p90 latency at batch 1, ms (lower is better)")
     ax.set_ylabel(ylabel + " (higher is better)")
     ax.set_title(f"{report['model']}: accuracy against latency on {report['machine']['cpu']}", fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
-    ax.scatter([], [], s=160, facecolors="none", edgecolors="crimson", label="on the front")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
-    ys = [p[1] for p in pts] + [y for y, _ in hlines]
-    if ys:
-        span = max(ys) - min(ys) or abs(max(ys)) * 0.05 or 1.0
-        ax.set_ylim(min(ys) - 0.25 * span, max(ys) + 0.25 * span)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
