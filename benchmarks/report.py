@@ -71,6 +71,28 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
+    """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
+    lines = ["## Export and compile checks", ""]
+    for onnx_name, exp in (manifest.get("export") or {}).items():
+        p = exp.get("parity_vs_pytorch") or {}
+        lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.get('ok') else 'FAILED'}, max abs {_fmt(p.get('max_abs'), '.2e')}, "
+                     f"mean abs {_fmt(p.get('mean_abs'), '.2e')}, top-1 agreement {_fmt(p.get('top1_agreement'), '.3f')} on {p.get('n', 0)} images")
+    for r in rows:
+        info = r.get("compile") or {}
+        notes = []
+        if info.get("float_layers"):
+            notes.append(f"kept in float: {', '.join(info['float_layers'])}")
+        check = info.get("tensorrt_qdq_check")
+        if isinstance(check, dict):
+            notes.append("TensorRT QDQ structure check: " + ("passed" if check.get("ok") else f"FAILED ({'; '.join(check.get('errors', [])[:3])})"))
+        if info.get("calibration_images"):
+            notes.append(f"{info['calibration_images']} calibration images")
+        if notes:
+            lines.append(f"- {r['name']}: " + "; ".join(notes))
+    return lines + [""] if len(lines) > 2 else []
+
+
 def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
     rows = report_rows(manifest)
     ref_acc = (torch_ref.get("accuracy") or {})
@@ -98,6 +120,7 @@ def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
                      f"| {_fmt(r['size_mb'])} | {_fmt(p.get('max_abs'), '.2e')} | {len(r['flipped'])}/{p.get('n', 0)} |")
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
+    lines += _compile_notes(manifest, rows)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]
     if flips:
         lines += ["## Flipped predictions (parity images, against PyTorch fp32)", ""]
