@@ -84,14 +84,14 @@ def print_pooled(reports: dict) -> None:
     pooled = {}
     for report in reports.values():
         for r in report["variants"]:
-            hits, n = pooled.get(r["name"], (0.0, 0))
-            pooled[r["name"]] = (hits + r["top1"] * r["n"], n + r["n"])
-    ref = pooled[REFERENCE][0] / pooled[REFERENCE][1]
+            hits, agree, n = pooled.get(r["name"], (0.0, 0.0, 0))
+            pooled[r["name"]] = (hits + r["top1"] * r["n"], agree + r["agreement_with_torch"] * r["n"], n + r["n"])
+    ref = pooled[REFERENCE][0] / pooled[REFERENCE][2]
     print(f"\npooled over folds {', '.join(reports)} (each image held out once):")
-    print("| variant | held-out images | top-1 | drop vs fp32 (pts) |")
-    print("|---|---|---|---|")
-    for name, (hits, n) in pooled.items():
-        print(f"| {name} | {n} | {hits / n:.4f} | {(ref - hits / n) * 100:.2f} |")
+    print("| variant | held-out images | top-1 | drop vs fp32 (pts) | agreement w/ torch |")
+    print("|---|---|---|---|---|")
+    for name, (hits, agree, n) in pooled.items():
+        print(f"| {name} | {n} | {hits / n:.4f} | {(ref - hits / n) * 100:.2f} | {agree / n:.3f} |")
 
 
 def main(argv=None) -> int:

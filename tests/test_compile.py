@@ -89,6 +89,27 @@ def test_qdq_is_tensorrt_explicit_quantization_form(small_onnx, small_qdq, photo
     assert np.abs(ref - got).max() < 0.1 * np.ptp(ref)
 
 
+@pytest.mark.parametrize("method", ["Percentile", "Entropy"])
+def test_qdq_histogram_calibration_keeps_tensorrt_form(small_onnx, small_qdq, photos, tmp_path, method):
+    """Histogram calibrations never widen MinMax's activation ranges (Percentile clips the tails) and keep
+    TensorRT's form: symmetric, zero point 0."""
+    dst = tmp_path / "int8.onnx"
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="s8s8"), calibrate_method=method)
+    assert info["calibrate_method"].startswith(method)
+    assert info["tensorrt_qdq_check"]["ok"], info["tensorrt_qdq_check"]["errors"]
+
+    def act_scales(path):
+        model = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1}
+    minmax, clipped = act_scales(small_qdq[0]), act_scales(dst)
+    assert minmax.keys() == clipped.keys()
+    assert all(clipped[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    if method == "Percentile":  # 99.999th percentile of >1e5 values per tensor: the largest ones are clipped
+        assert any(clipped[k] < minmax[k] * 0.999 for k in minmax)
+
+
 def _broken(src, tmp_path, edit) -> str:
     model = onnx.load(str(src))
     edit(model)
