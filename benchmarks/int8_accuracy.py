@@ -52,8 +52,8 @@ def run_fold(fold: str, sample: Path, work: Path, out: Path, args) -> dict:
            "--set", f"bench.iterations={args.iterations}"]
     if args.max_drop != "none":
         cmd += ["--set", f"stages.quantize.max_drop={float(args.max_drop)}"]
-    print(f"fold {fold}: calibrate on the {'even' if FOLDS[fold][0] == 0 else 'odd'} rows, evaluate on the others",
-          "\nrunning:", " ".join(cmd), flush=True)
+    print(f"fold {fold}: calibrate on the {fold} rows of labels.csv, evaluate on the others", flush=True)
+    print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return json.loads((out / "report.json").read_text())
 
@@ -68,7 +68,8 @@ def qdq_check(compile_info: dict) -> str:
 def print_fold(fold: str, report: dict) -> None:
     rows = {r["name"]: r for r in report["variants"]}
     ref = rows[REFERENCE]["top1"]
-    print(f"\nfold {fold}: {rows[REFERENCE]['n']} held-out images; PyTorch top-1 {report['reference']['torch_top1']:.4f}; "
+    print(f"\nfold {fold} (calibrated on the {fold} rows): {rows[REFERENCE]['n']} held-out images; "
+          f"PyTorch top-1 {report['reference']['torch_top1']:.4f}; "
           f"defaults chosen: {report['defaults']}")
     print("| variant | top-1 | drop vs fp32 (pts) | agreement w/ torch | layers in float | p50 ms | method | TensorRT QDQ check |")
     print("|---|---|---|---|---|---|---|---|")
