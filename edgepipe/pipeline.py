@@ -19,7 +19,7 @@ from edgepipe.atomic import write_json, write_text
 from edgepipe.recipe import Recipe, dump_recipe
 from edgepipe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file
 from edgepipe.runtime.preprocess import Preprocess
-from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, tool_versions
+from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, relative_files, tool_versions
 
 
 def log(msg: str) -> None:
@@ -201,7 +201,7 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
         files, fmt = [src], "onnx"
         info = {"engine": "build on the device with `edgepipe build-engine DIR --precision " + target.precision + "`"}
     return {"backend": target.backend, "precision": target.precision, "format": "engine" if target.backend == "tensorrt" else fmt,
-            "files": [str(f) for f in files], "compile": info,
+            "files": relative_files(out, files), "compile": info,
             "status": "pending-build" if target.backend == "tensorrt" else "ok"}
 
 
@@ -301,7 +301,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
             key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
                            data_fingerprint(calib_paths), versions, validation_fingerprint(recipe))
             rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
-                            files=lambda r: [Path(f) for f in r["files"]])
+                            files=lambda r: [out / f for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
         if recipe.stages.quantize.enabled and recipe.stages.quantize.method in ("qat", "both"):
             from edgepipe.train.stage import qat_variants
@@ -353,7 +353,7 @@ def _manifest(recipe: Recipe, spec, pre: Preprocess, variants: dict, versions: d
     for name, v in variants.items():
         entries[name] = {
             "backend": v["backend"], "precision": v["precision"], "format": v["format"],
-            "files": [file_entry(out, Path(f)) for f in v["files"]],
+            "files": [file_entry(out, out / f) for f in v["files"]],
             "input_shape": [-1 if recipe.export.dynamic_batch else 1, 3, pre.crop, pre.crop],
             "status": v["status"], "compile": v.get("compile", {}), "macs": v.get("macs"),
             "source_onnx_sha256": v["source_onnx_sha256"], "model_hash": v["model_hash"], "versions": versions,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
-from edgepipe.steps import hash_key, tool_versions
+from edgepipe.steps import hash_key, relative_files, tool_versions
 from edgepipe.train.models import ModelSpec
 
 
@@ -203,7 +203,7 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
         name = f"{prefix}{target.backend}-int8-qat"
         rec = cache.run(f"compile-{name}", hash_key(key, target.model_dump(), tool_versions()),
                         lambda target=target, name=name: _qat_target(target, name, qdq, out, info),
-                        files=lambda r: [Path(f) for f in r["files"]])
+                        files=lambda r: [out / f for f in r["files"]])
         variants[name] = dict(rec, source_onnx_sha256=sha256_file(qdq))
     return variants, np.load(ref_file)
 
@@ -224,5 +224,5 @@ def _qat_target(target, name: str, qdq: Path, out: Path, info: dict) -> dict:
     compile_info = {"method": "qat (torch.ao fake-quant, symmetric int8, per-channel weights)", **info}
     if target.backend == "tensorrt":
         compile_info["engine"] = "build on the device with `edgepipe build-engine DIR --precision int8`"
-    return {"backend": target.backend, "precision": "int8", "format": fmt, "files": [str(f) for f in files],
+    return {"backend": target.backend, "precision": "int8", "format": fmt, "files": relative_files(out, files),
             "compile": compile_info, "status": status}
