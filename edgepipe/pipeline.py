@@ -129,8 +129,6 @@ def accuracy_validation(recipe: Recipe, onnx_path: Path) -> tuple[list | None, s
     """Labeled (preprocessed array, class index) items for int8 accuracy control, when stages.quantize.max_drop
     is set: the labeled calibration set if the calibration source has labels (so data.evaluation stays
     held out), else a labeled data.evaluation (then the reported drop is measured on the tuning set)."""
-    import json
-
     import onnx
 
     from edgepipe.runtime.data import load_labeled
