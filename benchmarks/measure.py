@@ -8,7 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgepipe.benchmarks.latency import measure
-from edgepipe.runtime.evaluate import evaluate_items, read_image
+from edgepipe.runtime.evaluate import evaluate_items, score_items
 from edgepipe.runtime.model import Classifier
 
 
@@ -47,27 +47,14 @@ def measure_torch(model, pre, eval_items, recipe) -> dict:
     result = {"latency_ms": latency, "predictions": {}}
     if not eval_items:
         return result
-    n = top1 = top5 = 0
-    per_class: dict[int, list[int]] = {}
-    bar = tqdm(total=len(eval_items), desc="  eval pytorch", leave=False, unit="img")
-    for i in range(0, len(eval_items), 16):
-        chunk = [(p, t, read_image(p)) for p, t in eval_items[i:i + 16]]
-        chunk = [(p, t, img) for p, t, img in chunk if img is not None]
-        bar.update(16)
-        if not chunk:
-            continue
+    def logits(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = model(torch.from_numpy(pre.batch([img for _, _, img in chunk]))).numpy()
-        for (p, t, _), row in zip(chunk, np.argsort(-logits, 1)[:, :5]):
-            result["predictions"][Path(p).name] = int(row[0])
-            n += 1
-            top1 += int(row[0] == t)
-            top5 += int(t in row)
-            per_class.setdefault(t, [0, 0])
-            per_class[t][0] += int(row[0] == t)
-            per_class[t][1] += 1
+            return model(torch.from_numpy(batch)).numpy()
+
+    bar = tqdm(total=len(eval_items), desc="  eval pytorch", leave=False, unit="img")
+    acc = score_items(logits, pre, eval_items, batch_size=16, progress=bar.update)
     bar.close()
-    if _labeled(eval_items) and n:
-        result["accuracy"] = {"top1": top1 / n, "top5": top5 / n, "n": n,
-                              "per_class_top1": {str(k): v[0] / v[1] for k, v in sorted(per_class.items())}}
+    result["predictions"] = acc.pop("predictions")
+    if _labeled(eval_items):
+        result["accuracy"] = {k: acc[k] for k in ("top1", "top5", "n", "per_class_top1")}
     return result

@@ -34,12 +34,15 @@ def tool_versions() -> dict:
     return out
 
 
-def code_hash() -> str:
-    """Hash of edgepipe's own source, so a code change invalidates cached steps like a version bump would."""
-    import edgepipe.compile
-    import edgepipe.runtime
+def code_hash(*packages) -> str:
+    """Hash of edgepipe's own source (by default: edgepipe, compile, runtime), so a code change invalidates
+    cached steps like a version bump would."""
+    if not packages:
+        import edgepipe.compile
+        import edgepipe.runtime
+        packages = (edgepipe.compile, edgepipe.runtime, sys.modules["edgepipe"])
     h = hashlib.sha256()
-    for pkg in (edgepipe.compile, edgepipe.runtime, sys.modules["edgepipe"]):
+    for pkg in packages:
         for f in sorted(Path(pkg.__file__).parent.rglob("*.py")):
             h.update(f.read_bytes())
     return h.hexdigest()[:16]

@@ -1,6 +1,8 @@
 """Top-1 / top-5 of one variant on a labeled image set (used by `edgepipe eval` and the pipeline)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -33,25 +35,31 @@ def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> 
 def evaluate_items(clf: Classifier, items, batch_size: int = 8, progress=None, where="the data set") -> dict:
     """``items``: (path, class_index) pairs. Unreadable images are skipped and listed, never a crash."""
     bs = batch_size if clf.dynamic_batch else 1
+    result = score_items(clf.logits, clf.preprocess, items, bs, progress, where)
+    return dict(result, variant=clf.variant_name, backend=clf.backend_name)
+
+
+def score_items(logits_fn, preprocess, items, batch_size: int = 8, progress=None, where="the data set") -> dict:
+    """Top-1/top-5/per-class top-1 and per-image predictions of any ``logits_fn(batch) -> logits``
+    (a runtime backend, or the PyTorch reference) over labeled images."""
     n = top1 = top5 = 0
     skipped = []
     per_class: dict[int, list[int]] = {}
     predictions = {}
-    for start in range(0, len(items), bs):
-        chunk = items[start:start + bs]
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
         frames, targets, names = [], [], []
         for path, target in chunk:
             img = read_image(path)
             if img is None:
                 skipped.append(str(path))
                 continue
-            frames.append(img); targets.append(target); names.append(path.name)
+            frames.append(img); targets.append(target); names.append(Path(path).name)
         if progress:
             progress(len(chunk))
         if not frames:
             continue
-        logits = clf.logits(clf.preprocess.batch(frames))
-        order = np.argsort(-logits, axis=1)[:, :5]
+        order = np.argsort(-logits_fn(preprocess.batch(frames)), axis=1)[:, :5]
         for name, target, top in zip(names, targets, order):
             n += 1
             hit1 = int(top[0] == target)
@@ -64,6 +72,5 @@ def evaluate_items(clf: Classifier, items, batch_size: int = 8, progress=None, w
     if n == 0:
         raise UserError(f"none of the {len(items)} images in {where} could be read")
     return {"top1": top1 / n, "top5": top5 / n, "n": n, "skipped": len(skipped), "skipped_files": skipped[:20],
-            "variant": clf.variant_name, "backend": clf.backend_name,
             "per_class_top1": {str(k): v[0] / v[1] for k, v in sorted(per_class.items())},
             "predictions": predictions}

@@ -2,21 +2,13 @@
 Writes are atomic so an interrupted run never leaves a half checkpoint that looks complete."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+from edgepipe.runtime.manifest import sha256_file
 
 
 def load_state_dict(path: str | Path) -> tuple[dict, str]:
@@ -24,7 +16,7 @@ def load_state_dict(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:

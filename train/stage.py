@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
-from edgepipe.steps import hash_key, relative_files, tool_versions
+from edgepipe.steps import code_hash, hash_key, relative_files, tool_versions
 from edgepipe.train.models import ModelSpec
 
 
@@ -23,10 +23,8 @@ def _log(msg: str) -> None:
 
 
 def train_code_hash() -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    import edgepipe.train
+    return code_hash(edgepipe.train)
 
 
 def training_preprocess(spec: ModelSpec, size: int, source: str) -> dict:
