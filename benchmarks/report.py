@@ -74,6 +74,15 @@ def _fmt(x, spec=".2f"):
 def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
+    pruned = manifest["model"].get("pruned")
+    if pruned:
+        parts = [f"MACs {_fmt((pruned.get('base_macs') or 0) / 1e6, '.1f')} M -> {_fmt((pruned.get('macs') or 0) / 1e6, '.1f')} M"]
+        if pruned.get("base_latency_ms"):
+            parts.append(f"batch-1 latency on {pruned.get('backend')} {_fmt(pruned['base_latency_ms'])} -> "
+                         f"{_fmt(pruned.get('latency_ms'))} ms ({_fmt(pruned.get('speedup'))}x)")
+        if pruned.get("val_top1") is not None:
+            parts.append(f"validation top-1 after pruning {_fmt(pruned['val_top1'], '.4f')}")
+        lines.append("- pruning: " + ", ".join(parts))
     for onnx_name, exp in (manifest.get("export") or {}).items():
         p = exp.get("parity_vs_pytorch") or {}
         lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.get('ok') else 'FAILED'}, max abs {_fmt(p.get('max_abs'), '.2e')}, "

@@ -310,6 +310,8 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
 
     manifest = _manifest(recipe, spec, pre, variants, versions, out)
     manifest["export"] = exports  # PyTorch -> fp32 ONNX parity, per exported model
+    if "pruned-" in models:  # MACs / latency / accuracy before and after pruning, for the report
+        manifest["model"]["pruned"] = models["pruned-"].source.get("pruned")
     # Provisional manifest: lets the checks below load each variant through the real runtime. Its variants
     # are "unverified", so a run killed before the end never leaves a manifest that `--backend auto` serves.
     provisional = json.loads(json.dumps(manifest))
