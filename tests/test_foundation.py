@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import pytest
@@ -177,3 +180,19 @@ def test_runtime_never_imports_torch_train_or_compile(tiny_artifacts):
             "sys.exit(1 if bad else 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tiny_recipe, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe", "run", str(tiny_recipe), "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = out / ".edgepipe" / "steps"
+    while proc.poll() is None and not (steps.is_dir() and any(steps.glob("*.json"))):
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists() or all(
+        v["status"] != "ok" for v in json.loads((out / "manifest.json").read_text())["variants"].values())
