@@ -66,7 +66,6 @@ class Classifier:
         self.model_dir = Path(model_dir)
         self._backend_choice = backend
         self._active = self._prepare(variant, backend)
-        self.batch_size = 1
 
     def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
         """Read the manifest, hash-check the variant's files, load and test them; touches nothing serving now."""
