@@ -19,10 +19,8 @@ def _labeled(items) -> bool:
 def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
                     precision: str, eval_items, recipe, compare) -> dict:
     clf = Classifier(out, variant=name)  # the deployable path: hash check, backend load, output check
-    if clf.dynamic_batch:
-        logits = np.concatenate([clf.logits(parity_batch[i:i + 16]) for i in range(0, len(parity_batch), 16)])
-    else:
-        logits = np.concatenate([clf.logits(parity_batch[i:i + 1]) for i in range(len(parity_batch))])
+    step = 16 if clf.dynamic_batch else 1
+    logits = np.concatenate([clf.logits(parity_batch[i:i + step]) for i in range(0, len(parity_batch), step)])
     parity = compare(ref_logits, logits, parity_names, precision)
     result = {"parity": parity, "backend_used": clf.backend_name}
     if eval_items:
