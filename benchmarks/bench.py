@@ -21,7 +21,7 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.benchmarks import budgets as B
 from edgepipe.benchmarks.latency import async_throughput, batched_throughput, measure, measure_stable
-from edgepipe.benchmarks.roofline import Sgemm, floor_ms, machine
+from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed
 from edgepipe.runtime.manifest import load_manifest
 from edgepipe.runtime.model import Classifier
@@ -177,10 +177,10 @@ def torch_reference(model_dir: Path, manifest: dict, x1: np.ndarray, warmup: int
     return lat, timer(call), note
 
 
-def roofline_timer(sgemm: Sgemm, macs):
-    """Per round: the floor from a fresh sgemm measurement (same statistic for p50 and p90)."""
+def roofline_timer(rate: MatmulRate, macs):
+    """Per round: the floor from a fresh matmul measurement (same statistic for p50 and p90)."""
     def run(_n):
-        ms = floor_ms(macs, sgemm.gflops(repeats=2))
+        ms = floor_ms(macs, rate.gflops(repeats=2))
         return {"p50": ms, "p90": ms}
     return run
 
@@ -198,21 +198,22 @@ def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) ->
 
 
 def measure_references(model_dir: Path, manifest: dict, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
-    """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, Sgemm)."""
+    """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, MatmulRate)."""
     torch_lat, torch_timer, torch_note = torch_reference(model_dir, manifest, x1, warmup, iterations)
-    sgemm = Sgemm()
-    gflops = sgemm.gflops()
+    rate = MatmulRate()
+    gflops = rate.measure()
     macs = next((r["macs"] for r in rows if r["macs"] and not r["name"].startswith("pruned-")), None)
     reference = {"torch_eager_ms": torch_lat["p50"] if torch_lat else None, "torch_eager_latency_ms": torch_lat,
                  "torch_note": torch_note, "roofline_ms": round(floor_ms(macs, gflops), 4) if macs else None,
-                 "sgemm_gflops": round(gflops, 2), "flops": 2 * macs if macs else None,
-                 "sgemm": {"n": sgemm.n, "threads": sgemm.threads, "library": "numpy (OpenBLAS)"}}
-    log(f"  torch eager: {'p50 %.2f ms' % torch_lat['p50'] if torch_lat else torch_note}; sgemm {gflops:.1f} GFLOP/s "
-        f"-> floor {reference['roofline_ms'] or float('nan'):.2f} ms for {2 * (macs or 0) / 1e9:.2f} GFLOP")
-    return reference, torch_timer, sgemm
+                 "matmul_gflops": round(gflops, 2), "flops": 2 * macs if macs else None,
+                 "matmul": rate.describe()}
+    log(f"  torch eager: {'p50 %.2f ms' % torch_lat['p50'] if torch_lat else torch_note}; fp32 matmul "
+        + ", ".join(f"{k} {v:.0f}" for k, v in reference["matmul"]["by_library"].items())
+        + f" GFLOP/s -> floor {reference['roofline_ms'] or float('nan'):.2f} ms for {2 * (macs or 0) / 1e9:.2f} GFLOP")
+    return reference, torch_timer, rate
 
 
-def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, sgemm: Sgemm, bf, iterations: int) -> dict | None:
+def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRate, bf, iterations: int) -> dict | None:
     """The fastest fp32 engine against PyTorch eager and the roofline floor, in interleaved rounds."""
     fp32 = [r for r in rows if r["precision"] == "fp32" and not r["name"].startswith("pruned-")]
     if not fp32:
@@ -225,7 +226,7 @@ def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, sgemm: Sgemm, 
     if torch_timer:
         out["vs_torch_eager"] = interleaved_ratios(timers[top["id"]], torch_timer, rounds, per_round, conf)
     if top["macs"]:
-        out["vs_roofline"] = interleaved_ratios(timers[top["id"]], roofline_timer(sgemm, top["macs"]), rounds, per_round, conf)
+        out["vs_roofline"] = interleaved_ratios(timers[top["id"]], roofline_timer(rate, top["macs"]), rounds, per_round, conf)
     for key, val in out.items():
         if key != "variant":
             log(f"  {top['id']} {key}: p50 ratio {val['p50']['median']:.3f}, p90 ratio {val['p90']['median']:.3f}")
@@ -305,13 +306,13 @@ def main(args) -> int:
     add_accuracy_deltas(rows)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
-    reference, torch_timer, sgemm = measure_references(model_dir, manifest, rows, x1, args.warmup, args.iterations)
+    reference, torch_timer, rate = measure_references(model_dir, manifest, rows, x1, args.warmup, args.iterations)
 
     def timer_for(of: str, row: dict):
         if of == "torch_eager":
             return (torch_timer, None) if torch_timer else (None, reference["torch_note"])
         if of == "roofline":
-            return (roofline_timer(sgemm, row["macs"]), None) if row["macs"] else (None, "no MACs in the manifest")
+            return (roofline_timer(rate, row["macs"]), None) if row["macs"] else (None, "no MACs in the manifest")
         return timers[of], None
 
     checks = []
@@ -320,7 +321,7 @@ def main(args) -> int:
         checks = B.evaluate(bf, rows, timer_for, log)
     best = best_per_target(rows, checks, bf is not None)
 
-    reference["best_fp32"] = best_fp32_ratios(rows, timers, torch_timer, sgemm, bf, args.iterations)
+    reference["best_fp32"] = best_fp32_ratios(rows, timers, torch_timer, rate, bf, args.iterations)
 
     video = None
     if args.video:

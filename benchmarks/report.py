@@ -192,8 +192,9 @@ def bench_markdown(report: dict) -> str:
               "- PyTorch eager fp32: " + (f"p50 {tl['p50']:.2f} ms, p90 {tl['p90']:.2f} ms ({tl['iterations']} iterations). "
                                            if tl else "") + (ref.get("torch_note") or ""),
               f"- Roofline floor: {_fmt(ref.get('roofline_ms'))} ms = {_fmt((ref.get('flops') or 0) / 1e9, '.3f')} GFLOP (2 × MACs) "
-              f"at {ref['sgemm_gflops']:.1f} GFLOP/s, the fp32 sgemm rate measured here ({ref['sgemm']['library']}, "
-              f"{ref['sgemm']['n']}×{ref['sgemm']['n']}, {ref['sgemm']['threads']} threads)."]
+              f"at {ref['matmul_gflops']:.1f} GFLOP/s, the fastest fp32 matmul measured here ({ref['matmul']['library']}, "
+              f"{ref['matmul']['n']}×{ref['matmul']['n']}, {ref['matmul']['threads']} threads; "
+              + ", ".join(f"{k} {v:.0f}" for k, v in ref["matmul"]["by_library"].items()) + " GFLOP/s)."]
     bf = ref.get("best_fp32") or {}
     for key, what in (("vs_torch_eager", "PyTorch eager"), ("vs_roofline", "the roofline floor")):
         if key in bf:
