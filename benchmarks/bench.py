@@ -82,9 +82,15 @@ def env(**values):
                 os.environ[k] = v
 
 
+# Untimed calls before each interleaved turn. The library timed just before keeps its threads spinning for a
+# while (OpenBLAS, ONNX Runtime and OpenMP pools busy-wait after work): measured here, an engine's next ~100 ms
+# of calls ran 2.5x slower after numpy's or ONNX Runtime's matmul, which put a round's p90 on those calls.
+TURN_WARMUP_S = 0.25
+
+
 def timer(fn):
     """A thing to time in interleaved rounds: n calls -> latency summary."""
-    return lambda n: measure(fn, 2, n)
+    return lambda n: measure(fn, 2, n, warmup_seconds=TURN_WARMUP_S)
 
 
 # ---------------------------------------------------------------- one row

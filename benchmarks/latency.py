@@ -7,10 +7,15 @@ from typing import Callable
 import numpy as np
 
 
-def measure(fn: Callable[[], object], warmup: int = 10, iterations: int = 100, min_seconds: float = 0.0) -> dict:
-    """Call ``fn`` ``warmup`` times untimed, then at least ``iterations`` times (and ``min_seconds``)."""
-    for _ in range(warmup):
+def measure(fn: Callable[[], object], warmup: int = 10, iterations: int = 100, min_seconds: float = 0.0,
+            warmup_seconds: float = 0.0) -> dict:
+    """Call ``fn`` ``warmup`` times untimed (and for at least ``warmup_seconds``), then at least
+    ``iterations`` times (and ``min_seconds``)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start) < warmup_seconds:
         fn()
+        done += 1
     times = []
     start = time.perf_counter()
     while len(times) < iterations or (time.perf_counter() - start) < min_seconds:
