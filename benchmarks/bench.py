@@ -103,7 +103,8 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
         acc = evaluate_items(clf, items)
         row["predictions"] = acc["predictions"]
         if items[0][1] >= 0:
-            row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"], per_class_top1=acc["per_class_top1"])
+            row.update(top1=acc["top1"], top5=acc["top5"], n=acc["n"], per_class_top1=acc["per_class_top1"],
+                       per_class_n=acc["per_class_n"])
         row["images"] = acc["n"]
     infer = lambda: clf.logits(x1)  # noqa: E731
     lat = measure_stable(infer, warmup, iterations)
@@ -126,9 +127,10 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     return timer(infer)
 
 
-def add_accuracy_deltas(rows: list[dict]) -> None:
+def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
     """Against the fp32 variant (same pruning, first in the manifest, on its own backend): agreement of
-    top-1 predictions, top-1 drop and the worst per-class drop, in points."""
+    top-1 predictions, top-1 drop and the worst per-class drop, in points, over the classes with at least
+    ``min_class_images`` images (one image of a 1-image class flipping would read as a 100-point drop)."""
     for row in rows:
         prefix = row["name"].startswith("pruned-")
         ref = next((r for r in rows if r["precision"] == "fp32" and r["name"].startswith("pruned-") == prefix
@@ -142,10 +144,19 @@ def add_accuracy_deltas(rows: list[dict]) -> None:
             row["agreement_with_fp32"] = sum(pred[k] == ref_pred[k] for k in common) / len(common)
         if row.get("top1") is not None and ref.get("top1") is not None:
             row["top1_drop_pts"] = round((ref["top1"] - row["top1"]) * 100, 4)
-            drops = {c: (a - row["per_class_top1"].get(c, 0.0)) * 100 for c, a in ref["per_class_top1"].items()}
-            worst = max(drops, key=drops.get)
-            row["worst_class_drop_pts"] = round(drops[worst], 4)
-            row["worst_class"] = int(worst)
+            counts = ref.get("per_class_n") or {}
+            drops = {c: (a - row["per_class_top1"].get(c, 0.0)) * 100 for c, a in ref["per_class_top1"].items()
+                     if counts.get(c, 0) >= min_class_images}
+            if drops:
+                worst = max(drops, key=drops.get)
+                row["worst_class_drop_pts"] = round(drops[worst], 4)
+                row["worst_class"] = int(worst)
+                row["worst_class_images"] = counts[worst]
+            row["classes_compared"] = len(drops)
+            if not drops:
+                row["worst_class_drop_pts_note"] = (f"no class has >= {min_class_images} images in --data "
+                                                    f"(largest: {max(counts.values(), default=0)}); "
+                                                    "lower --min-class-images or add images")
 
 
 # ---------------------------------------------------------------- references
@@ -286,8 +297,8 @@ def main(args) -> int:
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
     manifest = load_manifest(model_dir)
-    if args.iterations < 3 or args.warmup < 0:
-        raise UserError("--iterations must be >= 3 and --warmup >= 0")
+    if args.iterations < 3 or args.warmup < 0 or args.min_class_images < 1:
+        raise UserError("--iterations must be >= 3, --warmup >= 0 and --min-class-images >= 1")
     if args.video and not Path(args.video).is_file():
         raise UserError(f"--video {args.video} does not exist")
     bf = B.load_budgets(args.budgets) if args.budgets else None
@@ -309,7 +320,7 @@ def main(args) -> int:
     log(f"[bench] {len(rows)} variant x backend combination(s)" + (f", {len(items)} images "
         f"({'labeled' if labeled else 'unlabeled: agreement with fp32'})" if items else ", no --data (latency only)"))
     timers = {r["id"]: measure_row(model_dir, r, x1, items, args.warmup, args.iterations) for r in rows}
-    add_accuracy_deltas(rows)
+    add_accuracy_deltas(rows, args.min_class_images)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
     reference, torch_timer, rate = measure_references(model_dir, manifest, rows, x1, args.warmup, args.iterations)
@@ -337,8 +348,9 @@ def main(args) -> int:
     report = {
         "model": manifest["model"]["name"], "dir": str(model_dir), "machine": dict(machine(), seconds=round(time.perf_counter() - t0, 1)),
         "data": {"path": args.data, "images": len(items), "labeled": labeled},
-        "settings": {"warmup": args.warmup, "iterations": args.iterations, "budgets": args.budgets},
-        "variants": [{k: v for k, v in r.items() if k not in ("predictions", "per_class_top1")} for r in rows],
+        "settings": {"warmup": args.warmup, "iterations": args.iterations, "budgets": args.budgets,
+                     "min_class_images": args.min_class_images},
+        "variants": [{k: v for k, v in r.items() if k not in ("predictions", "per_class_top1", "per_class_n")} for r in rows],
         "reference": reference, "budgets": checks, "best_per_target": best, "skipped": skipped, "video": video,
         "passed": all(c["verdict"] == "pass" for c in checks),
     }

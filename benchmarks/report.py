@@ -175,7 +175,10 @@ def bench_markdown(report: dict) -> str:
                          "unlabeled: agreement with the fp32 variant)") if d["path"] else "none (latency only)") + ".",
              f"Latency: batch 1, {s['warmup']} warm-up calls, then at least {s['iterations']} timed calls (more until "
              "the p90 settles within 5%); spread = interquartile range. Throughput: the best the backend offers "
-             "(OpenVINO AsyncInferQueue with the THROUGHPUT hint; batched calls for dynamic-batch ONNX).", "",
+             "(OpenVINO AsyncInferQueue with the THROUGHPUT hint; batched calls for dynamic-batch ONNX)."
+             + (f" Worst class Δ: over the classes with at least {s.get('min_class_images')} images in the data "
+                f"({max((r.get('classes_compared') or 0) for r in report['variants'])} here; "
+                "— when none has that many)." if d["path"] and d["labeled"] else ""), "",
              "| variant | backend | precision | top-1 | top-5 | Δ top-1 vs fp32 (pts) | worst class Δ (pts) | agree w/ fp32 "
              "| p50 ms | p90 ms | p99 ms | iterations (IQR ms) | img/s (mode) | GMACs | MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", help="also run the camera pipeline on this video (glass-to-glass)")
     b.add_argument("--iterations", type=int, default=200, help="timed batch-1 calls per variant (more until the p90 settles)")
     b.add_argument("--warmup", type=int, default=20, help="untimed calls before timing")
+    b.add_argument("--min-class-images", type=int, default=10,
+                   help="worst per-class drop only over classes with at least this many images (default 10)")
     b.add_argument("--out", help="report folder: report.md, report.json, pareto.png (default: DIR/bench)")
     b.set_defaults(fn=cmd_bench)
 

@@ -73,4 +73,5 @@ def score_items(logits_fn, preprocess, items, batch_size: int = 8, progress=None
         raise UserError(f"none of the {len(items)} images in {where} could be read")
     return {"top1": top1 / n, "top5": top5 / n, "n": n, "skipped": len(skipped), "skipped_files": skipped[:20],
             "per_class_top1": {str(k): v[0] / v[1] for k, v in sorted(per_class.items())},
+            "per_class_n": {str(k): v[1] for k, v in sorted(per_class.items())},
             "predictions": predictions}

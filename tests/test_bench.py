@@ -162,15 +162,25 @@ def test_labeled_data_top1_budget(tiny_artifacts, tmp_path, imagenet_sample):
         w.writerow(["file", "class_index"])
         w.writerows([[str(imagenet_sample / r["file"]), r["class_index"]] for r in rows])
     budgets = write(tmp_path / "b.yaml", "budgets:\n  - {variants: '*', top1_min: 1.01, per_class_drop_max: 100}\n")
-    proc = run_edgepipe("bench", tiny_artifacts, "--data", data, "--budgets", budgets, "--out", tmp_path / "b", *FAST)
+    proc = run_edgepipe("bench", tiny_artifacts, "--data", data, "--budgets", budgets, "--out", tmp_path / "b",
+                        "--min-class-images", "1", *FAST)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     for v in report["variants"]:
         assert 0.0 <= v["top1"] <= v["top5"] <= 1.0 and v["n"] == 12
         assert v["top1_drop_pts"] is not None and 0.0 <= v["worst_class_drop_pts"] <= 100.0
+        assert v["classes_compared"] == len({r["class_index"] for r in rows})
     by = {(c["row"], c["check"]): c for c in report["budgets"]}
     assert all(c["verdict"] == "fail" for (_, k), c in by.items() if k == "top1_min")
     assert all(c["verdict"] == "pass" for (_, k), c in by.items() if k == "per_class_drop_max")
+
+    # default: a class needs 10 images; 12 images over several classes leave none, so the per-class budget
+    # cannot be judged and says why instead of reading one flipped image as a 100-point drop
+    proc = run_edgepipe("bench", tiny_artifacts, "--data", data, "--budgets", budgets, "--out", tmp_path / "c", *FAST)
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    per_class = [c for c in report["budgets"] if c["check"] == "per_class_drop_max"]
+    assert per_class and all(c["verdict"] == "missing" and "--min-class-images" in c["detail"] for c in per_class)
+    assert all(v["worst_class_drop_pts"] is None and v["classes_compared"] == 0 for v in report["variants"])
 
 
 @pytest.mark.parametrize("text, expected", [
