@@ -255,14 +255,10 @@ def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRa
 def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) -> dict:
     """Per backend: the lowest-p90 row with status ok that passes every budget matching it (with no
     budgets: within DEFAULT_MAX_DROP top-1 points of fp32 when labeled data was given)."""
-    from edgepipe.benchmarks.report import DEFAULT_MAX_DROP
+    from edgepipe.benchmarks.report import DEFAULT_MAX_DROP, fastest_per_backend
     failed = {c["row"] for c in checks if c["verdict"] != "pass"}
-    best = {}
-    for backend in dict.fromkeys(r["backend"] for r in rows):
-        ok = [r for r in rows if r["backend"] == backend and r["id"] not in failed and r["status"] == "ok"
-              and (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP)]
-        best[backend] = min(ok, key=lambda r: r["p90_ms"])["id"] if ok else None
-    return best
+    return fastest_per_backend(rows, lambda r: r["id"] not in failed and
+                               (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP))
 
 
 def run_video(model_dir: Path, video: str, row: dict) -> dict:

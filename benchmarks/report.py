@@ -22,6 +22,20 @@ def _agreement(v: dict, torch_pred: dict):
     return (v.get("parity") or {}).get("top1_agreement")
 
 
+def fastest_per_backend(rows, eligible) -> dict:
+    """The one serving rule of `edgepipe run` and `edgepipe bench`: per backend, the row ("id", "backend",
+    "status", "p90_ms") with the lowest p90 among those with status ok that ``eligible(row)`` accepts;
+    None for a backend with no such row."""
+    best: dict = {}
+    for r in rows:
+        cur = best.setdefault(r["backend"], None)
+        if r.get("status") != "ok" or r.get("p90_ms") is None or not eligible(r):
+            continue
+        if cur is None or r["p90_ms"] < cur["p90_ms"]:
+            best[r["backend"]] = r
+    return {backend: r["id"] if r else None for backend, r in best.items()}
+
+
 def within_accuracy(v: dict, torch_ref: dict, max_drop: float) -> bool:
     ref = (torch_ref.get("accuracy") or {}).get("top1")
     if ref is None or _top1(v) is None:
@@ -32,14 +46,13 @@ def within_accuracy(v: dict, torch_ref: dict, max_drop: float) -> bool:
 def choose_defaults(manifest: dict, torch_ref: dict, max_drop: float | None = None) -> None:
     """Fill manifest["defaults"] (backend -> variant) and manifest["default_variant"] from measurements."""
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
-    defaults = {}
-    for name, v in manifest["variants"].items():
+    variants = manifest["variants"]
+    for v in variants.values():
         v["agreement_with_torch"] = _agreement(v, torch_ref.get("predictions") or {})
-        if v.get("status") != "ok" or "latency_ms" not in v or not within_accuracy(v, torch_ref, max_drop):
-            continue
-        best = defaults.get(v["backend"])
-        if best is None or v["latency_ms"]["p90"] < manifest["variants"][best]["latency_ms"]["p90"]:
-            defaults[v["backend"]] = name
+    rows = [{"id": name, "backend": v["backend"], "status": v.get("status"),
+             "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
+    chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], torch_ref, max_drop))
+    defaults = {backend: name for backend, name in chosen.items() if name}
     manifest["defaults"] = defaults
     ranked = sorted(defaults.values(), key=lambda n: manifest["variants"][n]["latency_ms"]["p90"])
     manifest["default_variant"] = ranked[0] if ranked else next(iter(manifest["variants"]))

@@ -227,3 +227,26 @@ def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
     commands = " ".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
     assert "edgepipe run" in commands and "edgepipe bench" in commands
     assert "--budgets" in commands and "--junit" in commands
+
+
+def test_one_serving_rule_for_run_and_bench():
+    """`edgepipe run` (choose_defaults) and `edgepipe bench` (best_per_target) pick through fastest_per_backend."""
+    from edgepipe.benchmarks.bench import best_per_target
+    from edgepipe.benchmarks.report import choose_defaults
+    rows = [{"id": "ov-fp32", "backend": "openvino", "status": "ok", "p90_ms": 3.0, "top1_drop_pts": 0.0},
+            {"id": "ov-int8", "backend": "openvino", "status": "ok", "p90_ms": 1.0, "top1_drop_pts": 2.5},
+            {"id": "ort-fp32", "backend": "onnxruntime", "status": "ok", "p90_ms": 2.0, "top1_drop_pts": 0.0},
+            {"id": "ort-int8", "backend": "onnxruntime", "status": "failed", "p90_ms": 0.5, "top1_drop_pts": 0.0},
+            {"id": "trt-int8", "backend": "tensorrt", "status": "pending-build", "p90_ms": None}]
+    # no budgets: int8 loses 2.5 points (> 1.0), failed rows never serve, a backend with nothing gets None
+    assert best_per_target(rows, [], have_budgets=False) == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32",
+                                                             "tensorrt": None}
+    # with budgets the drop rule is theirs: int8 passes every check here, so it is served
+    assert best_per_target(rows, [{"row": "ov-fp32", "verdict": "fail"}], have_budgets=True)["openvino"] == "ov-int8"
+
+    manifest = {"variants": {r["id"]: {"backend": r["backend"], "status": r["status"], "latency_ms": {"p90": r["p90_ms"]},
+                                       "accuracy": {"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None}}
+                             for r in rows}}
+    choose_defaults(manifest, {"latency_ms": {"p50": 10.0}, "accuracy": {"top1": 0.9}})
+    assert manifest["defaults"] == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
+    assert manifest["default_variant"] == "ort-fp32"
