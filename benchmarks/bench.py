@@ -23,7 +23,7 @@ from edgepipe.benchmarks import budgets as B
 from edgepipe.benchmarks.latency import async_throughput, batched_throughput, measure, measure_stable
 from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed
-from edgepipe.runtime.manifest import load_manifest
+from edgepipe.runtime.manifest import load_manifest, verify_files
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.preprocess import Preprocess
 
@@ -250,6 +250,25 @@ def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRa
     return out
 
 
+def time_by_layer(model_dir: Path, manifest: dict, rows: list[dict]) -> dict | None:
+    """ONNX Runtime's profile of the unpruned fp32 ONNX by layer kind: where the gap to the roofline is."""
+    row = next((r for r in rows if r["backend"] == "onnxruntime" and r["precision"] == "fp32"
+                and not r["name"].startswith("pruned-")), None)
+    if row is None:
+        return None
+    try:
+        from edgepipe.benchmarks.op_profile import profile
+        files = verify_files(model_dir, manifest["variants"][row["name"]], row["name"])
+        result = profile(next(f for f in files if f.suffix == ".onnx"), runs=100)
+    except ImportError as exc:  # the onnx package (edgepipe[compile]) reads the layer shapes
+        log(f"[bench] time by layer skipped: {exc}")
+        return None
+    top = result["by_kind"][0]
+    log(f"[bench] time by layer ({row['id']}): {top['kind']} {top['time_share']:.0%} of the time, "
+        f"{top['macs_share'] or 0:.0%} of the MACs")
+    return dict(result, variant=row["id"])
+
+
 # ---------------------------------------------------------------- choice, video
 
 def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) -> dict:
@@ -335,6 +354,7 @@ def main(args) -> int:
     best = best_per_target(rows, checks, bf is not None)
 
     reference["best_fp32"] = best_fp32_ratios(rows, timers, torch_timer, rate, bf, args.iterations)
+    reference["time_by_layer"] = time_by_layer(model_dir, manifest, rows)
 
     video = None
     if args.video:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgepipe.benchmarks.latency import measure
+from edgepipe.benchmarks.latency import measure, measure_stable
 from edgepipe.runtime.evaluate import evaluate_items, score_items
 from edgepipe.runtime.model import Classifier
 
@@ -30,7 +30,8 @@ def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names
         result["predictions"] = acc.pop("predictions")
         result["accuracy"] = acc if _labeled(eval_items) else {"n": acc["n"]}
     x = parity_batch[:1].copy()
-    result["latency_ms"] = measure(lambda: clf.logits(x), recipe.bench.warmup, recipe.bench.iterations)
+    # the same stable percentiles as `edgepipe bench`: the serving choice compares these p90s
+    result["latency_ms"] = measure_stable(lambda: clf.logits(x), recipe.bench.warmup, recipe.bench.iterations)
     result["size_mb"] = round(sum((out / f["path"]).stat().st_size for f in clf.variant["files"]) / 1e6, 3)
     return result
 

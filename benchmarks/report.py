@@ -216,6 +216,10 @@ def bench_markdown(report: dict) -> str:
         if key in bf:
             lines.append(f"- Best fp32 engine {bf['variant']} ÷ {what}, median of {bf[key]['rounds']} interleaved rounds "
                          f"(CI of the median): {_ratio_text(bf[key])}.")
+    if ref.get("time_by_layer"):
+        from edgepipe.benchmarks.op_profile import markdown as layer_table
+        lines += ["", f"Where the fp32 time goes ({ref['time_by_layer']['variant']}, ONNX Runtime's profiler; the "
+                  "roofline floor assumes every kind at the matmul rate above):", "", layer_table(ref["time_by_layer"])]
     rule = ("lowest p90 among the variants that pass every budget matching them" if report["settings"]["budgets"]
             else f"lowest p90 within {DEFAULT_MAX_DROP} top-1 points of fp32 (no --budgets given)")
     lines += ["", "## Best variant per target", "", f"Rule: {rule}.", ""]

@@ -121,6 +121,7 @@ def test_bench_passing_budgets_exit_0(tiny_artifacts, tmp_path, sample_video):
     # the floor uses the fastest matmul of every library installed here, not numpy's BLAS alone
     rates = ref["matmul"]["by_library"]
     assert len(rates) >= 3 and ref["matmul_gflops"] == max(rates.values())
+    assert ref["time_by_layer"]["variant"] == "onnxruntime-fp32" and ref["time_by_layer"]["by_kind"]
     assert ref["roofline_ms"] == pytest.approx(2 * fp32["macs"] / (ref["matmul_gflops"] * 1e9) * 1e3, rel=1e-3)
     assert ref["best_fp32"]["vs_torch_eager"]["p90"]["median"] > 0
     assert report["passed"] and all(c["verdict"] == "pass" for c in report["budgets"])
@@ -250,3 +251,18 @@ def test_one_serving_rule_for_run_and_bench():
     choose_defaults(manifest, {"latency_ms": {"p50": 10.0}, "accuracy": {"top1": 0.9}})
     assert manifest["defaults"] == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
     assert manifest["default_variant"] == "ort-fp32"
+
+
+def test_time_by_layer_profile(tiny_artifacts):
+    """ONNX Runtime's profile grouped by layer kind: MACs read from the ONNX graph agree with the PyTorch-side
+    count in the manifest, and the shares of time and MACs each add up to the whole."""
+    from edgepipe.benchmarks.op_profile import main, profile
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    result = profile(tiny_artifacts / manifest["variants"]["onnxruntime-fp32"]["files"][0]["path"], runs=5, warmup=2)
+    kinds = {r["kind"]: r for r in result["by_kind"]}
+    assert {"1x1 conv", "depthwise conv", "fully connected"} <= set(kinds)
+    assert result["macs"] == pytest.approx(manifest["variants"]["onnxruntime-fp32"]["macs"], rel=0.01)
+    assert sum(r["time_share"] for r in result["by_kind"]) == pytest.approx(1.0, abs=0.01)
+    assert sum(r["macs_share"] for r in result["by_kind"]) == pytest.approx(1.0, abs=0.01)
+    assert result["runs"] == 5 and result["kernel_ms"] > 0
+    assert main([str(tiny_artifacts), "--variant", "no-such-variant"]) == 2

@@ -1,0 +1,130 @@
+"""Where an fp32 ONNX model's batch-1 time goes on ONNX Runtime's CPU provider, by kind of layer, next to
+where its FLOPs are: the explanation of the gap between an engine and the roofline floor (which assumes
+every FLOP at large-matmul speed). Uses ONNX Runtime's own profiler at the optimization level it serves with.
+
+    python -m edgepipe.benchmarks.op_profile out/default [--variant onnxruntime-fp32] [--runs 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import UserError
+from edgepipe.runtime.manifest import load_manifest, verify_files
+
+ACTIVATIONS = {"Clip", "Relu", "Sigmoid", "HardSigmoid", "Mul", "HardSwish"}  # fused into the conv before them
+
+
+def layer_kinds(model) -> tuple[dict[str, str], dict[str, int]]:
+    """(name -> kind, kind -> MACs at batch 1) for Conv / Gemm / MatMul nodes. Names are the node name and
+    its output name, and the output of an activation right after it (ORT names fused nodes that way)."""
+    from onnx import shape_inference
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    names: dict[str, str] = {}
+    macs: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        w = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if not w:
+            continue
+        if node.op_type == "Conv" and shapes.get(node.output[0]):
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            kind = ("depthwise conv" if group > 1 and group == w[0] else
+                    "1x1 conv" if w[2:] == [1, 1] else f"{w[2]}x{w[3]} conv")
+            macs[kind] += int(np.prod(w)) * int(np.prod(shapes[node.output[0]][2:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            kind = "fully connected"
+            macs[kind] += int(np.prod(w))
+        else:
+            continue
+        names[node.name] = names[node.output[0]] = kind
+    for node in model.graph.node:
+        if node.op_type in ACTIVATIONS and node.input and node.input[0] in names:
+            names.setdefault(node.output[0], names[node.input[0]])
+    return names, dict(macs)
+
+
+def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int = 0) -> dict:
+    import onnx
+    import onnxruntime as ort
+    kinds, macs = layer_kinds(onnx.load(str(onnx_path)))
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        x = np.random.default_rng(0).random([d if isinstance(d, int) else 1 for d in inp.shape], dtype=np.float32)
+        for _ in range(warmup + runs):
+            session.run(None, {inp.name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    # the profiler records from session creation: keep the kernels of the timed runs only
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    after = run_starts[warmup] if len(run_starts) > warmup else 0
+    timed_runs = max(1, len(run_starts) - warmup)
+    time_us: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
+            # ORT names a fused / NCHWc node after the original output it produces (plus "_nchwc")
+            name = e["name"][: -len("_kernel_time")].removesuffix("_nchwc")
+            kind = kinds.get(name) or e["args"].get("op_name", "other")
+            time_us[kind] += e["dur"]
+    total_us, total_macs = sum(time_us.values()), sum(macs.values())
+    rows = []
+    for kind in sorted(time_us, key=time_us.get, reverse=True):
+        ms = time_us[kind] / timed_runs / 1000
+        rows.append({"kind": kind, "ms": round(ms, 4), "time_share": round(time_us[kind] / total_us, 4),
+                     "macs": macs.get(kind, 0),
+                     "macs_share": round(macs.get(kind, 0) / total_macs, 4) if total_macs else None,
+                     "gflops": round(2 * macs[kind] / (ms / 1e3) / 1e9, 1) if macs.get(kind) and ms else None})
+    return {"model": str(onnx_path), "runs": timed_runs, "kernel_ms": round(total_us / timed_runs / 1000, 4),
+            "macs": total_macs, "by_kind": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Kernel time per batch-1 run on ONNX Runtime CPU: {result['kernel_ms']:.2f} ms "
+             f"({result['macs'] / 1e6:.0f} MMACs, mean of {result['runs']} runs)", "",
+             "| layer kind | ms | share of time | share of MACs | GFLOP/s |", "|---|---|---|---|---|"]
+    for r in result["by_kind"]:
+        lines.append(f"| {r['kind']} | {r['ms']:.3f} | {r['time_share']:.1%} | "
+                     f"{'—' if r['macs_share'] is None else format(r['macs_share'], '.1%')} | "
+                     f"{'—' if r['gflops'] is None else format(r['gflops'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edgepipe.benchmarks.op_profile", description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="artifact folder (manifest.json)")
+    ap.add_argument("--variant", default="onnxruntime-fp32")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("EDGEPIPE_THREADS", "0") or 0))
+    args = ap.parse_args(argv)
+    try:
+        manifest = load_manifest(Path(args.dir))
+        if args.variant not in manifest["variants"]:
+            raise UserError(f"no variant {args.variant!r} in {args.dir} (have: {', '.join(manifest['variants'])})")
+        files = verify_files(Path(args.dir), manifest["variants"][args.variant], args.variant)
+        onnx_file = next((f for f in files if f.suffix == ".onnx"), None)
+        if onnx_file is None:
+            raise UserError(f"variant {args.variant} has no .onnx file")
+        print(markdown(profile(onnx_file, runs=args.runs, threads=args.threads)))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
