@@ -1,5 +1,6 @@
 """pareto.png: accuracy against p90 latency for every variant x backend, the Pareto front (nothing both
-faster and more accurate) marked, budgets drawn as lines, and the PyTorch eager / roofline references."""
+faster and more accurate) marked, budgets drawn as lines, the PyTorch eager / roofline references, rows
+that fail a budget crossed out and the variant to ship per target starred."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -79,6 +80,8 @@ def plot_pareto(report: dict, budget_file, path: Path) -> Path:
     refs = [(x, label, style) for x, label, style in ((torch_p90, "PyTorch eager p90", ":"),
                                                      (ref.get("roofline_ms"), "roofline floor", "-.")) if x]
     hlines, vlines = _budget_lines(report, budget_file, ykey)
+    failed = {c["row"] for c in report.get("budgets") or [] if c["verdict"] != "pass"}
+    ship = {rid: backend for backend, rid in (report.get("best_per_target") or {}).items() if rid}
     fig, ax = plt.subplots(figsize=(10.5, 6), dpi=110)
     _set_limits(ax, [p[0] for p in pts] + [x for x, _, _ in refs] + [x for x, _ in vlines],
                 [p[1] for p in pts] + [y for y, _ in hlines])
@@ -90,8 +93,12 @@ def plot_pareto(report: dict, budget_file, path: Path) -> Path:
         px, py = ax.transData.transform((lat, y))
         near = sum(1 for qx, qy in placed if abs(qy - py) < 14 and abs(qx - px) < 150)
         placed.append((px, py))
-        label = r["id"] + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})")
+        if r["id"] in failed:
+            ax.scatter(lat, y, s=140, marker="x", color="red", linewidth=2, zorder=4)
+        label = (("★ " if r["id"] in ship else "") + r["id"] + ("" if r.get("status", "ok") == "ok" else f" ({r['status']})")
+                 + (f": ship on {ship[r['id']]}" if r["id"] in ship else "") + (" (fails a budget)" if r["id"] in failed else ""))
         ax.annotate(label, (lat, y), textcoords="offset points", xytext=(9, 4 - 11 * near), fontsize=8,
+                    fontweight="bold" if r["id"] in ship else "normal",
                     bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 0.5}, zorder=5)
     front = pareto_front([(lat, y, r["id"]) for lat, y, r in pts])
     if front:
@@ -116,6 +123,10 @@ def plot_pareto(report: dict, budget_file, path: Path) -> Path:
         if any(r["precision"] == prec for _, _, r in pts):
             ax.scatter([], [], color="white", edgecolor="black", marker=marker, label=prec)
     ax.scatter([], [], s=160, facecolors="none", edgecolors="crimson", label="on the front")
+    if failed:
+        ax.scatter([], [], s=80, marker="x", color="red", linewidth=2, label="fails a budget")
+    if ship:
+        ax.scatter([], [], marker="$★$", s=80, color="black", label="best for its target")
     ax.set_xlabel("p90 latency at batch 1, ms (lower is better)")
     ax.set_ylabel(ylabel + " (higher is better)")
     ax.set_title(f"{report['model']}: accuracy against latency on {report['machine']['cpu']}", fontsize=10)
