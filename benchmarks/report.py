@@ -1,5 +1,6 @@
 """report.json / report.md for `edgepipe run`, and the per-backend choice of the variant to serve:
-the fastest (p90) variant that passed its checks and stays within the accuracy budget."""
+the fastest (p90) variant that passed its checks and stays within the accuracy budget, unless a more
+faithful one is within 10% of its speed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,18 +23,37 @@ def _agreement(v: dict, torch_pred: dict):
     return (v.get("parity") or {}).get("top1_agreement")
 
 
-def fastest_per_backend(rows, eligible) -> dict:
-    """The one serving rule of `edgepipe run` and `edgepipe bench`: per backend, the row ("id", "backend",
-    "status", "p90_ms") with the lowest p90 among those with status ok that ``eligible(row)`` accepts;
-    None for a backend with no such row."""
-    best: dict = {}
+MIN_SPEEDUP = 0.10  # a less accurate variant is served only when its p90 is at least this much lower
+PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}
+
+
+def _quality(r: dict) -> tuple:
+    """Higher is more faithful to the fp32 model: higher precision, then unpruned, then measured top-1."""
+    top1 = r.get("top1")
+    return (PRECISION_RANK.get(r.get("precision"), 0), not str(r.get("name", r["id"])).startswith("pruned-"),
+            -1.0 if top1 is None else top1)
+
+
+def fastest_per_backend(rows, eligible, min_speedup: float = MIN_SPEEDUP) -> dict:
+    """The one serving rule of `edgepipe run` and `edgepipe bench`: per backend, among the rows ("id",
+    "backend", "status", "p90_ms", optional "precision", "top1", "name") with status ok that ``eligible``
+    accepts, the fastest p90 -- unless a more faithful row (higher precision, else unpruned, else higher
+    top-1) is within ``min_speedup`` of it: a speed-up inside measurement noise is not worth accuracy
+    (int8 on a CPU without VNNI runs about as fast as fp32). None for a backend with no such row."""
+    by_backend: dict = {}
     for r in rows:
-        cur = best.setdefault(r["backend"], None)
-        if r.get("status") != "ok" or r.get("p90_ms") is None or not eligible(r):
+        ok = by_backend.setdefault(r["backend"], [])
+        if r.get("status") == "ok" and r.get("p90_ms") is not None and eligible(r):
+            ok.append(r)
+    chosen = {}
+    for backend, ok in by_backend.items():
+        if not ok:
+            chosen[backend] = None
             continue
-        if cur is None or r["p90_ms"] < cur["p90_ms"]:
-            best[r["backend"]] = r
-    return {backend: r["id"] if r else None for backend, r in best.items()}
+        fastest = min(ok, key=lambda r: r["p90_ms"])
+        close = [r for r in ok if r["p90_ms"] * (1.0 - min_speedup) <= fastest["p90_ms"]]
+        chosen[backend] = max(close, key=lambda r: (_quality(r), -r["p90_ms"]))["id"]
+    return chosen
 
 
 def within_accuracy(v: dict, torch_ref: dict, max_drop: float) -> bool:
@@ -49,8 +69,8 @@ def choose_defaults(manifest: dict, torch_ref: dict, max_drop: float | None = No
     variants = manifest["variants"]
     for v in variants.values():
         v["agreement_with_torch"] = _agreement(v, torch_ref.get("predictions") or {})
-    rows = [{"id": name, "backend": v["backend"], "status": v.get("status"),
-             "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
+    rows = [{"id": name, "name": name, "backend": v["backend"], "status": v.get("status"), "precision": v.get("precision"),
+             "top1": _top1(v), "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
     chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], torch_ref, max_drop))
     defaults = {backend: name for backend, name in chosen.items() if name}
     manifest["defaults"] = defaults
@@ -140,7 +160,8 @@ def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r['top1'], '.4f')} | {_fmt(drop)} | {_fmt(r['agreement_with_torch'], '.3f')} "
                      f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(r['macs'] / 1e6 if r['macs'] else None, '.0f')} "
                      f"| {_fmt(r['size_mb'])} | {_fmt(p.get('max_abs'), '.2e')} | {len(r['flipped'])}/{p.get('n', 0)} |")
-    lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget): "
+    lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "
+              f"faithful variant within {MIN_SPEEDUP:.0%} of its p90 is preferred): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
     lines += _compile_notes(manifest, rows)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]
@@ -222,6 +243,8 @@ def bench_markdown(report: dict) -> str:
                   "roofline floor assumes every kind at the matmul rate above):", "", layer_table(ref["time_by_layer"])]
     rule = ("lowest p90 among the variants that pass every budget matching them" if report["settings"]["budgets"]
             else f"lowest p90 within {DEFAULT_MAX_DROP} top-1 points of fp32 (no --budgets given)")
+    rule += (f"; a more faithful variant (higher precision, unpruned) within {MIN_SPEEDUP:.0%} of that p90 is "
+             "preferred: a speed-up inside the noise is not worth accuracy")
     lines += ["", "## Best variant per target", "", f"Rule: {rule}.", ""]
     rows = {r["id"]: r for r in report["variants"]}
     for backend, rid in report["best_per_target"].items():

@@ -234,18 +234,23 @@ def test_one_serving_rule_for_run_and_bench():
     """`edgepipe run` (choose_defaults) and `edgepipe bench` (best_per_target) pick through fastest_per_backend."""
     from edgepipe.benchmarks.bench import best_per_target
     from edgepipe.benchmarks.report import choose_defaults
-    rows = [{"id": "ov-fp32", "backend": "openvino", "status": "ok", "p90_ms": 3.0, "top1_drop_pts": 0.0},
-            {"id": "ov-int8", "backend": "openvino", "status": "ok", "p90_ms": 1.0, "top1_drop_pts": 2.5},
-            {"id": "ort-fp32", "backend": "onnxruntime", "status": "ok", "p90_ms": 2.0, "top1_drop_pts": 0.0},
-            {"id": "ort-int8", "backend": "onnxruntime", "status": "failed", "p90_ms": 0.5, "top1_drop_pts": 0.0},
-            {"id": "trt-int8", "backend": "tensorrt", "status": "pending-build", "p90_ms": None}]
+    rows = [{"id": "ov-fp32", "backend": "openvino", "precision": "fp32", "status": "ok", "p90_ms": 3.0, "top1_drop_pts": 0.0},
+            {"id": "ov-int8", "backend": "openvino", "precision": "int8", "status": "ok", "p90_ms": 1.0, "top1_drop_pts": 2.5},
+            {"id": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "p90_ms": 2.0, "top1_drop_pts": 0.0},
+            {"id": "ort-int8", "backend": "onnxruntime", "precision": "int8", "status": "failed", "p90_ms": 0.5, "top1_drop_pts": 0.0},
+            {"id": "trt-int8", "backend": "tensorrt", "precision": "int8", "status": "pending-build", "p90_ms": None}]
     # no budgets: int8 loses 2.5 points (> 1.0), failed rows never serve, a backend with nothing gets None
     assert best_per_target(rows, [], have_budgets=False) == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32",
                                                              "tensorrt": None}
     # with budgets the drop rule is theirs: int8 passes every check here, so it is served
     assert best_per_target(rows, [{"row": "ov-fp32", "verdict": "fail"}], have_budgets=True)["openvino"] == "ov-int8"
 
-    manifest = {"variants": {r["id"]: {"backend": r["backend"], "status": r["status"], "latency_ms": {"p90": r["p90_ms"]},
+    # int8 only 5% faster than fp32 (inside the noise; a CPU without VNNI): fp32 is served; 2x faster: int8
+    near = [dict(rows[0], p90_ms=3.0), dict(rows[1], p90_ms=2.85, top1_drop_pts=0.2)]
+    assert best_per_target(near, [], have_budgets=False)["openvino"] == "ov-fp32"
+    assert best_per_target([near[0], dict(near[1], p90_ms=1.5)], [], have_budgets=False)["openvino"] == "ov-int8"
+
+    manifest = {"variants": {r["id"]: {"backend": r["backend"], "precision": r["precision"], "status": r["status"], "latency_ms": {"p90": r["p90_ms"]},
                                        "accuracy": {"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None}}
                              for r in rows}}
     choose_defaults(manifest, {"latency_ms": {"p50": 10.0}, "accuracy": {"top1": 0.9}})
