@@ -248,7 +248,9 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
         from edgepipe.train.stage import prune_stage
         models["pruned-"] = prune_stage(spec, recipe, out, cache)
     pre = Preprocess.from_manifest(spec.preprocess)
-    pre = Preprocess(pre.resize, recipe.model.input_size if recipe.model.input_size != 224 else pre.crop, pre.mean, pre.std, pre.color)
+    if recipe.model.input_size and recipe.model.input_size != pre.crop:  # deploy at another size than trained
+        from edgepipe.train.stage import preprocess_at
+        pre = Preprocess.from_manifest(preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train))
 
     log("[2/5] data")
     from edgepipe.train.data import materialize_data_refs

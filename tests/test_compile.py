@@ -212,6 +212,11 @@ def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
     out = work / "out"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["model.onnx"]["parity_vs_pytorch"]["ok"]
+    # model.input_size 160 without training: the model's own resize/crop ratio, scaled to 160
+    from edgepipe.train.models import build_model
+    own = build_model("efficientnet_lite0", pretrained=False).preprocess
+    assert manifest["preprocess"]["crop"] == 160 and manifest["input"]["shape"][2:] == [160, 160]
+    assert manifest["preprocess"]["resize"] == round(160 * own["resize"] / own["crop"]) > 160
     v = manifest["variants"]["onnxruntime-int8"]
     assert v["compile"]["tensorrt_qdq_check"]["ok"] and "top1_agreement" in v["parity"]
     assert v["status"] == ("ok" if v["parity"]["ok"] else "failed")  # out of tolerance: marked, not shipped silently

@@ -27,10 +27,10 @@ def train_code_hash() -> str:
     return code_hash(edgepipe.train)
 
 
-def training_preprocess(spec: ModelSpec, size: int, source: str) -> dict:
-    """The model's preprocessing at the training size: the same resize/crop ratio, except for Fashion-MNIST
+def preprocess_at(preprocess: dict, size: int, source: str | None) -> dict:
+    """A model's preprocessing at another input size: the same resize/crop ratio, except for Fashion-MNIST
     whose 28 px items fill the frame (no crop)."""
-    pre = dict(spec.preprocess)
+    pre = dict(preprocess)
     ratio = pre["resize"] / pre["crop"]
     pre["crop"] = size
     pre["resize"] = size if source == "fashion-mnist" else int(round(size * ratio))
@@ -71,8 +71,8 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     if not recipe.data.train:
         raise UserError("stages.train is enabled but data.train is not set; give fashion-mnist, an ImageFolder tree or a CSV")
     cfg = recipe.stages.train
-    size = cfg.input_size or recipe.model.input_size
-    pre = training_preprocess(spec, size, recipe.data.train)
+    size = cfg.input_size or recipe.model.input_size or spec.preprocess["crop"]
+    pre = preprocess_at(spec.preprocess, size, recipe.data.train)
     data = _data(recipe, pre)
     key = hash_key("train", recipe.model.model_dump(), spec.source, _train_cfg_key(recipe), _data_key(recipe),
                    pre, tool_versions(), train_code_hash())
