@@ -260,8 +260,8 @@ def time_by_layer(model_dir: Path, manifest: dict, rows: list[dict]) -> dict | N
         from edgepipe.benchmarks.op_profile import profile
         files = verify_files(model_dir, manifest["variants"][row["name"]], row["name"])
         result = profile(next(f for f in files if f.suffix == ".onnx"), runs=100)
-    except ImportError as exc:  # the onnx package (edgepipe[compile]) reads the layer shapes
-        log(f"[bench] time by layer skipped: {exc}")
+    except Exception as exc:  # a diagnostic only: without the onnx package (edgepipe[compile]), or a graph
+        log(f"[bench] time by layer skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return None
     top = result["by_kind"][0]
     log(f"[bench] time by layer ({row['id']}): {top['kind']} {top['time_share']:.0%} of the time, "
