@@ -19,7 +19,8 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.runtime.manifest import load_manifest, verify_files
 
-ACTIVATIONS = {"Clip", "Relu", "Sigmoid", "HardSigmoid", "Mul", "HardSwish"}  # fused into the conv before them
+# activations ONNX Runtime fuses into the Conv before them (when that Conv feeds nothing else)
+ACTIVATIONS = {"Clip", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}
 
 
 def layer_kinds(model) -> tuple[dict[str, str], dict[str, int]]:
@@ -47,8 +48,12 @@ def layer_kinds(model) -> tuple[dict[str, str], dict[str, int]]:
         else:
             continue
         names[node.name] = names[node.output[0]] = kind
+    consumers: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
-        if node.op_type in ACTIVATIONS and node.input and node.input[0] in names:
+        for i in node.input:
+            consumers[i] += 1
+    for node in model.graph.node:
+        if node.op_type in ACTIVATIONS and node.input and node.input[0] in names and consumers[node.input[0]] == 1:
             names.setdefault(node.output[0], names[node.input[0]])
     return names, dict(macs)
 
@@ -81,7 +86,7 @@ def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int = 0
             name = e["name"][: -len("_kernel_time")].removesuffix("_nchwc")
             kind = kinds.get(name) or e["args"].get("op_name", "other")
             time_us[kind] += e["dur"]
-    total_us, total_macs = sum(time_us.values()), sum(macs.values())
+    total_us, total_macs = sum(time_us.values()) or 1.0, sum(macs.values())
     rows = []
     for kind in sorted(time_us, key=time_us.get, reverse=True):
         ms = time_us[kind] / timed_runs / 1000
