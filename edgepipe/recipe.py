@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
 
 from edgepipe import UserError
 
@@ -30,7 +30,7 @@ class ModelConfig(Section):
     pretrained: bool = True
     checkpoint: Optional[str] = None      # a state_dict (.pt with tensors only) or .safetensors
     num_classes: Optional[int] = None     # None: keep the model's own head
-    input_size: Optional[int] = None      # deployed input size; None: the model's own (224 for ImageNet weights)
+    input_size: Optional[PositiveInt] = None  # deployed input size; None: the model's own (224 for ImageNet weights)
 
 
 class CalibrationData(Section):
@@ -67,7 +67,7 @@ class TrainStage(Section):
     workers: int = 2
     max_train_images: Optional[int] = None
     max_val_images: Optional[int] = None
-    input_size: Optional[int] = None   # train at this size (default: model.input_size, else the model's own)
+    input_size: Optional[PositiveInt] = None  # train at this size (default: model.input_size, else the model's own)
     freeze_backbone_epochs: int = 0
     resume: bool = False               # continue from the last epoch checkpoint (`edgepipe run --resume`)
 
