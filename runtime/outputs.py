@@ -58,9 +58,10 @@ class VideoFile:
         self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), self.fps, (width, height))
         self.size = (width, height)
         if not self.writer.isOpened():
-            self._atomic.__exit__(OSError, OSError("VideoWriter"), None)
             self.writer = None
-            raise UserError(f"OpenCV cannot write {self.path} (codec {fourcc}); use an .mp4 or .avi path in a writable folder")
+            err = UserError(f"OpenCV cannot write {self.path} (codec {fourcc}); use an .mp4 or .avi path in a writable folder")
+            self._atomic.__exit__(UserError, err, None)  # the write failed: drop the temporary file, keep no target
+            raise err
 
     def close(self) -> None:
         if self.writer is not None:

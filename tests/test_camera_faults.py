@@ -283,3 +283,13 @@ def test_case20_source_never_reaches_a_shell(tiny_artifacts, tmp_path, template)
     assert proc.returncode in (2, 3) and "camera.py: error:" in proc.stderr
     assert_clean_stderr(proc)
     assert not marker.exists()
+
+
+def test_video_output_that_opencv_cannot_encode_is_one_clear_error(tmp_path):
+    """OpenCV has no writer for this container: a UserError naming the path and codec, no file left behind."""
+    from edgepipe import UserError
+    from edgepipe.runtime.outputs import VideoFile
+    video = VideoFile(str(tmp_path / "annotated.qqq"), 25.0)
+    with pytest.raises(UserError, match=r"OpenCV cannot write .*annotated\.qqq \(codec mp4v\)"):
+        video.write(np.zeros((48, 64, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
