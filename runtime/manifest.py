@@ -34,20 +34,20 @@ def file_entry(root: Path, path: Path) -> dict:
     return {"path": Path(path).relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
-def safe_join(root: Path, rel: str) -> Path:
+def safe_join(root: Path, rel: str, what: str = "manifest path") -> Path:
     """``root/rel``, refusing absolute paths, ``..`` and symlinks that resolve outside ``root``."""
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or Path(rel).drive:
-        raise ManifestError(f"manifest path {rel!r} is absolute or empty; artifact paths must be relative to {root}")
+        raise ManifestError(f"{what} {rel!r} is absolute or empty; artifact paths must be relative to {root}")
     if "\0" in rel:
-        raise ManifestError(f"manifest path {rel!r} contains a NUL character")
+        raise ManifestError(f"{what} {rel!r} contains a NUL character")
     root_real = root.resolve()
     full = (root / rel)
     try:
         real = full.resolve()
     except (OSError, RuntimeError) as exc:  # symlink loops
-        raise ManifestError(f"manifest path {rel!r} cannot be resolved ({exc}); refusing it") from None
+        raise ManifestError(f"{what} {rel!r} cannot be resolved ({exc}); refusing it") from None
     if real != root_real and root_real not in real.parents:
-        raise ManifestError(f"manifest path {rel!r} resolves outside the artifact folder {root} (to {real}); refusing it")
+        raise ManifestError(f"{what} {rel!r} resolves outside the artifact folder {root} (to {real}); refusing it")
     return full
 
 
@@ -138,19 +138,23 @@ def verify_files(model_dir: str | os.PathLike, variant: dict, name: str = "") ->
     """Check every file of a variant against its sha256; return their paths. Raises before anything loads."""
     root = Path(model_dir)
     paths = []
+    onnx_bytes = {}  # an .onnx file is read once: the bytes hashed are the bytes checked for external data
     for entry in variant["files"]:
         path = safe_join(root, entry["path"])
         if not path.is_file():
             raise IntegrityError(f"variant {name!r}: file {entry['path']} listed in the manifest is missing from {root}")
-        digest = sha256_file(path)
+        if path.suffix == ".onnx":
+            onnx_bytes[path] = path.read_bytes()  # protobuf caps an .onnx file at 2 GB; bigger weights are external
+            digest = hashlib.sha256(onnx_bytes[path]).hexdigest()
+        else:
+            digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise IntegrityError(
                 f"variant {name!r}: {entry['path']} has sha256 {digest[:12]}... but the manifest says "
                 f"{entry['sha256'][:12]}...; refusing to load a modified file (rebuild with `edgepipe run`)")
         paths.append(path)
-    for path in paths:
-        if path.suffix == ".onnx":
-            check_onnx_external_data(path, paths)
+    for path, data in onnx_bytes.items():
+        check_onnx_external_data(path, paths, data)
     return paths
 
 
@@ -211,8 +215,9 @@ def _wire_fields(buf: memoryview, what: str):
         yield number, wire, value
 
 
-def onnx_external_locations(path: str | os.PathLike) -> list[str]:
-    """Every external-data location named by any tensor in an ONNX file (initializers, attributes, subgraphs)."""
+def onnx_external_locations(path: str | os.PathLike, data: bytes | None = None) -> list[str]:
+    """Every external-data location named by any tensor in an ONNX file (initializers, attributes, subgraphs);
+    ``data``: the file's bytes when the caller has read them already."""
     path = Path(path)
     found: list[str] = []
 
@@ -228,26 +233,18 @@ def onnx_external_locations(path: str | os.PathLike) -> list[str]:
             elif wire == 2 and number in _ONNX_TENSOR_PATHS[kind]:
                 walk(value, _ONNX_TENSOR_PATHS[kind][number], depth + 1)
 
-    data = path.read_bytes()  # protobuf caps an .onnx file at 2 GB; bigger weights are external data
+    data = path.read_bytes() if data is None else data
     if not data:
         raise ManifestError(f"{path.name} is empty, not an ONNX model; rebuild it with `edgepipe run`")
     walk(memoryview(data), "model", 0)
     return found
 
 
-def check_onnx_external_data(path: Path, verified: list[Path]) -> None:
+def check_onnx_external_data(path: Path, verified: list[Path], data: bytes | None = None) -> None:
     """Refuse external-data locations that are absolute, leave the model's folder, or were not hash-checked."""
-    folder = path.parent.resolve()
     allowed = {p.resolve() for p in verified}
-    for loc in onnx_external_locations(path):
-        if not loc or "\0" in loc or os.path.isabs(loc) or Path(loc).drive:
-            raise ManifestError(f"{path.name}: external data location {loc!r} is absolute or empty; refusing it")
-        try:
-            real = (folder / loc).resolve()
-        except (OSError, RuntimeError) as exc:  # symlink loops
-            raise ManifestError(f"{path.name}: external data location {loc!r} cannot be resolved ({exc}); refusing it") from None
-        if folder not in real.parents:
-            raise ManifestError(f"{path.name}: external data location {loc!r} resolves outside {folder} (to {real}); refusing it")
+    for loc in onnx_external_locations(path, data):
+        real = safe_join(path.parent, loc, what=f"{path.name}: external data location").resolve()
         if real not in allowed:
             raise ManifestError(f"{path.name}: external data file {loc!r} is not listed in the manifest, so its "
                                 f"sha256 cannot be checked; refusing it")
