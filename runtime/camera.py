@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     if args.display:
         check_display()
     clf = Classifier(args.model, variant=args.variant, backend=args.backend)
-    opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop, max_frames=args.max_frames,
+    opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop,
                    open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
                    max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
     display = Channel(1, latest=True) if args.display else None

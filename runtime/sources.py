@@ -23,8 +23,8 @@ from pathlib import Path
 import cv2
 
 from edgepipe import UserError
+from edgepipe.runtime.data import IMAGE_EXTS
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtp", "http", "https", "udp", "tcp", "srt")
 
 

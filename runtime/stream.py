@@ -39,7 +39,6 @@ class Options:
     live: bool = False               # latest-frame channels and drops (live sources, --realtime)
     realtime: bool = False           # pace a file at its own fps
     loop: bool = False               # restart a finished file / image list
-    max_frames: int = 0              # stop after this many classified frames (0: no limit)
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     max_reconnects: int = 10         # failures in a row before giving up
@@ -387,10 +386,11 @@ class Pipeline:
         """Health and speed of the run; the keys other tools read (frames, fps, p50_ms, ...) stay stable."""
         t_first, t_end = self.capture.t_first, self.t_end or time.monotonic()
         elapsed = max(0.0, t_end - t_first) if t_first is not None else 0.0
-        infer = self.stats.percentiles("infer")
+        stages = {s: self.stats.percentiles(s) for s in STAGES}
+        infer = stages["infer"]
         return {"summary": True, "frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
                 "p50_ms": infer["p50"] or 0.0, "p95_ms": infer["p95"] or 0.0,
                 "dropped": self.dropped, "corrupt": self.capture.corrupt, "frames_read": self.capture.next_index,
                 "reconnects": self.capture.reconnects, "reconnected": self.capture.reconnected,
                 "elapsed_s": round(elapsed, 3), "run_s": round(t_end - (self.t_start or t_end), 3), "source_fps": round(self.capture.fps, 3),
-                "stages": {s: self.stats.percentiles(s) for s in STAGES}}
+                "stages": stages}
