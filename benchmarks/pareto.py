@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepipe.atomic import atomic_path
+from edgepipe.benchmarks.budgets import resolve_of
 
 BACKEND_COLORS = {"openvino": "#1f77b4", "onnxruntime": "#ff7f0e", "tensorrt": "#2ca02c"}
 PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -47,8 +48,8 @@ def _budget_lines(report: dict, budget_file, ykey: str) -> tuple[list, list]:
         if b.p90_ms_max is not None:
             vlines.append((b.p90_ms_max, f"p90 ≤ {b.p90_ms_max} ms{tag}"))
         if b.p90_ratio_max is not None:
-            of = b.p90_ratio_max.of
-            base = refs_ms.get(of) or (rows.get(of) or next((r for r in rows.values() if r["name"] == of), {})).get("p90_ms")
+            of = resolve_of(b.p90_ratio_max.of, report["variants"])  # what the budget check compared against
+            base = refs_ms.get(of) or (rows.get(of) or {}).get("p90_ms")
             if base:
                 vlines.append((b.p90_ratio_max.ratio * base, f"p90 ≤ {b.p90_ratio_max.ratio}×{of}{tag}"))
     return hlines, vlines
