@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
-from edgepipe.atomic import write_json, write_text
+from edgepipe.atomic import write_bytes, write_json, write_text
 from edgepipe.recipe import Recipe, dump_recipe
 from edgepipe.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, file_entry, sha256_file
 from edgepipe.runtime.preprocess import Preprocess
@@ -182,7 +182,7 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
     elif target.backend == "onnxruntime":
         dst = vdir / "model.onnx"
         if target.precision == "fp32":
-            dst.write_bytes(onnx_path.read_bytes())
+            write_bytes(dst, onnx_path.read_bytes())
         elif target.precision == "int8":
             from edgepipe.compile.qdq import quantize_qdq
             validation, vsource = accuracy_validation(recipe, onnx_path)
@@ -276,6 +276,9 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     variants: dict[str, dict] = {}
     references: dict[str, dict] = {}
     exports: dict[str, dict] = {}
+    # content hashes of the data sets, for the step keys: once per run, not once per target or variant
+    calib_fp, validation_fp = data_fingerprint(calib_paths), validation_fingerprint(recipe)
+    eval_fp = data_fingerprint([p for p, _ in eval_items]) if eval_items else None
     log("[3/5] export + compile")
     for prefix, mspec in models.items():
         model = mspec.model.eval()
@@ -299,7 +302,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
                 continue  # only the "-int8-qat" variants (below)
             name = variant_name(prefix, target.backend, target.precision)
             key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
-                           data_fingerprint(calib_paths), versions, validation_fingerprint(recipe))
+                           calib_fp, versions, validation_fp)
             rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
                             files=lambda r: [out / f for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
@@ -329,8 +332,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
         if v["status"] != "ok":
             continue
         key = hash_key([f["sha256"] for f in manifest["variants"][name]["files"]], recipe.data.evaluation,
-                       data_fingerprint([p for p, _ in eval_items]) if eval_items else None, recipe.bench.model_dump(),
-                       parity_names, versions)
+                       eval_fp, recipe.bench.model_dump(), parity_names, versions)
 
         def check(name=name, v=v, prefix=prefix):
             return measure_variant(out, name, parity_batch, parity_names, references.get(name, references[prefix])["logits"],
