@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgepipe.atomic import write_bytes
+from edgepipe.atomic import atomic_path, write_bytes
 
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png")
@@ -71,23 +71,21 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
 def make_demo_video(path: str | Path, frames_per_photo: int = 30, size=(640, 480), fps: int = 15) -> Path:
     """A slow pan-and-zoom over each bundled photo, as an mp4: a stand-in camera for the demo and tests."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part.mp4")
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write {path}")
     w, h = size
-    for p in bundled_photos():
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            continue
-        ih, iw = img.shape[:2]
-        for f in range(frames_per_photo):
-            zoom = 1.0 - 0.25 * f / frames_per_photo
-            ch, cw = int(ih * zoom), int(min(iw, ih * zoom * w / h))
-            y0, x0 = (ih - ch) // 2, (iw - cw) * f // max(1, frames_per_photo - 1)
-            x0 = min(max(0, x0), iw - cw)
-            writer.write(cv2.resize(img[y0:y0 + ch, x0:x0 + cw], size, interpolation=cv2.INTER_AREA))
-    writer.release()
-    tmp.replace(path)
+    with atomic_path(path, suffix=".mp4") as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write {path}")
+        for p in bundled_photos():
+            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if img is None:
+                continue
+            ih, iw = img.shape[:2]
+            for f in range(frames_per_photo):
+                zoom = 1.0 - 0.25 * f / frames_per_photo
+                ch, cw = int(ih * zoom), int(min(iw, ih * zoom * w / h))
+                y0, x0 = (ih - ch) // 2, (iw - cw) * f // max(1, frames_per_photo - 1)
+                x0 = min(max(0, x0), iw - cw)
+                writer.write(cv2.resize(img[y0:y0 + ch, x0:x0 + cw], size, interpolation=cv2.INTER_AREA))
+        writer.release()
     return path

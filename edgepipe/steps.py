@@ -18,7 +18,7 @@ from typing import Callable
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
-from edgepipe.runtime.manifest import sha256_file
+from edgepipe.runtime.manifest import file_entry, sha256_file
 
 TOOLS = ("edgepipe", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "torch-pruning",
          "onnxslim", "opencv-python-headless", "numpy")
@@ -127,10 +127,7 @@ class StepCache:
             return cached
         self.log(f"  {name}: running")
         result = fn()
-        entries = []
-        for p in files(result):
-            p = Path(p)
-            entries.append({"path": p.relative_to(self.out).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size})
+        entries = [file_entry(self.out, Path(p)) for p in files(result)]
         write_json(self._record(name), {"key": key, "files": entries, "result": result})
         self.ran.append(name)
         return result
