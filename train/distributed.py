@@ -71,10 +71,6 @@ def agree(value):
     return box[0]
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -123,7 +119,8 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.profile, args.set + (["stages.train.resume=true"] if args.resume else []))
         out = prepare_out_dir(__import__("pathlib").Path(args.out))
-        cache = StepCache(out, print if current().is_main or int(os.environ.get("RANK", "0")) == 0 else (lambda m: None))
+        # the process group does not exist yet (fit creates it), so torchrun's RANK tells who logs
+        cache = StepCache(out, print if int(os.environ.get("RANK", "0")) == 0 else (lambda m: None))
         torch.manual_seed(0)
         spec = build_model(recipe.model.name, pretrained=recipe.model.pretrained, num_classes=recipe.model.num_classes,
                            checkpoint=recipe.model.checkpoint)
