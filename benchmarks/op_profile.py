@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
+from edgepipe.runtime.backends.base import env_threads
 from edgepipe.runtime.manifest import load_manifest, verify_files
 
 # activations ONNX Runtime fuses into the Conv before them (when that Conv feeds nothing else)
@@ -58,7 +59,8 @@ def layer_kinds(model) -> tuple[dict[str, str], dict[str, int]]:
     return names, dict(macs)
 
 
-def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int = 0) -> dict:
+def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int | None = None) -> dict:
+    """``threads``: None for what the ONNX Runtime backend uses (EDGEPIPE_THREADS, else its default)."""
     import onnx
     import onnxruntime as ort
     kinds, macs = layer_kinds(onnx.load(str(onnx_path)))
@@ -67,6 +69,7 @@ def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int = 0
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "ort")
+        threads = env_threads() if threads is None else threads
         if threads:
             opts.intra_op_num_threads = threads
         session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("dir", help="artifact folder (manifest.json)")
     ap.add_argument("--variant", default="onnxruntime-fp32")
     ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("EDGEPIPE_THREADS", "0") or 0))
+    ap.add_argument("--threads", type=int, help="default: EDGEPIPE_THREADS, as the backends use")
     args = ap.parse_args(argv)
     try:
         manifest = load_manifest(Path(args.dir))

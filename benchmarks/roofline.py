@@ -14,10 +14,12 @@ from typing import Callable
 
 import numpy as np
 
+from edgepipe.runtime.backends.base import env_threads
+
 
 def bench_threads() -> int:
     """Threads the backends use: EDGEPIPE_THREADS when set, else every core (ORT / OpenVINO defaults)."""
-    return int(os.environ.get("EDGEPIPE_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    return env_threads() or (os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

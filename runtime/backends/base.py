@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,11 @@ BACKENDS = {
     "openvino": ("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx")),
     "onnxruntime": ("edgepipe.runtime.backends.ort", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
 }
+def env_threads() -> int:
+    """CPU threads for inference from EDGEPIPE_THREADS; 0 (unset or empty): the library's own default."""
+    return int(os.environ.get("EDGEPIPE_THREADS", "0") or 0)
+
+
 # `--backend auto` preference on a device: TensorRT, then OpenVINO, then ONNX Runtime.
 AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
 INSTALL_HINT = {

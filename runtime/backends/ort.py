@@ -1,13 +1,12 @@
 """ONNX Runtime backend (fp32 ONNX and QDQ int8 ONNX)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edgepipe.runtime.backends.base import check_input
+from edgepipe.runtime.backends.base import check_input, env_threads
 from edgepipe.runtime.errors import ManifestError
 
 
@@ -20,7 +19,7 @@ class OnnxRuntimeBackend:
             raise ManifestError(f"variant has no .onnx file for ONNX Runtime (files: {[f.name for f in files]})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = int(os.environ.get("EDGEPIPE_THREADS", "0"))
+        threads = env_threads()
         if threads:
             opts.intra_op_num_threads = threads
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from edgepipe.runtime.backends.base import check_input
+from edgepipe.runtime.backends.base import check_input, env_threads
 from edgepipe.runtime.errors import ManifestError
 
 
@@ -26,7 +26,7 @@ class OpenVINOBackend:
         # must compute in fp32 (measured here: max logit error 0.1 in bf16, 6e-6 in f32).
         if variant.get("precision") == "fp32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
-        threads = int(os.environ.get("EDGEPIPE_THREADS", "0"))
+        threads = env_threads()
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
