@@ -2,8 +2,9 @@
 layer's quantization costs (the logit error that goes away when only that layer is kept in float) and keep
 the most sensitive layers in float, one at a time, until the target is met.
 
-Backend-neutral: the caller gives ``evaluate(float_layers) -> logits`` (QDQ: nodes_to_exclude; OpenVINO:
-NNCF ignored_scope) on the same validation images as the fp32 ``reference`` logits.
+Backend-neutral: the caller gives ``evaluate(float_layers) -> logits`` (the QDQ path passes them as
+onnxruntime's nodes_to_exclude; OpenVINO uses NNCF's own accuracy control instead) on the same validation
+images as the fp32 ``reference`` logits.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
 
 def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray],
                   validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                  ignored_scopes: list[str] | None = None, fast_bias_correction: bool = False,
+                  fast_bias_correction: bool = False,
                   mixed_precision: bool = True) -> tuple[list[Path], dict]:
     """NNCF PTQ, or, when labeled ``validation`` items ((1, 3, H, W) array, class index) and ``max_drop``
     (top-1 points) are given and ``mixed_precision`` is on, NNCF's accuracy-controlled PTQ: it ranks the
@@ -53,20 +53,17 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     # everywhere, so no outlier tails to clip) this kept top-1 at fp32 level in 2-fold cross-validation on the
     # ImageNet sample, where NNCF's default estimator lost 0.4 points and the quantile ones 23 (docs/compile.md).
     advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
-    if ignored_scopes:
-        common["ignored_scope"] = nncf.IgnoredScope(names=list(ignored_scopes), validate=False)
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
-            "preset": "performance", "activations_range_estimator": "minmax",
-            "float_layers": list(ignored_scopes or [])}
+            "preset": "performance", "activations_range_estimator": "minmax"}
     if validation and max_drop is not None and mixed_precision:
         val = nncf.Dataset(list(validation), lambda item: item[0])
 
         def validate(compiled, items) -> float:
             out = compiled.output(0)
-            hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in items]
+            hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in list(items)]
             return float(np.mean(hits))
 
-        model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=_wrap(validate),
+        model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=validate,
                                                     max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
                                                     advanced_quantization_parameters=advanced, **common)
         info["method"] = "nncf.quantize_with_accuracy_control"
@@ -91,8 +88,3 @@ def float_layers(model) -> list[str]:
                 out.append(op.get_friendly_name())
     return out
 
-
-def _wrap(fn: Callable) -> Callable:
-    def validation_fn(compiled_model, validation_data):
-        return fn(compiled_model, list(validation_data))
-    return validation_fn

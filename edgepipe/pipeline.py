@@ -195,7 +195,7 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
     else:  # tensorrt: engines are built on the device (`edgepipe build-engine`); ship the source ONNX
         src = out / f"{prefix}onnxruntime-int8" / "model.onnx" if target.precision == "int8" else onnx_path
         if not src.is_file():
-            raise UserError(f"target tensorrt/int8 needs the QDQ ONNX; add a target {{backend: onnxruntime, precision: int8}} before it")
+            raise UserError("target tensorrt/int8 needs the QDQ ONNX; add a target {backend: onnxruntime, precision: int8} before it")
         files, fmt = [src], "onnx"
         info = {"engine": "build on the device with `edgepipe build-engine DIR --precision " + target.precision + "`"}
     return {"backend": target.backend, "precision": target.precision, "format": "engine" if target.backend == "tensorrt" else fmt,

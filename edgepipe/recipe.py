@@ -6,10 +6,9 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
