@@ -125,9 +125,7 @@ class ImageSet(torch.utils.data.Dataset):
         size = self.pre.crop
         if img is None:
             return torch.zeros(3, size, size), -1, index
-        if img.ndim == 2:
-            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-        x = self.pre(img)[0]
+        x = self.pre(img)[0]  # Preprocess takes grayscale / BGRA frames as they come
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             if rng.random() < 0.5:

@@ -20,6 +20,7 @@ from edgepipe import UserError
 from edgepipe.train import distributed
 from edgepipe.train.checkpoint import save_checkpoint
 from edgepipe.train.data import BadImages, ImageSet
+from edgepipe.train.models import head_module
 
 BN_RECALIBRATION_BATCHES = 20
 
@@ -46,14 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def head_module(model: nn.Module) -> nn.Module:
-    last = None
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            last = mod
-    return last
 
 
 @dataclass

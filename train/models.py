@@ -47,12 +47,22 @@ def imagenet_labels() -> list[str]:
     return list(_IMAGENET_CATEGORIES)
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer for a new one with ``num_classes`` outputs (fine-tuning)."""
-    last_name, last = None, None
+def last_linear(model: nn.Module) -> tuple[str | None, nn.Linear | None]:
+    """The classifier head: the last nn.Linear in the model, with its module name ((None, None) if none)."""
+    found: tuple = (None, None)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
-            last_name, last = name, mod
+            found = (name, mod)
+    return found
+
+
+def head_module(model: nn.Module) -> nn.Linear | None:
+    return last_linear(model)[1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a new one with ``num_classes`` outputs (fine-tuning)."""
+    last_name, last = last_linear(model)
     if last is None:
         raise UserError(f"{type(model).__name__} has no Linear head to replace")
     parent = model.get_submodule(last_name.rsplit(".", 1)[0]) if "." in last_name else model

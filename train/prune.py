@@ -24,7 +24,7 @@ from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.benchmarks.latency import measure
 from edgepipe.train import distributed
-from edgepipe.train.finetune import head_module
+from edgepipe.train.models import head_module
 from edgepipe.train.models import build_model, count_macs
 
 SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),

@@ -66,8 +66,8 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 
     from edgepipe.atomic import atomic_path
     from edgepipe.train import distributed
-    from edgepipe.train.finetune import fit, head_module, seed_everything
-    from edgepipe.train.models import build_model, replace_head
+    from edgepipe.train.finetune import fit, seed_everything
+    from edgepipe.train.models import build_model, head_module, replace_head
     if not recipe.data.train:
         raise UserError("stages.train is enabled but data.train is not set; give fashion-mnist, an ImageFolder tree or a CSV")
     cfg = recipe.stages.train
@@ -112,13 +112,14 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
     cfg = recipe.stages.prune
     size = spec.preprocess["crop"]
-    data = _data(recipe, spec.preprocess) if recipe.data.train else None
     folder = Path(out) / "prune"
     key = hash_key("prune", model_hash(spec.model), cfg.model_dump(), _train_cfg_key(recipe),
-                   _data_key(recipe) if data else None, recipe.bench.threads, tool_versions(), train_code_hash())
+                   _data_key(recipe) if recipe.data.train else None, recipe.bench.threads, tool_versions(),
+                   train_code_hash())
 
-    def run() -> dict:
+    def run() -> dict:  # loads the training data only when the step really runs (not on a cache hit)
         import torch
+        data = _data(recipe, spec.preprocess) if recipe.data.train else None
         model = copy.deepcopy(spec.model).cpu().eval()
         finetune = taylor = None
         if data is not None:
