@@ -19,7 +19,7 @@ from edgepipe import UserError
 from edgepipe.recipe import PruneStage, TrainStage
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.train import data as tdata
-from edgepipe.train.finetune import evaluate, fit, load_training_state
+from edgepipe.train.finetune import fit, load_training_state
 
 pytestmark = pytest.mark.skipif(not (tdata.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                                 reason="dataset-fashion-mnist is not installed")
@@ -277,16 +277,18 @@ def test_qat_exports_a_symmetric_int8_qdq_onnx_that_onnxruntime_and_openvino_run
     import openvino as ov
 
     from edgepipe.train.models import build_model
-    from edgepipe.train.qat import calibrate, export_qdq, prepare_qat, qdq_summary
+    from edgepipe.compile.qdq_check import check_qdq
+    from edgepipe.train.qat import calibrate, export_qdq, prepare_qat
     model = build_model("efficientnet_lite0", pretrained=True, num_classes=10).model
     data = tdata.load_train_data("fashion-mnist", pre(32), val_split=0.1, max_train=64, max_val=32)
     prepare_qat(model, 32)
     calibrate(model, [torch.stack([data.val[i][0] for i in range(16)])])
     fit(model, data.train, None, cfg(epochs=1, batch_size=32, lr=0.001), log=lambda m: None)
     path = export_qdq(model, tmp_path / "qat.onnx", 32)
-    summary = qdq_summary(path)
-    assert summary["dequantize_linear"] >= 2 * 49  # every conv: input and weight
-    assert summary["zero_point_dtypes"] == ["int8"] and summary["nonzero_zero_points"] == 0
+    check = check_qdq(path)  # TensorRT's form: int8 zero points, all 0, per-channel weights
+    assert check["counts"]["dequantize_linear"] >= 2 * 49  # every conv: input and weight
+    assert check["ok"], check["errors"]
+    assert check["counts"]["quantized_layers"] == check["counts"]["weighted_layers"] == 50
 
     x = torch.stack([data.val[i][0] for i in range(16)])
     with torch.no_grad():

@@ -146,18 +146,3 @@ def fold_weight_quantizers(path):
         onnx.save(proto, str(tmp))
     return folded
 
-
-def qdq_summary(path: Path) -> dict:
-    """Counts of Q/DQ nodes and their zero-point types (TensorRT wants signed int8, zero point 0)."""
-    import onnx
-    from onnx import numpy_helper
-    proto = onnx.load(str(path))
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
-              for a in n.attribute if a.name == "value"}
-    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    zps = [inits.get(n.input[2], consts.get(n.input[2])) for n in q if len(n.input) > 2]
-    dtypes = sorted({str(z.dtype) for z in zps if z is not None})
-    nonzero = sum(int((z != 0).any()) for z in zps if z is not None)
-    return {"quantize_linear": len(q), "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in proto.graph.node),
-            "zero_point_dtypes": dtypes, "nonzero_zero_points": nonzero}

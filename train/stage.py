@@ -160,7 +160,8 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
     from edgepipe.pipeline import model_hash
     from edgepipe.runtime.manifest import sha256_file
     from edgepipe.train.finetune import evaluate, fit
-    from edgepipe.train.qat import calibrate, export_qdq, prepare_qat, qdq_summary
+    from edgepipe.compile.qdq_check import check_qdq
+    from edgepipe.train.qat import calibrate, export_qdq, prepare_qat
     targets = [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]
     if not targets:
         return {}, None
@@ -194,7 +195,9 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
         with atomic_path(ref_file, suffix=".npy") as tmp:
             np.save(tmp, ref)
         _log(f"  {prefix}qat: val top-1 after calibration {before}, after QAT {after}")
-        return {"val_top1_calibrated": before, "val_top1": after, "qdq": qdq_summary(qdq), "epochs": q.qat_epochs, "lr": q.qat_lr}
+        # the same TensorRT QDQ structure check as the post-training int8 variants (in report.md)
+        return {"val_top1_calibrated": before, "val_top1": after, "tensorrt_qdq_check": check_qdq(qdq),
+                "epochs": q.qat_epochs, "lr": q.qat_lr}
 
     info = cache.run(f"{prefix}qat", key, run, files=lambda r: [qdq, ref_file])
     variants = {}
