@@ -79,7 +79,7 @@ class Classifier:
         backend_obj.load(files, dict(spec, model_dir=str(self.model_dir)))
         _check_outputs(backend_obj, pre, labels, name)
         return SimpleNamespace(manifest=manifest, variant_name=name, backend_name=backend_name, variant=spec,
-                               labels=labels, preprocess=pre, backend=backend_obj)
+                               files=files, labels=labels, preprocess=pre, backend=backend_obj)
 
     def reload(self, variant: str | None = None, backend: str | None = None) -> str:
         """Switch to ``variant`` (None: the manifest's default, re-read from disk) without a gap in service.
@@ -95,6 +95,7 @@ class Classifier:
     variant_name = property(lambda self: self._active.variant_name)
     backend_name = property(lambda self: self._active.backend_name)
     variant = property(lambda self: self._active.variant)
+    files = property(lambda self: self._active.files)  # the variant's files, hash-checked when loaded
     labels = property(lambda self: self._active.labels)
     preprocess = property(lambda self: self._active.preprocess)
     backend = property(lambda self: self._active.backend)

@@ -14,14 +14,14 @@ from edgepipe.runtime.errors import ManifestError
 class OpenVINOBackend:
     name = "openvino"
 
-    def load(self, files: list[Path], variant: dict, device: str | None = None) -> None:
+    def load(self, files: list[Path], variant: dict, device: str | None = None, hint: str | None = None) -> None:
         model = next((f for f in files if f.suffix == ".xml"), None) or next((f for f in files if f.suffix == ".onnx"), None)
         if model is None:
             raise ManifestError(f"variant has no .xml or .onnx file for OpenVINO (files: {[f.name for f in files]})")
         if model.suffix == ".xml" and not _looks_like_xml(model):
             raise ManifestError(f"{model.name} is not an OpenVINO IR (.xml) file; rebuild it with `edgepipe run`")
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": os.environ.get("EDGEPIPE_OV_HINT", "LATENCY")}
+        config = {"PERFORMANCE_HINT": hint or os.environ.get("EDGEPIPE_OV_HINT", "LATENCY")}
         # OpenVINO's CPU plugin silently runs fp32 models in bf16 where the CPU has it; an fp32 variant
         # must compute in fp32 (measured here: max logit error 0.1 in bf16, 6e-6 in f32).
         if variant.get("precision") == "fp32":
