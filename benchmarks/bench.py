@@ -20,8 +20,11 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.benchmarks import budgets as B
 from edgepipe.benchmarks.latency import async_throughput, batched_throughput, measure, measure_stable
+from edgepipe.benchmarks.report import (DEFAULT_MAX_DROP, budget_table, fastest_per_backend, top1_agreement,
+                                        write_bench_reports)
 from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
+from edgepipe.runtime.data import load_items
 from edgepipe.runtime.manifest import load_manifest, verify_files
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.preprocess import Preprocess
@@ -55,16 +58,6 @@ def plan_rows(manifest: dict) -> tuple[list[dict], list[str]]:
                          "agreement_with_fp32": None, "top1_drop_pts": None, "worst_class_drop_pts": None,
                          "macs": v.get("macs"), "size_mb": round(sum(f.get("bytes", 0) for f in v["files"]) / 1e6, 3)})
     return rows, skipped
-
-
-def load_data(path: str | None, labels: list[str]) -> tuple[list, bool]:
-    """(items, labeled): a labeled CSV/ImageFolder gives (path, class); any other image set gives (path, -1)."""
-    if path is None:
-        return [], False
-    from edgepipe.runtime.data import list_images, load_labeled
-    with contextlib.suppress(UserError):
-        return load_labeled(path, labels), True
-    return [(p, -1) for p in list_images(path)], False
 
 
 # Untimed calls before each interleaved turn. The library timed just before keeps its threads spinning for a
@@ -123,10 +116,7 @@ def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
         if ref is None:
             continue
         row["fp32_reference"] = ref["id"]
-        pred, ref_pred = row.get("predictions") or {}, ref.get("predictions") or {}
-        common = [k for k in pred if k in ref_pred]
-        if common:
-            row["agreement_with_fp32"] = sum(pred[k] == ref_pred[k] for k in common) / len(common)
+        row["agreement_with_fp32"] = top1_agreement(row.get("predictions") or {}, ref.get("predictions") or {})
         if row.get("top1") is not None and ref.get("top1") is not None:
             row["top1_drop_pts"] = round((ref["top1"] - row["top1"]) * 100, 4)
             counts = ref.get("per_class_n") or {}
@@ -259,7 +249,6 @@ def time_by_layer(model_dir: Path, manifest: dict, rows: list[dict]) -> dict | N
 def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) -> dict:
     """Per backend: the lowest-p90 row with status ok that passes every budget matching it (with no
     budgets: within DEFAULT_MAX_DROP top-1 points of fp32 when labeled data was given)."""
-    from edgepipe.benchmarks.report import DEFAULT_MAX_DROP, fastest_per_backend
     failed = {c["row"] for c in checks if c["verdict"] != "pass"}
     return fastest_per_backend(rows, lambda r: r["id"] not in failed and
                                (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP))
@@ -293,7 +282,6 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
 # ---------------------------------------------------------------- main
 
 def main(args) -> int:
-    from edgepipe.benchmarks.report import write_bench_reports
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
     manifest = load_manifest(model_dir)
@@ -305,7 +293,7 @@ def main(args) -> int:
     rows, skipped = plan_rows(manifest)
     if not rows:
         raise UserError(f"no variant in {model_dir} runs on a backend installed here ({'; '.join(skipped)})")
-    items, labeled = load_data(args.data, manifest["labels"])
+    items, labeled = load_items(args.data, manifest["labels"]) if args.data else ([], False)
     if bf is not None:
         B.validate(bf, rows, args.data, labeled, args.budgets)
     out = Path(args.out) if args.out else model_dir / "bench"
@@ -361,7 +349,6 @@ def main(args) -> int:
         + (f"  junit: {args.junit}" if args.junit else ""))
     failed = [c for c in checks if c["verdict"] != "pass"]
     if failed:
-        from edgepipe.benchmarks.report import budget_table
         log(f"\n[bench] {len(failed)} budget check(s) did not pass (margin < 0 is over budget):")
         log("\n".join(budget_table(failed)))
     return 1 if failed else 0

@@ -15,12 +15,15 @@ def _top1(v: dict):
     return (v.get("accuracy") or {}).get("top1")
 
 
+def top1_agreement(pred: dict, ref_pred: dict) -> float | None:
+    """Share of the images both were run on (image name -> class) where the top-1 classes match."""
+    common = [k for k in pred if k in ref_pred]
+    return sum(pred[k] == ref_pred[k] for k in common) / len(common) if common else None
+
+
 def _agreement(v: dict, torch_pred: dict):
-    pred = v.get("predictions") or {}
-    common = [k for k in pred if k in torch_pred]
-    if common:
-        return sum(pred[k] == torch_pred[k] for k in common) / len(common)
-    return (v.get("parity") or {}).get("top1_agreement")
+    agreement = top1_agreement(v.get("predictions") or {}, torch_pred)
+    return agreement if agreement is not None else (v.get("parity") or {}).get("top1_agreement")
 
 
 MIN_SPEEDUP = 0.10  # a less accurate variant is served only when its p90 is at least this much lower

@@ -259,11 +259,8 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
     eval_items = None
     if recipe.data.evaluation:
-        from edgepipe.runtime.data import list_images, load_labeled
-        try:
-            eval_items = load_labeled(recipe.data.evaluation, spec.labels)
-        except UserError:
-            eval_items = [(p, -1) for p in list_images(recipe.data.evaluation)]  # unlabeled: agreement only
+        from edgepipe.runtime.data import load_items
+        eval_items, _ = load_items(recipe.data.evaluation, spec.labels)  # unlabeled: agreement only
     parity_paths = [p for p, _ in eval_items][:recipe.data.parity_images] if eval_items else calib_paths[:recipe.data.parity_images]
     if eval_items and recipe.data.on_bad_image == "stop":
         from edgepipe.runtime.evaluate import read_image

@@ -68,6 +68,15 @@ def _from_folder(root: Path, labels: list[str] | None) -> list[tuple[Path, int]]
     return items
 
 
+def load_items(path: str | Path, labels: list[str] | None) -> tuple[list[tuple[Path, int]], bool]:
+    """(items, labeled): a labeled CSV / ImageFolder gives (path, class index); any other image set gives
+    (path, -1), to compare predictions with a reference instead of scoring accuracy."""
+    try:
+        return load_labeled(path, labels), True
+    except UserError:
+        return [(p, -1) for p in list_images(path)], False
+
+
 def list_images(path: str | Path) -> list[Path]:
     """Unlabeled images: a folder (recursive), a single image, or a CSV's file column."""
     path = Path(path)
