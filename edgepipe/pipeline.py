@@ -6,11 +6,13 @@ an interrupted run resumes from the last completed step.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -125,18 +127,14 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 # ---------------------------------------------------------------- compile one target
 
-def accuracy_validation(recipe: Recipe, onnx_path: Path) -> tuple[list | None, str | None]:
+def accuracy_validation(recipe: Recipe, labels: list[str], pre: Preprocess) -> tuple[list | None, str | None]:
     """Labeled (preprocessed array, class index) items for int8 accuracy control, when stages.quantize.max_drop
     is set: the labeled calibration set if the calibration source has labels (so data.evaluation stays
     held out), else a labeled data.evaluation (then the reported drop is measured on the tuning set)."""
-    import onnx
-
     from edgepipe.runtime.data import load_labeled
     from edgepipe.runtime.evaluate import read_image
     if recipe.stages.quantize.max_drop is None:
         return None, None
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    labels, pre = json.loads(meta["labels"]), Preprocess.from_manifest(json.loads(meta["preprocess"]))
     sources = [("calibration", recipe.data.calibration.source, recipe.data.calibration.limit),
                ("evaluation", recipe.data.evaluation, None)]
     for what, source, limit in sources:
@@ -160,8 +158,10 @@ def validation_fingerprint(recipe: Recipe) -> list:
     return [data_fingerprint([Path(f)]) if f and Path(f).is_file() else f for f in files]
 
 
-def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np.ndarray], recipe: Recipe) -> dict:
-    """Compile one (backend, precision) from the fp32 ONNX; returns the variant record (without checks)."""
+def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np.ndarray], recipe: Recipe,
+                 validation_set: Callable[[], tuple]) -> dict:
+    """Compile one (backend, precision) from the fp32 ONNX; returns the variant record (without checks).
+    ``validation_set()``: accuracy_validation's (items, source), read once per run when an int8 target needs it."""
     name = variant_name(prefix, target.backend, target.precision)
     vdir = out / name
     vdir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
         from edgepipe.compile import openvino_ir
         xml = vdir / "model.xml"
         if target.precision == "int8":
-            validation, vsource = accuracy_validation(recipe, onnx_path)
+            validation, vsource = validation_set()
             files, info = openvino_ir.quantize_int8(onnx_path, xml, calib, validation=validation,
                                                     max_drop=recipe.stages.quantize.max_drop,
                                                     fast_bias_correction=recipe.stages.quantize.fast_bias_correction,
@@ -185,7 +185,7 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
             write_bytes(dst, onnx_path.read_bytes())
         elif target.precision == "int8":
             from edgepipe.compile.qdq import quantize_qdq
-            validation, vsource = accuracy_validation(recipe, onnx_path)
+            validation, vsource = validation_set()
             info = quantize_qdq(onnx_path, dst, calib, recipe.stages.quantize, validation=validation,
                                 max_drop=recipe.stages.quantize.max_drop)
             info["validation"] = vsource
@@ -276,6 +276,8 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     # content hashes of the data sets, for the step keys: once per run, not once per target or variant
     calib_fp, validation_fp = data_fingerprint(calib_paths), validation_fingerprint(recipe)
     eval_fp = data_fingerprint([p for p, _ in eval_items]) if eval_items else None
+    # the labeled accuracy-control set is the same for every int8 target (labels and preprocessing are shared)
+    validation_set = functools.cache(lambda: accuracy_validation(recipe, spec.labels, pre))
     log("[3/5] export + compile")
     for prefix, mspec in models.items():
         model = mspec.model.eval()
@@ -300,7 +302,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
             name = variant_name(prefix, target.backend, target.precision)
             key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
                            calib_fp, versions, validation_fp)
-            rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe),
+            rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe, validation_set),
                             files=lambda r: [out / f for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
         if recipe.stages.quantize.enabled and recipe.stages.quantize.method in ("qat", "both"):
