@@ -35,12 +35,13 @@ def tool_versions() -> dict:
 
 
 def code_hash(*packages) -> str:
-    """Hash of edgepipe's own source (by default: edgepipe, compile, runtime), so a code change invalidates
-    cached steps like a version bump would."""
+    """Hash of edgepipe's own source (by default: edgepipe, compile, runtime and benchmarks, whose measure
+    step is cached too), so a code change invalidates cached steps like a version bump would."""
     if not packages:
+        import edgepipe.benchmarks
         import edgepipe.compile
         import edgepipe.runtime
-        packages = (edgepipe.compile, edgepipe.runtime, sys.modules["edgepipe"])
+        packages = (edgepipe.compile, edgepipe.runtime, edgepipe.benchmarks, sys.modules["edgepipe"])
     h = hashlib.sha256()
     for pkg in packages:
         for f in sorted(Path(pkg.__file__).parent.rglob("*.py")):
