@@ -31,14 +31,14 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     return values
 
 
-def source_onnx(manifest: dict, root: Path, precision: str) -> tuple[str, Path, dict]:
-    """(source variant name, ONNX path, its manifest record), hash-checked."""
+def source_onnx(manifest: dict, root: Path, precision: str) -> tuple[str, Path, dict, str]:
+    """(source variant name, ONNX path, its manifest record, the ONNX's sha256), hash-checked."""
     for name in SOURCES[precision]:
         v = manifest["variants"].get(name)
         onnx_files = [f for f in (v or {}).get("files", []) if f["path"].endswith(".onnx")]
         if onnx_files:  # a pending-build tensorrt record or the ONNX Runtime variant
             path = verify_files(root, dict(v, files=onnx_files), name)[0]
-            return name, path, v
+            return name, path, v, onnx_files[0]["sha256"]  # verify_files just checked the file against it
     hint = "add a target {backend: onnxruntime, precision: int8} (the QDQ ONNX)" if precision == "int8" else \
         "add a target {backend: onnxruntime, precision: fp32}"
     raise UserError(f"{root}: no ONNX to build a {precision} engine from; {hint} to the recipe and re-run `edgepipe run`")
@@ -94,14 +94,13 @@ def main(args) -> int:
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
         raise UserError(f"--workspace {args.workspace}: give the builder workspace in MB, e.g. 1024")
-    src_name, onnx_path, src = source_onnx(manifest, root, precision)
+    src_name, onnx_path, src, src_sha = source_onnx(manifest, root, precision)
     trt = import_tensorrt()
     from edgepipe.runtime.backends.trt import engine_mismatch, gpu_info
     gpu = gpu_info()
     name = f"tensorrt-{precision}"
     existing = manifest["variants"].get(name, {})
     engine_path = root / name / "model.engine"
-    src_sha = file_entry(root, onnx_path)["sha256"]
     if (not args.rebuild and existing.get("format") == "engine" and existing.get("status") == "ok" and engine_path.is_file()
             and engine_mismatch(existing.get("tensorrt"), trt.__version__, gpu) is None
             and existing["tensorrt"].get("source_onnx_sha256") == src_sha and existing["tensorrt"].get("batch") == list(batch)):
