@@ -39,13 +39,16 @@ def bundled_photos() -> list[Path]:
 def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320) -> Path:
     """Write ``count`` JPEG crops of the bundled photos into ``out_dir`` (idempotent)."""
     out_dir = Path(out_dir)
-    photos = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in bundled_photos()]
-    photos = [p for p in photos if p is not None]
-    if not photos:
-        raise RuntimeError("no bundled photos found; install scikit-image (pip install 'edgepipe[compile]')")
+    no_photos = "no bundled photos found; install scikit-image (pip install 'edgepipe[compile]')"
+    paths = bundled_photos()
+    if not paths:
+        raise RuntimeError(no_photos)
     existing = sorted(out_dir.glob("calib_*.jpg")) if out_dir.is_dir() else []
     if len(existing) == count:
-        return out_dir
+        return out_dir  # already generated: decode no photo
+    photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
+    if not photos:
+        raise RuntimeError(no_photos)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(count):
