@@ -42,7 +42,8 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
     labels = np.asarray(labels)
     ref_top1 = top1(reference, labels)
     full = evaluate([])
-    steps = [{"float_layers": 0, "top1": top1(full, labels), "drop_points": round((ref_top1 - top1(full, labels)) * 100, 3)}]
+    int8_top1 = top1(full, labels)
+    steps = [{"float_layers": 0, "top1": int8_top1, "drop_points": round((ref_top1 - int8_top1) * 100, 3)}]
     report = {"fp32_top1": ref_top1, "int8_top1": steps[0]["top1"], "max_drop_points": max_drop,
               "validation_images": int(len(labels)), "steps": steps}
     if (ref_top1 - steps[0]["top1"]) * 100 <= max_drop + 1e-9:
@@ -59,8 +60,9 @@ def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarr
         gains.append((base_err - err, layer))
         if (i + 1) % 10 == 0:
             log(f"    sensitivity: {i + 1}/{len(layers)} layers")
-    ranked = [layer for gain, layer in sorted(gains, key=lambda g: -g[0])]
-    report["sensitivity_top"] = [{"layer": layer, "logit_mse_gain": round(g, 5)} for g, layer in sorted(gains, key=lambda g: -g[0])[:10]]
+    gains.sort(key=lambda g: -g[0])  # most sensitive first (stable: ties keep the graph order)
+    ranked = [layer for _, layer in gains]
+    report["sensitivity_top"] = [{"layer": layer, "logit_mse_gain": round(g, 5)} for g, layer in gains[:10]]
 
     chosen: list[str] = []
     met = False

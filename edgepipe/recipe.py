@@ -237,8 +237,8 @@ def builtin_recipe(name: str) -> Path | None:
 
 def load_recipe(path: str | Path, profile: str | None = None, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
-    if not path.is_file() and builtin_recipe(str(path)) is not None:
-        path = builtin_recipe(str(path))
+    if not path.is_file():
+        path = builtin_recipe(str(path)) or path
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist; try recipes/default.yaml")
     try:
