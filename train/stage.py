@@ -201,12 +201,13 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
 
     info = cache.run(f"{prefix}qat", key, run, files=lambda r: [qdq, ref_file])
     variants = {}
+    qdq_sha = sha256_file(qdq)
     for target in targets:
         name = f"{prefix}{target.backend}-int8-qat"
         rec = cache.run(f"compile-{name}", hash_key(key, target.model_dump(), tool_versions()),
                         lambda target=target, name=name: _qat_target(target, name, qdq, out, info),
                         files=lambda r: [out / f for f in r["files"]])
-        variants[name] = dict(rec, source_onnx_sha256=sha256_file(qdq))
+        variants[name] = dict(rec, source_onnx_sha256=qdq_sha)
     return variants, np.load(ref_file)
 
 
