@@ -211,8 +211,9 @@ def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRa
     if not fp32:
         return None
     top = min(fp32, key=lambda r: r["p90_ms"])
-    rounds, per_round = (bf.rounds, bf.round_iterations) if bf else (6, max(5, min(30, iterations // 4)))
-    conf = bf.confidence if bf else 0.9
+    # the budget file's rounds and confidence; without one, BudgetFile's defaults with shorter rounds
+    bf = bf or B.BudgetFile(round_iterations=max(5, min(30, iterations // 4)))
+    rounds, per_round, conf = bf.rounds, bf.round_iterations, bf.confidence
     out = {"variant": top["id"]}
     log(f"[bench] interleaved ratios of the best fp32 engine ({top['id']}), {rounds} rounds")
     if torch_timer:

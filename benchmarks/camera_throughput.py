@@ -23,6 +23,7 @@ from pathlib import Path
 
 import cv2
 
+from edgepipe.atomic import write_json
 from edgepipe.runtime.model import Classifier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     for stage, v in best["stages"].items():
         print(f"{stage:<12} {v['p50'] if v['p50'] is not None else '-':>7}  {v['p95'] if v['p95'] is not None else '-':>7}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
