@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/python -m edgepipe.demo --out $(DEMO_OUT) $(if $(DEMO_EVAL),--eval-data $(DEMO_EVAL))
+	$(BIN)/edgepipe demo --out $(DEMO_OUT) $(if $(DEMO_EVAL),--eval-data $(DEMO_EVAL))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,10 +20,10 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.benchmarks import budgets as B
-from edgepipe.benchmarks.latency import async_throughput, batched_throughput, measure, measure_stable
-from edgepipe.benchmarks.report import (DEFAULT_MAX_DROP, budget_table, fastest_per_backend, top1_agreement,
-                                        write_bench_reports)
+from edgepipe.benchmarks.latency import batched_throughput, measure, measure_stable
+from edgepipe.benchmarks.report import budget_table, top1_agreement, write_bench_reports
 from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
+from edgepipe.runtime.serving import DEFAULT_MAX_DROP, fastest_per_backend
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
 from edgepipe.runtime.data import load_items
 from edgepipe.runtime.manifest import load_manifest, verify_files
@@ -33,7 +34,9 @@ VIDEO_TIMEOUT_S = 1800
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    """A progress line; -q / EDGEPIPE_LOG=warning silence it."""
+    from edgepipe.log import progress
+    progress(msg)
 
 
 # ---------------------------------------------------------------- what to measure
@@ -60,6 +63,30 @@ def plan_rows(manifest: dict) -> tuple[list[dict], list[str]]:
     return rows, skipped
 
 
+def select_rows(rows: list[dict], variants: list[str] | None, backends: list[str] | None) -> list[dict]:
+    """Keep the rows --variant (globs over variant names) and --backend (names) ask for; a pattern that
+    matches nothing is an error with a close match, before anything is measured."""
+    import difflib
+    import fnmatch
+    names = sorted({r["name"] for r in rows})
+    for pattern in variants or []:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"--variant {pattern} matches no variant measurable here{hint}; variants: {', '.join(names)}")
+    for name in backends or []:
+        if name not in BACKENDS:
+            close = difflib.get_close_matches(name, list(BACKENDS), n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"--backend {name}: unknown backend{hint}; choose from {', '.join(BACKENDS)}")
+    kept = [r for r in rows if (not variants or any(fnmatch.fnmatchcase(r["name"], p) for p in variants))
+            and (not backends or r["backend"] in backends)]
+    if not kept:
+        raise UserError(f"--variant {' '.join(variants or ['*'])} --backend {' '.join(backends or ['*'])} leaves nothing "
+                        f"to measure; measurable here: {', '.join(r['id'] for r in rows)}")
+    return kept
+
+
 # Untimed calls before each interleaved turn. The library timed just before keeps its threads spinning for a
 # while (OpenBLAS, ONNX Runtime and OpenMP pools busy-wait after work): measured here, an engine's next ~100 ms
 # of calls ran 2.5x slower after numpy's or ONNX Runtime's matmul, which put a round's p90 on those calls.
@@ -73,10 +100,14 @@ def timer(fn):
 
 # ---------------------------------------------------------------- one row
 
-def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup: int, iterations: int):
-    """Accuracy, batch-1 latency and best throughput of one variant on one backend; returns its timer."""
+def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup: int, iterations: int,
+                device: str | None = None):
+    """Accuracy, batch-1 latency and best throughput of one variant on one backend; returns its timer.
+    ``device``: the OpenVINO device for OpenVINO rows (None: the variant's, else CPU)."""
     from edgepipe.runtime.evaluate import evaluate_items
-    clf = Classifier(model_dir, variant=row["name"], backend=row["backend"])
+    clf = Classifier(model_dir, variant=row["name"], backend=row["backend"],
+                     device=device if row["backend"] == "openvino" else None)
+    row["device"] = clf.device
     if items:
         acc = evaluate_items(clf, items)
         row["predictions"] = acc["predictions"]
@@ -93,8 +124,8 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     candidates = [{"fps": round(1000.0 / lat["mean"], 2), "mode": "batch 1, synchronous"}]
     if row["backend"] == "openvino":  # the same verified files, compiled again with the THROUGHPUT hint
         tp = create_backend("openvino")
-        tp.load(clf.files, dict(clf.variant, model_dir=str(model_dir)), hint="THROUGHPUT")
-        candidates.append(dict(async_throughput(tp.compiled, x1, images), mode="async, THROUGHPUT hint"))
+        tp.load(clf.files, dict(clf.variant, model_dir=str(model_dir)), device=clf.device, hint="THROUGHPUT")
+        candidates.append(dict(tp.async_throughput(x1, images), mode="async, THROUGHPUT hint"))
         del tp
     elif clf.dynamic_batch:
         candidates.append(batched_throughput(clf.logits, x1, images=images))
@@ -146,13 +177,15 @@ def torch_reference(model_dir: Path, manifest: dict, x1: np.ndarray, warmup: int
 
     from edgepipe.train.models import build_model
     m = manifest["model"]
+    if (m.get("source") or {}).get("onnx"):
+        return None, None, "PyTorch eager reference skipped: the model came as an ONNX file"
     kwargs = {"pretrained": True, "checkpoint": (m.get("source") or {}).get("checkpoint"),
               "num_classes": m.get("num_classes") if m.get("num_classes") != 1000 else None}
     resolved = model_dir / "recipe.resolved.yaml"
     if resolved.is_file():
         with contextlib.suppress(Exception):
             spec = (yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}).get("model") or {}
-            kwargs.update({k: spec[k] for k in ("pretrained", "checkpoint", "num_classes") if k in spec})
+            kwargs.update({k: spec[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in spec})
     try:
         model = build_model(m["name"], **kwargs).model.eval()
     except Exception as exc:  # unknown name, missing checkpoint, ...: say so, measure the rest
@@ -265,6 +298,8 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
         stats = Path(tmp) / "stats.json"
         cmd = [sys.executable, str(camera), "--model", str(model_dir), "--source", str(video), "--stats", str(stats),
                "--variant", row["name"], "--backend", row["backend"]]
+        if row.get("device") and row["backend"] == "openvino":
+            cmd += ["--device", row["device"]]
         log(f"[video] {' '.join(cmd[1:])}")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VIDEO_TIMEOUT_S)
@@ -282,6 +317,31 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
 
 # ---------------------------------------------------------------- main
 
+def machine_details() -> dict:
+    """ISA flags, GPUs and library versions of this machine (what a reader needs to compare figures)."""
+    try:
+        from edgepipe.runtime.verify import machine_facts
+    except ImportError:
+        return {}
+    facts = machine_facts()
+    details = {k: facts[k] for k in ("isa", "gpus", "versions", "python", "edgepipe") if k in facts}
+    with contextlib.suppress(OSError):  # other work on the machine inflates latencies: say how much there was
+        details["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return details
+
+
+def command_line(args) -> str:
+    """The `edgepipe bench` command these settings came from (for the report and docs/results.md)."""
+    import shlex
+    parts = ["edgepipe", "bench", str(args.dir)]
+    for flag in ("data", "variant", "backend", "budgets", "video", "iterations", "warmup", "min_class_images"):
+        value = getattr(args, flag, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                parts += [f"--{flag.replace('_', '-')}", str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def main(args) -> int:
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
@@ -294,6 +354,9 @@ def main(args) -> int:
     rows, skipped = plan_rows(manifest)
     if not rows:
         raise UserError(f"no variant in {model_dir} runs on a backend installed here ({'; '.join(skipped)})")
+    rows = select_rows(rows, getattr(args, "variant", None), getattr(args, "backend", None))
+    from edgepipe.log import debug
+    debug(f"[bench] measuring {', '.join(r['id'] for r in rows)}" + (f"; not measurable here: {'; '.join(skipped)}" if skipped else ""))
     items, labeled = load_items(args.data, manifest["labels"]) if args.data else ([], False)
     if bf is not None:
         B.validate(bf, rows, args.data, labeled, args.budgets)
@@ -308,7 +371,8 @@ def main(args) -> int:
 
     log(f"[bench] {len(rows)} variant x backend combination(s)" + (f", {len(items)} images "
         f"({'labeled' if labeled else 'unlabeled: agreement with fp32'})" if items else ", no --data (latency only)"))
-    timers = {r["id"]: measure_row(model_dir, r, x1, items, args.warmup, args.iterations) for r in rows}
+    timers = {r["id"]: measure_row(model_dir, r, x1, items, args.warmup, args.iterations, getattr(args, "device", None))
+              for r in rows}
     add_accuracy_deltas(rows, args.min_class_images)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
@@ -336,22 +400,25 @@ def main(args) -> int:
         video = run_video(model_dir, args.video, next(r for r in rows if r["id"] == pick))
 
     report = {
-        "model": manifest["model"]["name"], "dir": str(model_dir), "machine": dict(machine(), seconds=round(time.perf_counter() - t0, 1)),
+        "model": manifest["model"]["name"], "dir": str(model_dir),
+        "machine": dict(machine(), seconds=round(time.perf_counter() - t0, 1), **machine_details()),
         "data": {"path": args.data, "images": len(items), "labeled": labeled},
         "settings": {"warmup": args.warmup, "iterations": args.iterations, "budgets": args.budgets,
-                     "min_class_images": args.min_class_images},
+                     "min_class_images": args.min_class_images, "variant": getattr(args, "variant", None),
+                     "backend": getattr(args, "backend", None)},
+        "command": command_line(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "variants": [{k: v for k, v in r.items() if k not in ("predictions", "per_class_top1", "per_class_n")} for r in rows],
         "reference": reference, "budgets": checks, "best_per_target": best, "skipped": skipped, "video": video,
         "passed": all(c["verdict"] == "pass" for c in checks),
     }
     md = write_bench_reports(out, report, bf, args.junit)
     log(md)
-    log(f"[bench] report: {out / 'report.md'}  {out / 'report.json'}  {out / 'pareto.png'}"
+    log(f"[bench] report: {out / 'report.md'}  {out / 'report.json'}" + (f"  {out / 'pareto.png'}" if (out / "pareto.png").is_file() else "")
         + (f"  junit: {args.junit}" if args.junit else ""))
     failed = [c for c in checks if c["verdict"] != "pass"]
     if failed:
-        log(f"\n[bench] {len(failed)} budget check(s) did not pass (margin < 0 is over budget):")
-        log("\n".join(budget_table(failed)))
+        print(f"\n[bench] {len(failed)} budget check(s) did not pass (margin < 0 is over budget):")  # even with -q
+        print("\n".join(budget_table(failed)), flush=True)
     return 1 if failed else 0
 
 

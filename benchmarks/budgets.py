@@ -9,19 +9,19 @@ budget is re-measured with more rounds (up to ``max_rounds``) and fails the gate
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import importlib.util
 import math
 import statistics
+import typing
 from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
-from pydantic import ValidationError
 
 from edgepipe import UserError
-from edgepipe.recipe import Budget, RecipeError, Section, _check_keys
 
 # check key -> (the row field it reads, "min" or "max", unit shown in tables)
 CHECKS = {
@@ -42,12 +42,76 @@ class BudgetError(UserError):
     """The budget file is malformed or does not fit this artifact folder (exit 2)."""
 
 
-class BudgetFile(Section):
-    budgets: list[Budget] = []
+# The budget schema in plain dataclasses: a device install (edgepipe[openvino]) has no pydantic, and
+# `edgepipe bench --budgets` must work there. The recipe's `budgets:` section (build side) has the same fields.
+
+@dataclasses.dataclass
+class RatioBudget:
+    of: str                                        # torch_eager | roofline | <variant> | <variant>@<backend>
+    ratio: float
+
+
+@dataclasses.dataclass
+class Budget:
+    variants: str = "*"                            # glob over variant names
+    backends: str = "*"                            # glob over the backend a variant runs on
+    top1_min: Optional[float] = None
+    top5_min: Optional[float] = None
+    top1_drop_max: Optional[float] = None          # points against the fp32 variant
+    per_class_drop_max: Optional[float] = None     # points, worst class
+    p90_ms_max: Optional[float] = None
+    p90_ratio_max: Optional[RatioBudget] = None    # {of: torch_eager | roofline | <variant>, ratio: 0.5}
+    throughput_fps_min: Optional[float] = None
+    agreement_min: Optional[float] = None          # top-1 agreement with the fp32 variant
+
+
+@dataclasses.dataclass
+class BudgetFile:
+    budgets: list[Budget] = dataclasses.field(default_factory=list)
     rounds: int = 6              # interleaved rounds for relative budgets
     max_rounds: int = 24         # re-measure an inconclusive budget up to this many rounds
     round_iterations: int = 30   # timed calls per measured thing per round
     confidence: float = 0.9      # of the interval around the median ratio
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _convert(value, kind, where: str):
+    """``value`` as ``kind`` (str, int, float, a dataclass, Optional[...] or list[...]); BudgetError naming
+    ``where`` otherwise. Booleans are not numbers here."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BudgetError(f"{where}: expected a list (got {value!r})")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, where)
+    wanted = {str: str, int: int, float: (int, float)}[kind]
+    ok = isinstance(value, wanted) and not isinstance(value, bool)
+    if not ok:
+        raise BudgetError(f"{where}: expected {_TYPE_NAMES[kind]} (got {value!r})")
+    return kind(value)
+
+
+def _build(cls, data, where: str):
+    """A dataclass from a YAML mapping: unknown keys with a close match, missing required keys, types."""
+    if not isinstance(data, dict):
+        raise BudgetError(f"{where}: expected a mapping (got {data!r})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(fields)}"
+            raise BudgetError(f"unknown key '{prefix}{key}'{hint}")
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BudgetError(f"{prefix}{name}: required")
+    return cls(**{k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()})
 
 
 def load_budgets(path: str | Path) -> BudgetFile:
@@ -63,15 +127,9 @@ def load_budgets(path: str | Path) -> BudgetFile:
     if not isinstance(data, dict) or "budgets" not in data:
         raise BudgetError(f"{path}: expected a mapping with a 'budgets:' list, e.g. budgets: [{{variants: '*int8*', top1_min: 0.7}}]")
     try:
-        _check_keys(data, BudgetFile, "")
-        bf = BudgetFile.model_validate(data)
-    except RecipeError as exc:
+        bf = _build(BudgetFile, data, "")
+    except BudgetError as exc:
         raise BudgetError(f"{path}: {exc}") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        got = err.get("input")
-        got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-        raise BudgetError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}{got_s}") from None
     for i, b in enumerate(bf.budgets):
         if not checks_of(b):
             raise BudgetError(f"{path}: budgets[{i}] sets no limit; give one of {', '.join(CHECKS)}")

@@ -2,9 +2,11 @@
 against fp32, on the ImageNet sample with two-fold cross-validation: fold "even" calibrates on the even rows of
 labels.csv (and, with --max-drop, tunes accuracy control / mixed precision on them) and evaluates on the odd
 rows; fold "odd" swaps the halves. Every image is held out exactly once, so the pooled drop is measured on all
-of them (500 on the bundled sample) instead of on one noisy half.
+of them (500 on the bundled sample) instead of on one noisy half. With ``--calibration generated`` there is
+one run instead: the default recipe's generated crops calibrate, and every image of the sample is held out.
 
     .venv/bin/python -m edgepipe.benchmarks.int8_accuracy [--sample DIR] [--out DIR] [--max-drop none|0.5] [--folds even odd]
+        [--calibration folds|generated] [--isa portable|vnni] [--qdq-mode auto|s8s8|s8s8_reduce_range|u8s8_reduce_range]
 
 Prints per fold and pooled: top-1 per variant, drop against onnxruntime-fp32 in points, layers kept in float,
 p50 latency (batch 1, measured in the same run), the TensorRT QDQ structure check and the per-backend default
@@ -44,15 +46,20 @@ def split(sample: Path, work: Path, fold: str) -> tuple[Path, Path]:
 
 
 def run_fold(fold: str, sample: Path, work: Path, out: Path, args) -> dict:
-    """One `edgepipe run` with this fold's halves; returns its report.json."""
-    calib, evaluation = split(sample, work, fold)
+    """One `edgepipe run` with this fold's halves (fold "generated": generated crops, all images held out);
+    returns its report.json."""
     cmd = [sys.executable, "-m", "edgepipe", "run", str(REPO / "recipes" / "default.yaml"), "--out", str(out),
-           "--set", f"data.calibration.source={calib}", "--set", f"data.evaluation={evaluation}",
            "--set", f"targets={TARGETS}", "--set", f"stages.quantize.qdq_mode={args.qdq_mode}",
-           "--set", f"bench.iterations={args.iterations}"]
+           "--set", f"stages.quantize.isa={args.isa}", "--set", f"bench.iterations={args.iterations}"]
+    if fold == "generated":
+        cmd += ["--set", f"data.evaluation={(sample / 'labels.csv').resolve()}"]
+        print("calibrate on the generated crops, evaluate on every image of the sample", flush=True)
+    else:
+        calib, evaluation = split(sample, work, fold)
+        cmd += ["--set", f"data.calibration.source={calib}", "--set", f"data.evaluation={evaluation}"]
+        print(f"fold {fold}: calibrate on the {fold} rows of labels.csv, evaluate on the others", flush=True)
     if args.max_drop != "none":
         cmd += ["--set", f"stages.quantize.max_drop={float(args.max_drop)}"]
-    print(f"fold {fold}: calibrate on the {fold} rows of labels.csv, evaluate on the others", flush=True)
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return json.loads((out / "report.json").read_text())
@@ -68,7 +75,8 @@ def qdq_check(compile_info: dict) -> str:
 def print_fold(fold: str, report: dict) -> None:
     rows = {r["name"]: r for r in report["variants"]}
     ref = rows[REFERENCE]["top1"]
-    print(f"\nfold {fold} (calibrated on the {fold} rows): {rows[REFERENCE]['n']} held-out images; "
+    what = "generated crops" if fold == "generated" else f"the {fold} rows"
+    print(f"\nfold {fold} (calibrated on {what}): {rows[REFERENCE]['n']} held-out images; "
           f"PyTorch top-1 {report['reference']['torch_top1']:.4f}; "
           f"defaults chosen: {report['defaults']}")
     print("| variant | top-1 | drop vs fp32 (pts) | agreement w/ torch | layers in float | p50 ms | method | TensorRT QDQ check |")
@@ -100,8 +108,11 @@ def main(argv=None) -> int:
     p.add_argument("--sample", default=str(SAMPLE), help="folder with labels.csv (file,class_index,...) and the images")
     p.add_argument("--out", help="artifact folder, one sub-folder per fold (default: a temporary folder)")
     p.add_argument("--max-drop", default="none", help="stages.quantize.max_drop in top-1 points (accuracy control), or none (plain PTQ)")
-    p.add_argument("--qdq-mode", default="auto", choices=["auto", "s8s8", "u8s8_reduce_range"])
+    p.add_argument("--qdq-mode", default="auto", choices=["auto", "s8s8", "s8s8_reduce_range", "u8s8_reduce_range"])
+    p.add_argument("--isa", default="portable", choices=["portable", "vnni"], help="stages.quantize.isa (7-bit or 8-bit weights)")
     p.add_argument("--folds", nargs="+", default=list(FOLDS), choices=list(FOLDS))
+    p.add_argument("--calibration", default="folds", choices=["folds", "generated"],
+                   help="folds: two-fold cross-validation on the sample; generated: the recipe's generated crops, one run")
     p.add_argument("--iterations", type=int, default=50, help="bench.iterations per variant")
     args = p.parse_args(argv)
     sample = Path(args.sample)
@@ -111,7 +122,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgepipe-int8-"))
     out = Path(args.out) if args.out else work / "artifacts"
     try:
-        reports = {fold: run_fold(fold, sample, work, out / f"fold-{fold}", args) for fold in args.folds}
+        folds = ["generated"] if args.calibration == "generated" else args.folds
+        reports = {fold: run_fold(fold, sample, work, out / f"fold-{fold}", args) for fold in folds}
     except subprocess.CalledProcessError as exc:
         return exc.returncode
     for fold, report in reports.items():

@@ -70,18 +70,3 @@ def batched_throughput(infer: Callable[[np.ndarray], object], x1: np.ndarray, ba
         by_batch[bs] = round(calls * bs / (time.perf_counter() - start), 2)
     best = max(by_batch, key=by_batch.get)
     return {"fps": by_batch[best], "mode": f"batch {best}", "by_batch": by_batch}
-
-
-def async_throughput(compiled, x1: np.ndarray, images: int = 200) -> dict:
-    """Images per second through OpenVINO's AsyncInferQueue (optimal number of requests, batch 1 each)."""
-    import openvino as ov
-    queue = ov.AsyncInferQueue(compiled, 0)
-    for _ in range(len(queue)):
-        queue.start_async({0: x1})
-    queue.wait_all()
-    n = max(images, 4 * len(queue))
-    start = time.perf_counter()
-    for _ in range(n):
-        queue.start_async({0: x1})
-    queue.wait_all()
-    return {"fps": round(n / (time.perf_counter() - start), 2), "mode": f"async, {len(queue)} requests"}

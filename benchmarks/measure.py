@@ -57,3 +57,20 @@ def measure_torch(model, pre, eval_items, recipe) -> dict:
     if _labeled(eval_items):
         result["accuracy"] = {k: acc[k] for k in ("top1", "top5", "n", "per_class_top1")}
     return result
+
+
+def measure_source_onnx(source, pre, eval_items, recipe) -> dict:
+    """The reference when the model came as an ONNX file (compile.onnx_source.OnnxSource): that file in ONNX
+    Runtime, with the same batch-1 latency and accuracy fields measure_torch gives."""
+    x = pre(np.full((pre.crop, pre.crop, 3), 127, np.uint8))
+    latency = measure(lambda: source.logits(x), recipe.bench.warmup, max(30, recipe.bench.iterations // 2))
+    result = {"latency_ms": latency, "predictions": {}, "reference": f"source ONNX {Path(source.path).name} in ONNX Runtime"}
+    if not eval_items:
+        return result
+    bar = tqdm(total=len(eval_items), desc="  eval source onnx", leave=False, unit="img")
+    acc = score_items(source.logits, pre, eval_items, batch_size=16, progress=bar.update)
+    bar.close()
+    result["predictions"] = acc.pop("predictions")
+    if _labeled(eval_items):
+        result["accuracy"] = {k: acc[k] for k in ("top1", "top5", "n", "per_class_top1")}
+    return result

@@ -1,85 +1,18 @@
-"""report.json / report.md for `edgepipe run`, and the per-backend choice of the variant to serve:
-the fastest (p90) variant that passed its checks and stays within the accuracy budget, unless a more
-faithful one is within 10% of its speed."""
+"""report.json / report.md for `edgepipe run` and `edgepipe bench`. Which variant is served is decided by
+the serving policy (runtime/serving.py); this module only reports it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME
-
-DEFAULT_MAX_DROP = 1.0  # top-1 points against PyTorch fp32 when the recipe sets none
-
-
-def _top1(v: dict):
-    return (v.get("accuracy") or {}).get("top1")
+from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
 def top1_agreement(pred: dict, ref_pred: dict) -> float | None:
     """Share of the images both were run on (image name -> class) where the top-1 classes match."""
     common = [k for k in pred if k in ref_pred]
     return sum(pred[k] == ref_pred[k] for k in common) / len(common) if common else None
-
-
-def _agreement(v: dict, torch_pred: dict):
-    agreement = top1_agreement(v.get("predictions") or {}, torch_pred)
-    return agreement if agreement is not None else (v.get("parity") or {}).get("top1_agreement")
-
-
-MIN_SPEEDUP = 0.10  # a less accurate variant is served only when its p90 is at least this much lower
-PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}
-
-
-def _quality(r: dict) -> tuple:
-    """Higher is more faithful to the fp32 model: higher precision, then unpruned, then measured top-1."""
-    top1 = r.get("top1")
-    return (PRECISION_RANK.get(r.get("precision"), 0), not str(r.get("name", r["id"])).startswith("pruned-"),
-            -1.0 if top1 is None else top1)
-
-
-def fastest_per_backend(rows, eligible, min_speedup: float = MIN_SPEEDUP) -> dict:
-    """The one serving rule of `edgepipe run` and `edgepipe bench`: per backend, among the rows ("id",
-    "backend", "status", "p90_ms", optional "precision", "top1", "name") with status ok that ``eligible``
-    accepts, the fastest p90 -- unless a more faithful row (higher precision, else unpruned, else higher
-    top-1) is within ``min_speedup`` of it: a speed-up inside measurement noise is not worth accuracy
-    (int8 on a CPU without VNNI runs about as fast as fp32). None for a backend with no such row."""
-    by_backend: dict = {}
-    for r in rows:
-        ok = by_backend.setdefault(r["backend"], [])
-        if r.get("status") == "ok" and r.get("p90_ms") is not None and eligible(r):
-            ok.append(r)
-    chosen = {}
-    for backend, ok in by_backend.items():
-        if not ok:
-            chosen[backend] = None
-            continue
-        fastest = min(ok, key=lambda r: r["p90_ms"])
-        close = [r for r in ok if r["p90_ms"] * (1.0 - min_speedup) <= fastest["p90_ms"]]
-        chosen[backend] = max(close, key=lambda r: (_quality(r), -r["p90_ms"]))["id"]
-    return chosen
-
-
-def within_accuracy(v: dict, torch_ref: dict, max_drop: float) -> bool:
-    ref = (torch_ref.get("accuracy") or {}).get("top1")
-    if ref is None or _top1(v) is None:
-        return bool((v.get("parity") or {}).get("ok"))
-    return (ref - _top1(v)) * 100 <= max_drop + 1e-9
-
-
-def choose_defaults(manifest: dict, torch_ref: dict, max_drop: float | None = None) -> None:
-    """Fill manifest["defaults"] (backend -> variant) and manifest["default_variant"] from measurements."""
-    max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
-    variants = manifest["variants"]
-    for v in variants.values():
-        v["agreement_with_torch"] = _agreement(v, torch_ref.get("predictions") or {})
-    rows = [{"id": name, "name": name, "backend": v["backend"], "status": v.get("status"), "precision": v.get("precision"),
-             "top1": _top1(v), "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
-    chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], torch_ref, max_drop))
-    defaults = {backend: name for backend, name in chosen.items() if name}
-    manifest["defaults"] = defaults
-    ranked = sorted(defaults.values(), key=lambda n: manifest["variants"][n]["latency_ms"]["p90"])
-    manifest["default_variant"] = ranked[0] if ranked else next(iter(manifest["variants"]))
-    manifest["reference"] = {"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")}
 
 
 def report_rows(manifest: dict) -> list[dict]:
@@ -138,6 +71,47 @@ def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
+def training_summary(manifest: dict, rows: list[dict]) -> dict | None:
+    """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model)."""
+    src = manifest["model"].get("source") or {}
+    if "fine_tuned_on" not in src and not manifest["model"].get("pruned"):
+        return None
+    top1 = {r["name"]: r["top1"] for r in rows}
+    pruned_fp32 = next((top1[n] for n in ("pruned-onnxruntime-fp32", "pruned-openvino-fp32") if top1.get(n) is not None), None)
+    int8 = {r["name"]: {"top1": r["top1"], "method": "qat" if r["name"].endswith("-qat") else "ptq",
+                        "drop_vs_pruned_fp32_pts": round((pruned_fp32 - r["top1"]) * 100, 2)
+                        if pruned_fp32 is not None and r["top1"] is not None else None}
+            for r in rows if r["name"].startswith("pruned-") and r["precision"] == "int8"}
+    keys = ("fine_tuned_on", "pretrained", "train_images", "epochs", "input_size", "images_per_s", "val_top1", "train_seconds")
+    return {"fine_tune": {k: src.get(k) for k in keys} if "fine_tuned_on" in src else None,
+            "prune": manifest["model"].get("pruned"), "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
+
+
+def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
+    if not summary:
+        return []
+    lines = ["## Training", ""]
+    ft = summary.get("fine_tune")
+    if ft:
+        lines.append(f"- fine-tuning from {'ImageNet weights' if ft.get('pretrained') else 'random initialisation'}: "
+                     f"{ft.get('train_images')} images x {_fmt(ft.get('epochs'))} epochs at {ft.get('input_size')} px, "
+                     f"{_fmt(ft.get('images_per_s'), '.0f')} images/s, {_fmt(ft.get('train_seconds'), '.0f')} s, "
+                     f"validation top-1 {_fmt(ft.get('val_top1'), '.4f')}")
+    pr = summary.get("prune")
+    if pr:
+        how = f"{'global' if pr.get('global_pruning') else 'per-layer'} {pr.get('importance') or 'magnitude'} importance"
+        if pr.get("distill_alpha"):
+            how += f", recovery with knowledge distillation from the unpruned model (alpha {pr['distill_alpha']})"
+        lines.append(f"- pruning ({how}): MACs -{_fmt((pr.get('macs_reduction') or 0) * 100, '.0f')}%, "
+                     f"{_fmt(pr.get('speedup'))}x on {pr.get('backend')}, validation top-1 "
+                     f"{_fmt(pr.get('val_top1_before'), '.4f')} -> {_fmt(pr.get('val_top1'), '.4f')}, {_fmt(pr.get('seconds'), '.0f')} s")
+    for name, q in summary.get("pruned_int8", {}).items():
+        lines.append(f"- {name} ({q['method'].upper()}): top-1 {_fmt(q['top1'], '.4f')}, "
+                     f"{_fmt(q['drop_vs_pruned_fp32_pts'])} pts below pruned fp32 ({_fmt(summary.get('pruned_fp32_top1'), '.4f')})"
+                     + (" — served" if name in defaults.values() else ""))
+    return lines + [""]
+
+
 def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
     rows = report_rows(manifest)
     ref_acc = (torch_ref.get("accuracy") or {})
@@ -148,12 +122,20 @@ def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
                       "torch_top1": ref_acc.get("top1"), "torch_top5": ref_acc.get("top5"), "roofline_ms": None},
         "defaults": manifest.get("defaults", {}), "default_variant": manifest.get("default_variant"),
         "evaluation": recipe.data.evaluation, "versions": manifest["versions"],
+        "training": training_summary(manifest, rows),
     }
     write_json(out / "report.json", report)
     lines = [f"# edgepipe report — {recipe.name} ({manifest['model']['name']})", ""]
     lines.append(f"PyTorch eager fp32 reference: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
                  + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
-    lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (agreement with PyTorch on calibration crops only)'}.")
+    lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with PyTorch on the held-out check images)'}.")
+    checks = manifest.get("checks")
+    if checks:
+        kind = "real images" if checks["images"] == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
+        lines.append(f"Checks (parity, agreement) rest on {checks['check_images']} held-out {kind} from "
+                     f"{checks['heldout_source']}, never on the {checks['calibration_images']} calibration images; "
+                     f"{(manifest.get('reference_set') or {}).get('count', 0)} of them travel with the artifacts for "
+                     "`edgepipe verify` on the device.")
     lines += ["", "| variant | status | top-1 | Δ vs torch (pts) | agree w/ torch | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -166,6 +148,7 @@ def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "
               f"faithful variant within {MIN_SPEEDUP:.0%} of its p90 is preferred): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
+    lines += _training_lines(report["training"], report["defaults"])
     lines += _compile_notes(manifest, rows)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]
     if flips:

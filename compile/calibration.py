@@ -1,11 +1,14 @@
 """Calibration media that the set-up installs, never a private data set: the real photos bundled with
-scikit-image, scikit-learn and matplotlib, expanded into many crops (scale, shift, flip, brightness).
+scikit-image, scikit-learn and matplotlib, expanded into many varied crops (scale, aspect, rotation, flip,
+colour, blur, noise, blends and mosaics of two to four photos, JPEG quality).
 
 Used for the default recipe's int8 calibration and the demo video; a recipe can point at its own images.
+Another ``seed`` gives another set of crops: a held-out set for accuracy control or checks.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import cv2
@@ -36,39 +39,83 @@ def bundled_photos() -> list[Path]:
     return found
 
 
+GENERATOR_VERSION = 2  # bump when the crops change: a folder made by another version is regenerated
+
+
 def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320) -> Path:
-    """Write ``count`` JPEG crops of the bundled photos into ``out_dir`` (idempotent)."""
+    """Write ``count`` JPEG crops ``calib_NNNN.jpg`` of the bundled photos into ``out_dir`` (idempotent: a
+    folder already holding this count, seed and size is kept as it is). Crop ``i`` depends on (seed, i) only;
+    a different ``seed`` gives a different set of crops, e.g. a held-out validation set."""
     out_dir = Path(out_dir)
     no_photos = "no bundled photos found; install scikit-image (pip install 'edgepipe[compile]')"
     paths = bundled_photos()
     if not paths:
         raise RuntimeError(no_photos)
+    stamp = {"generator": GENERATOR_VERSION, "count": count, "seed": seed, "size": size}
+    marker = out_dir / ".generated.json"
     existing = sorted(out_dir.glob("calib_*.jpg")) if out_dir.is_dir() else []
-    if len(existing) == count:
+    if len(existing) == count and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out_dir  # already generated: decode no photo
     photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
     if not photos:
         raise RuntimeError(no_photos)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    marker.unlink(missing_ok=True)
+    for old in existing:  # made with other settings
+        old.unlink()
     for i in range(count):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        frac = rng.uniform(0.35, 1.0)
-        ch, cw = int(h * frac), int(w * frac * rng.uniform(0.8, 1.25))
-        cw = min(cw, w)
-        y0 = int(rng.integers(0, h - ch + 1))
-        x0 = int(rng.integers(0, w - cw + 1))
-        crop = img[y0:y0 + ch, x0:x0 + cw]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-        crop = np.clip(crop.astype(np.float32) * rng.uniform(0.7, 1.3) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
-        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        rng = np.random.default_rng([seed, i])
+        crop = _varied_crop(photos, rng, size)
+        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
         if not ok:
             raise RuntimeError("OpenCV could not encode a calibration image")
         write_bytes(out_dir / f"calib_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
+    write_bytes(marker, json.dumps(stamp).encode())
     return out_dir
+
+
+def _random_crop(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A RandomResizedCrop-like view: 10-100 % of the area, aspect 3:4..4:3, sometimes rotated, flipped."""
+    h, w = img.shape[:2]
+    area = h * w * rng.uniform(0.1, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    ch, cw = min(h, int(round(np.sqrt(area / aspect)))), min(w, int(round(np.sqrt(area * aspect))))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    if rng.random() < 0.3:  # rotate about the crop's centre, borders mirrored
+        m = cv2.getRotationMatrix2D((x0 + cw / 2, y0 + ch / 2), rng.uniform(-20, 20), 1.0)
+        img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    crop = cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (size, size), interpolation=cv2.INTER_AREA)
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def _mixture(photos: list, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A plain crop (70 %), a blend of two (15 %) or a 2x2 mosaic of four (15 %), photos drawn at random."""
+    def pick():
+        return photos[int(rng.integers(len(photos)))]
+    kind = rng.random()
+    if kind < 0.7:
+        return _random_crop(pick(), rng, size)
+    if kind < 0.85:
+        a, b = _random_crop(pick(), rng, size), _random_crop(pick(), rng, size)
+        return cv2.addWeighted(a, (alpha := rng.uniform(0.3, 0.7)), b, 1 - alpha, 0)
+    half = size // 2
+    tiles = [_random_crop(pick(), rng, half) for _ in range(4)]
+    return cv2.resize(np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:])]), (size, size))
+
+
+def _varied_crop(photos: list, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A mixture, then colour jitter (brightness, contrast, saturation, hue, sometimes grey), blur and noise."""
+    crop = _mixture(photos, rng, size).astype(np.float32)
+    crop = (crop - crop.mean()) * rng.uniform(0.6, 1.4) + crop.mean() * rng.uniform(0.6, 1.4)  # contrast, brightness
+    hsv = cv2.cvtColor(np.clip(crop, 0, 255).astype(np.uint8), cv2.COLOR_BGR2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 180  # hue (OpenCV: 0..180)
+    hsv[..., 1] *= 0.0 if rng.random() < 0.05 else rng.uniform(0.6, 1.4)
+    crop = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2BGR).astype(np.float32)
+    if rng.random() < 0.2:
+        crop = cv2.GaussianBlur(crop, (0, 0), rng.uniform(0.5, 2.0))
+    if rng.random() < 0.2:
+        crop += rng.normal(0, rng.uniform(2, 8), crop.shape).astype(np.float32)
+    return np.clip(crop, 0, 255).astype(np.uint8)
 
 
 def make_demo_video(path: str | Path, frames_per_photo: int = 30, size=(640, 480), fps: int = 15) -> Path:

@@ -5,9 +5,13 @@ the most sensitive layers in float, one at a time, until the target is met.
 Backend-neutral: the caller gives ``evaluate(float_layers) -> logits`` (the QDQ path passes them as
 onnxruntime's nodes_to_exclude; OpenVINO uses NNCF's own accuracy control instead) on the same validation
 images as the fp32 ``reference`` logits.
+
+Accuracy control needs no labels: the targets may be the fp32 model's own top-1 on held-out images
+("fp32 agreement"), then top-1 is agreement with fp32 and ``max_drop`` bounds the share of flipped predictions.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,6 +23,25 @@ import numpy as np
 class Search:
     float_layers: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)
+
+
+VALIDATION_KINDS = ("labels", "fp32 agreement")
+
+
+def check_validation(calibration, validation, kind: str) -> dict:
+    """The info entries that say what accuracy control rests on; refuses a set that shares images with the
+    calibration set (a check on the images a model was calibrated on proves nothing)."""
+    from edgepipe import UserError
+    if kind not in VALIDATION_KINDS:
+        raise ValueError(f"validation_kind {kind!r}: choose {' or '.join(VALIDATION_KINDS)}")
+
+    def digest(a) -> str:
+        return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+    shared = {digest(a) for a in calibration} & {digest(a) for a, _ in validation}
+    if shared:
+        raise UserError(f"{len(shared)} of the {len(validation)} accuracy-control images are also calibration images; "
+                        "give accuracy control held-out images (another folder, or generated crops with another seed)")
+    return {"validation_images": len(validation), "validation_kind": kind}
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:

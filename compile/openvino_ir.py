@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edgepipe import UserError
 from edgepipe.atomic import atomic_path
 
 
@@ -28,34 +29,51 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
     return _save(model, Path(xml_path), compress_to_fp16=(precision == "fp16"))
 
 
+# stages.quantize.isa -> NNCF OverflowFix. portable: every Convolution/MatMul weight in 7 bits, so u8 x s8
+# pairs never saturate the 16-bit sums of SSE4.2/AVX2/AVX-512 without VNNI (VPMADDUBSW); NNCF's own default
+# (first layer only) leaves the rest exposed. vnni: full 8 bits (VNNI/AMX sum in 32 bits). docs/compile.md.
+OVERFLOW_FIX = {"portable": "enable", "vnni": "disable"}
+
+
 def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray],
                   validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                  fast_bias_correction: bool = False,
-                  mixed_precision: bool = True) -> tuple[list[Path], dict]:
-    """NNCF PTQ, or, when labeled ``validation`` items ((1, 3, H, W) array, class index) and ``max_drop``
+                  fast_bias_correction: bool = False, mixed_precision: bool = True, *, isa: str = "portable",
+                  validation_kind: str = "labels") -> tuple[list[Path], dict]:
+    """NNCF PTQ, or, when ``validation`` items ((1, 3, H, W) array, target class index) and ``max_drop``
     (top-1 points) are given and ``mixed_precision`` is on, NNCF's accuracy-controlled PTQ: it ranks the
     quantized layers by their effect on the validation metric and reverts the most sensitive to float until
     the drop is within ``max_drop``. The layers left in float are read back from the graph and reported.
 
+    ``validation_kind``: "labels" (targets are true labels: the metric is top-1) or "fp32 agreement"
+    (targets are the fp32 model's own top-1: the metric is agreement, 1.0 for fp32, so ``max_drop`` bounds
+    the share of flipped predictions). The items must be held out from ``calibration``.
+    ``isa``: "portable" (7-bit weights, right on every x86 ISA) or "vnni" (8-bit, VNNI/AMX/Arm targets only).
     ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
     Returns the written files and a dict describing what was done.
     """
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from edgepipe.compile.mixed_precision import check_validation
+    if isa not in OVERFLOW_FIX:
+        raise UserError(f"stages.quantize.isa {isa!r}: choose {' or '.join(OVERFLOW_FIX)}")
     logging.getLogger("nncf").setLevel(logging.WARNING)
     model = ov.convert_model(str(onnx_path))
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     calib = nncf.Dataset(list(calibration))
     common = dict(subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
                   fast_bias_correction=fast_bias_correction)
     # Activation ranges from the plain min/max over all calibration images: on EfficientNet-Lite0 (ReLU6
     # everywhere, so no outlier tails to clip) this kept top-1 at fp32 level in 2-fold cross-validation on the
     # ImageNet sample, where NNCF's default estimator lost 0.4 points and the quantile ones 23 (docs/compile.md).
-    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                                              overflow_fix=OverflowFix(OVERFLOW_FIX[isa]))
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
-            "preset": "performance", "activations_range_estimator": "minmax"}
+            "preset": "performance", "activations_range_estimator": "minmax", "isa": isa,
+            "overflow_fix": OVERFLOW_FIX[isa], "weight_bits": 7 if isa == "portable" else 8}
     if validation and max_drop is not None and mixed_precision:
+        info.update(check_validation(calibration, validation, validation_kind))
         val = nncf.Dataset(list(validation), lambda item: item[0])
 
         def validate(compiled, items) -> float:
@@ -68,7 +86,6 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
                                                     advanced_quantization_parameters=advanced, **common)
         info["method"] = "nncf.quantize_with_accuracy_control"
         info["max_drop_points"] = max_drop
-        info["validation_images"] = len(validation)
     else:
         model = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
     info["float_layers"] = float_layers(model)

@@ -8,7 +8,6 @@ with the most sensitive layers left in float (``nodes_to_exclude``) until the ac
 from __future__ import annotations
 
 import logging
-import platform
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -26,35 +25,32 @@ CALIBRATE_PERCENTILE = 99.999
 from edgepipe.compile.qdq_check import FLOAT_LAYERS_KEY  # metadata_props entry: layers deliberately left in float
 
 
-def cpu_has_vnni() -> bool:
-    """x86 CPUs with VNNI (or AMX) do int8 dot products without the u8s8 16-bit saturation of AVX2/AVX-512BW."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+# qdq_mode -> (activation type, 7-bit weights). x86 CPUs without VNNI (SSE4.2/AVX2/AVX-512BW) sum u8 x s8
+# pairs in saturating 16 bits (VPMADDUBSW; ONNX Runtime shifts s8 activations to u8 first), which 8-bit
+# weights overflow; 7-bit weights (onnxruntime's reduce_range: -64..64) never do. The artifact must not depend
+# on the CPU it was built on, so "auto" follows the recipe's stages.quantize.isa, never the build host.
+MODES = {"s8s8": ("QInt8", False), "s8s8_reduce_range": ("QInt8", True), "u8s8_reduce_range": ("QUInt8", True)}
+AUTO_MODE = {  # stages.quantize.isa -> (mode, why)
+    "portable": ("s8s8_reduce_range", "isa portable: 7-bit weights, right on every x86 ISA (no VPMADDUBSW saturation) and TensorRT"),
+    "vnni": ("s8s8", "isa vnni: 8-bit weights, right on VNNI/AMX x86, Arm and TensorRT (saturates on x86 without VNNI)")}
 
 
-def resolve_mode(mode: str) -> tuple[str, str]:
-    """(mode, why). ``auto``: s8s8 (TensorRT's form) unless an x86 CPU without VNNI would saturate u8s8/s8s8."""
+def resolve_mode(mode: str, isa: str = "portable") -> tuple[str, str]:
+    """(mode, why) for stages.quantize.qdq_mode and .isa."""
     if mode != "auto":
+        if mode not in MODES:
+            raise UserError(f"stages.quantize.qdq_mode {mode!r}: choose {', '.join(MODES)} or auto")
         return mode, "set in the recipe"
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
-        return "s8s8", f"{platform.machine()} CPU (Arm int8 dot products do not saturate)"
-    if cpu_has_vnni():
-        return "s8s8", "x86 CPU with VNNI: no u8s8 saturation; s8s8 is also TensorRT's form"
-    return "u8s8_reduce_range", "x86 CPU without VNNI: 7-bit weights avoid VPMADDUBSW saturation (not TensorRT's form)"
+    if isa not in AUTO_MODE:
+        raise UserError(f"stages.quantize.isa {isa!r}: choose {' or '.join(AUTO_MODE)}")
+    return AUTO_MODE[isa]
 
 
 def _quant_args(mode: str, activation_symmetric: bool, calibrate_method: str = CALIBRATE_METHOD) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    if mode == "s8s8":
-        act, reduce_range = QuantType.QInt8, False
-    elif mode == "u8s8_reduce_range":
-        act, reduce_range = QuantType.QUInt8, True
-    else:
-        raise UserError(f"stages.quantize.qdq_mode {mode!r}: choose s8s8, u8s8_reduce_range or auto")
-    symmetric = activation_symmetric and mode == "s8s8"
+    act_name, reduce_range = MODES[mode]
+    act = QuantType[act_name]
+    symmetric = activation_symmetric and act == QuantType.QInt8
     # histogram methods: symmetric ranges around 0 for zero-point-0 activations. (No CalibMaxIntermediateOutputs:
     # in onnxruntime 1.32 MinMax drops every full chunk of intermediate outputs instead of reducing it.)
     calib_options = {"CalibTensorRangeSymmetric": symmetric} if calibrate_method != "MinMax" else {}
@@ -66,6 +62,21 @@ def _quant_args(mode: str, activation_symmetric: bool, calibrate_method: str = C
                                "QuantizeBias": False,  # TensorRT keeps bias in float and fuses it
                                # Q/DQ only on the inputs of weighted layers (TensorRT's placement); logits stay float
                                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)})
+
+
+def depthwise_weights(model) -> list[str]:
+    """Weight initializers of depthwise convolutions. Their int8 products are summed one per output (32-bit)
+    on every ISA, never in VPMADDUBSW's saturating pairs, so they need no reduced range (and EfficientNet-Lite0
+    lost 1.2 more top-1 points with 7-bit depthwise weights, docs/compile.md)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group > 1 and n.input[1] in inits:
+            dims = inits[n.input[1]].dims
+            if dims[0] == group and dims[1] == 1:
+                out.append(n.input[1])
+    return out
 
 
 class ArrayReader:
@@ -109,6 +120,9 @@ class QdqQuantizer:
         self.cache = self.work / "calibration-ranges.json"
         self.calibration = calibration
         self.args = _quant_args(mode, activation_symmetric, calibrate_method)
+        if self.args["reduce_range"]:  # depthwise weights keep 8 bits, as in NNCF's overflow fix
+            self.args["extra_options"]["TensorQuantOverrides"] = {w: [{"axis": 0, "reduce_range": False}]
+                                                                  for w in depthwise_weights(model)}
         self.metadata = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
 
     def quantize(self, dst: Path, float_layers: Sequence[str] = ()) -> Path:
@@ -182,21 +196,26 @@ def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.n
 
 def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg,
                  validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                 ranking_images: int = 64, calibrate_method: str = CALIBRATE_METHOD) -> dict:
+                 ranking_images: int = 64, calibrate_method: str = CALIBRATE_METHOD, *, mode: str | None = None,
+                 validation_kind: str = "labels") -> dict:
     """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
 
-    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. With labeled ``validation`` items
-    ((1, 3, H, W) array, class index) and ``max_drop`` (top-1 points) and ``cfg.mixed_precision``, layers are
-    kept in float, most sensitive first, until the drop against the fp32 ONNX is within ``max_drop``.
+    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. With ``validation`` items ((1, 3, H, W)
+    array, target class index), held out from ``calibration``, and ``max_drop`` (top-1 points) and
+    ``cfg.mixed_precision``, layers are kept in float, most sensitive first, until the drop against the fp32
+    ONNX is within ``max_drop``. ``validation_kind``: "labels" (true labels) or "fp32 agreement" (targets are
+    the fp32 model's own top-1). ``mode`` overrides ``cfg.qdq_mode`` (e.g. "s8s8" for a TensorRT source).
     """
-    from edgepipe.compile.mixed_precision import search_float_layers
+    from edgepipe.compile.mixed_precision import check_validation, search_float_layers
     from edgepipe.compile.qdq_check import check_qdq
     if not calibration:
         raise UserError("the onnxruntime int8 target needs calibration images (data.calibration)")
-    mode, why = resolve_mode(cfg.qdq_mode)
+    mode, why = resolve_mode(mode or cfg.qdq_mode, cfg.isa)
+    act_symmetric = bool(cfg.activation_symmetric and MODES[mode][0] == "QInt8")
     dst_path = Path(dst_path)
     info = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "mode": mode, "mode_reason": why,
-            "per_channel": True, "weight_symmetric": True, "activation_symmetric": bool(cfg.activation_symmetric and mode == "s8s8"),
+            "weight_bits": 7 if MODES[mode][1] else 8, "depthwise_weight_bits": 8,
+            "per_channel": True, "weight_symmetric": True, "activation_symmetric": act_symmetric,
             "bias": "float", "calibration_images": len(calibration), "float_layers": [],
             "calibrate_method": calibrate_method + (f" {CALIBRATE_PERCENTILE}" if calibrate_method == "Percentile" else "")}
     with tempfile.TemporaryDirectory(prefix="edgepipe-qdq-") as tmp:
@@ -205,6 +224,7 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
         full = q.quantize(Path(tmp) / "int8.onnx")
         chosen = full
         if validation and max_drop is not None and cfg.mixed_precision:
+            info.update(check_validation(calibration, validation, validation_kind))
             x = np.concatenate([a for a, _ in validation]).astype(np.float32)
             y = np.array([t for _, t in validation])
             bypass = FloatBypass(full, q.src)

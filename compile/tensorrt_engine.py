@@ -1,9 +1,20 @@
-"""`edgepipe build-engine DIR --precision fp16|int8 [--workspace MB] [--batch MIN,OPT,MAX] [--rebuild]`
+"""`edgepipe build-engine DIR --precision fp16|int8 [--variant NAME] [--typing auto|weak|strong] [--workspace MB]
+[--batch MIN,OPT,MAX] [--rebuild]`
 
-Run on the Jetson / GPU host. Builds a TensorRT (>= 10) engine from the artifact folder's fp32 ONNX (fp16)
-or its QDQ ONNX (int8, explicit quantization: no calibrator), with an optimization profile over the batch
-and a timing cache kept next to the engine (later builds are faster). The engine and its sidecar (TensorRT
-version, GPU, compute capability, precision, source ONNX sha256) go into manifest.json, written atomically.
+Run on the Jetson / GPU host (TensorRT 10.3 - 11.x). Builds the engine the way trtexec does: explicit batch,
+one optimization profile over the batch, int8 by explicit quantization from the QDQ ONNX (no calibrator),
+a timing cache per TensorRT version and GPU kept in the folder, detailed profiling verbosity so the engine
+inspector can say which layers really run in int8 / fp16. Weakly typed networks (TensorRT 10.x) take fp16 /
+int8 from builder flags; strongly typed ones (preferred from 10.12, the only kind in 11) from the ONNX: the
+QDQ graph for int8, the fp16 ONNX `edgepipe run` exports for fp16. The decisions are in tensorrt_plan.py.
+
+After the build the engine and its sidecar (TensorRT version, GPU, compute capability, typing, profile, source
+ONNX, per-layer precisions) go into manifest.json (written atomically), and the engine is proven on this
+device against the reference set (edgepipe.runtime.verify).
+
+TensorRT objects are named ``builder``, ``network``, ``parser``, ``config``, ``profile``, ``cache``, ``engine``,
+``inspector``, ``runtime``, ``inp`` (tests/test_tensorrt.py checks every attribute used on them, and every
+``trt.`` name, against the API of each supported TensorRT version).
 """
 from __future__ import annotations
 
@@ -12,79 +23,121 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.atomic import write_bytes, write_json
+from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, layer_precisions, parse_batch,
+                                            profile_shapes, source_files, timing_cache_name, typing_mode, up_to_date)
 from edgepipe.runtime.backends.base import INSTALL_HINT
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import MANIFEST_NAME, file_entry, load_manifest, verify_files
+from edgepipe.runtime.manifest import MANIFEST_NAME, file_entry, load_manifest
 
-# the ONNX each precision is built from, in order of preference
-SOURCES = {"fp16": ("tensorrt-fp16", "onnxruntime-fp32"), "int8": ("tensorrt-int8", "onnxruntime-int8")}
-TIMING_CACHE = "tensorrt-timing.cache"
-
-
-def parse_batch(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(x) for x in str(text).split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
-        raise UserError(f"--batch {text!r}: give MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,1,8")
-    return values
-
-
-def source_onnx(manifest: dict, root: Path, precision: str) -> tuple[str, Path, dict, str]:
-    """(source variant name, ONNX path, its manifest record, the ONNX's sha256), hash-checked."""
-    for name in SOURCES[precision]:
-        v = manifest["variants"].get(name)
-        onnx_files = [f for f in (v or {}).get("files", []) if f["path"].endswith(".onnx")]
-        if onnx_files:  # a pending-build tensorrt record or the ONNX Runtime variant
-            path = verify_files(root, dict(v, files=onnx_files), name)[0]
-            return name, path, v, onnx_files[0]["sha256"]  # verify_files just checked the file against it
-    hint = "add a target {backend: onnxruntime, precision: int8} (the QDQ ONNX)" if precision == "int8" else \
-        "add a target {backend: onnxruntime, precision: fp32}"
-    raise UserError(f"{root}: no ONNX to build a {precision} engine from; {hint} to the recipe and re-run `edgepipe run`")
+# functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
+WEAK_TYPING_ONLY = ("set_precision_flags",)
 
 
 def import_tensorrt():
     if importlib.util.find_spec("tensorrt") is None:
         raise BackendUnavailable(f"TensorRT is not installed: {INSTALL_HINT['tensorrt']}")
     import tensorrt as trt
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old; edgepipe needs TensorRT 10 or newer (JetPack 6.1+)")
+    check_version(trt.__version__)
     return trt
 
 
-def build_engine(trt, onnx_path: Path, engine_path: Path, precision: str, workspace_mb: int,
-                 batch: tuple[int, int, int], cache_path: Path) -> dict:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errors[:400]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    config.set_flag(trt.BuilderFlag.FP16)  # fp16 engine; for int8 the layers left in float run in fp16
+def device_check():
+    """(tensorrt module, {gpu, compute_capability}); every missing piece (TensorRT, cuda-python, a usable
+    GPU and driver) in one line, so one look says all that must be fixed."""
+    from edgepipe.runtime.backends.trt import gpu_info
+    problems, trt, gpu = [], None, None
+    try:
+        trt = import_tensorrt()
+    except BackendUnavailable as exc:
+        problems.append(str(exc))
+    try:
+        gpu = gpu_info()
+    except BackendUnavailable as exc:  # cuda-python missing, or a CUDA error with its fix
+        problems.append(str(exc))
+    if problems:
+        raise BackendUnavailable("cannot build a TensorRT engine here: " + "; ".join(problems))
+    return trt, gpu
+
+
+def set_precision_flags(trt, config, precision: str) -> None:
+    """Weak typing (TensorRT 10.x): fp16 kernels allowed everywhere; int8 where the Q/DQ nodes say."""
+    config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization from the Q/DQ nodes: no calibrator
+
+
+def load_timing_cache(config, path: Path) -> str:
+    """Attach the timing cache at ``path`` (or a new one); a cache TensorRT refuses (another version or GPU,
+    or damaged) is replaced by an empty one. Returns what happened."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return "reused" if data else "new"
+    print(f"timing cache {path.name} was refused by TensorRT (made elsewhere or damaged); starting a new one", flush=True)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        return "off (TensorRT refused an empty timing cache)"
+    return "rebuilt (the old one was refused)"
+
+
+def save_timing_cache(config, path: Path, state: str) -> str:
+    if state.startswith("off"):
+        return state
+    cache = config.get_timing_cache()
+    data = cache.serialize() if cache is not None else None
+    if data is None:
+        return state + "; not saved (TensorRT returned no timing cache)"
+    write_bytes(path, bytes(data))
+    return state
+
+
+def inspect_layers(trt, serialized) -> dict:
+    """Which layers run in which precision, from the engine inspector (the build used DETAILED verbosity)."""
+    runtime = trt.Runtime(trt_logger(trt))
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        return {"available": False, "why": "the new engine could not be deserialized for inspection"}
+    inspector = engine.create_engine_inspector()
+    return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def trt_logger(trt):
+    from edgepipe.runtime.backends.trt import trt_logger as shared
+    return shared(trt)
+
+
+def build_engine(trt, source: Source, engine_path: Path, precision: str, workspace_mb: int,
+                 batch: tuple[int, int, int], cache_path: Path) -> dict:
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    strong = source.typing == "strong"
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source.path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {source.entry['path']}: {errors[:400]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector's per-layer precisions
+    if not strong:
+        set_precision_flags(trt, config, precision)
     inp = network.get_input(0)
-    shape = tuple(inp.shape)
-    if shape[0] == -1:
+    shapes = profile_shapes(tuple(inp.shape), batch, source.entry["path"])
+    if shapes is not None:
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, (batch[0], *shape[1:]), (batch[1], *shape[1:]), (batch[2], *shape[1:]))
+        profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
-    elif batch != (shape[0],) * 3:
-        raise UserError(f"{onnx_path.name} has a static batch of {shape[0]}; use --batch {shape[0]},{shape[0]},{shape[0]} "
-                        f"or export with export.dynamic_batch: true")
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_state = load_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise UserError(f"TensorRT failed to build the {precision} engine from {onnx_path.name} (see the messages above); "
+        raise UserError(f"TensorRT failed to build the {precision} engine from {source.entry['path']} (see the messages above); "
                         f"try a larger --workspace")
     write_bytes(engine_path, bytes(serialized))
-    write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    return {"input_shape": [-1 if shape[0] == -1 else shape[0], *shape[1:]]}
+    cache_state = save_timing_cache(config, cache_path, cache_state)
+    shape = [int(d) for d in inp.shape]
+    return {"input_shape": [-1 if shape[0] < 0 else shape[0], *shape[1:]], "timing_cache_state": cache_state,
+            "profile": None if shapes is None else {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
+            "layers": inspect_layers(trt, serialized)}
 
 
 def main(args) -> int:
@@ -94,32 +147,54 @@ def main(args) -> int:
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
         raise UserError(f"--workspace {args.workspace}: give the builder workspace in MB, e.g. 1024")
-    src_name, onnx_path, src, src_sha = source_onnx(manifest, root, precision)
-    trt = import_tensorrt()
-    from edgepipe.runtime.backends.trt import engine_mismatch, gpu_info
-    gpu = gpu_info()
-    name = f"tensorrt-{precision}"
+    name = getattr(args, "variant", None) or f"tensorrt-{precision}"
+    if name != f"tensorrt-{precision}":
+        v = manifest["variants"].get(name)
+        if not v or v.get("backend") != "tensorrt":
+            tensorrt = [n for n, x in manifest["variants"].items() if x.get("backend") == "tensorrt"]
+            raise UserError(f"--variant {name}: not a TensorRT variant of {root}; TensorRT variants: {', '.join(tensorrt) or 'none'}")
+        if v.get("precision") != precision:
+            raise UserError(f"--variant {name} is {v.get('precision')}; pass --precision {v.get('precision')}")
+    trt, gpu = device_check()
+    typing = typing_mode(check_version(trt.__version__), getattr(args, "typing", "auto"))
+    source = choose_source(manifest, root, precision, typing, name)
+    from edgepipe.runtime.backends.trt import engine_mismatch
     existing = manifest["variants"].get(name, {})
     engine_path = root / name / "model.engine"
-    if (not args.rebuild and existing.get("format") == "engine" and existing.get("status") == "ok" and engine_path.is_file()
-            and engine_mismatch(existing.get("tensorrt"), trt.__version__, gpu) is None
-            and existing["tensorrt"].get("source_onnx_sha256") == src_sha and existing["tensorrt"].get("batch") == list(batch)):
+    if not args.rebuild and up_to_date(existing, engine_path, engine_mismatch(existing.get("tensorrt"), trt.__version__, gpu),
+                                       source, batch, typing):
         print(f"{name}: engine is up to date ({engine_path}); --rebuild forces a new build")
         return 0
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"building {name} from {onnx_path.relative_to(root)} (TensorRT {trt.__version__}, {gpu['gpu']}, batch {batch})", flush=True)
-    built = build_engine(trt, onnx_path, engine_path, precision, args.workspace, batch, root / TIMING_CACHE)
+    cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"])
+    print(f"building {name} ({typing}ly typed) from {source.entry['path']} (TensorRT {trt.__version__}, {gpu['gpu']}, "
+          f"batch {batch})", flush=True)
+    built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
     manifest = load_manifest(root)  # re-read: keep everything else as it is now
+    record = manifest["variants"].get(name, {})  # the pending-build record, or the engine built before
+    sources = source_files(record)
+    sources.setdefault(typing, source.entry)
+    compile_info = dict(record.get("compile") or {}, source_variant=source.variant)
+    kept = {k: record[k] for k in ("reference_logits", "model_hash", "macs", "versions") if k in record}
     manifest["variants"][name] = {
-        "backend": "tensorrt", "precision": precision, "format": "engine",
+        **kept, "backend": "tensorrt", "precision": precision, "format": "engine",
         "files": [file_entry(root, engine_path)], "input_shape": built["input_shape"], "status": "ok",
-        "source_onnx_sha256": src_sha, "compile": dict(src.get("compile", {}), source_variant=src_name),
-        "tensorrt": {"version": trt.__version__, **gpu, "precision": precision, "source_onnx": onnx_path.relative_to(root).as_posix(),
-                     "source_onnx_sha256": src_sha, "batch": list(batch), "workspace_mb": args.workspace,
-                     "timing_cache": TIMING_CACHE},
-        "note": "not measured at build time: measure the engine with `edgepipe bench DIR` on this device",
+        "source_onnx_sha256": source.entry["sha256"], "compile": compile_info,
+        "tensorrt": {"version": trt.__version__, **gpu, "precision": precision, "typing": typing,
+                     "source_onnx": source.entry["path"], "source_onnx_sha256": source.entry["sha256"], "source_files": sources,
+                     "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
+                     "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,
+                     "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]},
     }
     manifest.setdefault("defaults", {})["tensorrt"] = name
     write_json(root / MANIFEST_NAME, manifest)
-    print(f"{name}: wrote {engine_path} and its manifest entry")
+    by = built["layers"].get("by_precision") or {}
+    print(f"{name}: wrote {engine_path} and its manifest entry; layers by precision: "
+          + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "not reported"), flush=True)
+    from edgepipe.runtime.verify import verify_model_dir
+    record = verify_model_dir(root, variants=[name])  # proves the engine on this device against the reference set
+    if record["variants"][name]["verdict"] != "pass":
+        print(f"{name}: the engine does not match the reference set on this device (see {record.get('path')}); "
+              f"it is not served automatically", flush=True)
+        return 1
     return 0

@@ -1,43 +1,51 @@
-"""`make demo`: run the embedded default recipe, then classify a sample video with runtime/camera.py.
-
-The sample video is generated from the photos the set-up installs (no download, no private data).
+"""`edgepipe demo` (and `make demo`): build the built-in default recipe, then classify a sample video with
+the camera runtime. Works from an installed package (no repository checkout needed); the sample video is
+generated from photos that the build extras install (no download, no private data).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edgepipe import UserError
-
-REPO = Path(__file__).resolve().parent.parent
-
+from edgepipe import UserError, log
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgepipe.demo")
-    p.add_argument("--out", default="out/default")
-    p.add_argument("--recipe", default=str(REPO / "recipes" / "default.yaml"))
+    p = argparse.ArgumentParser(prog="python -m edgepipe.demo", description="same as `edgepipe demo`")
+    p.add_argument("--out", default="out/default", help="output folder (default: out/default)")
+    p.add_argument("--recipe", default="default", help="recipe YAML or built-in recipe name (default: default)")
     p.add_argument("--eval-data", help="labeled CSV/ImageFolder for top-1 in the report (optional)")
     args = p.parse_args(argv)
+    return run_demo(args.out, args.recipe, args.eval_data)
+
+
+def run_demo(out: str | Path, recipe: str = "default", eval_data: str | None = None) -> int:
+    """`edgepipe run RECIPE --out OUT`, then the camera runtime on a generated video; prints where things are."""
     t0 = time.perf_counter()
-    out = Path(args.out)
-    run_cmd = [sys.executable, "-m", "edgepipe", "run", args.recipe, "--out", str(out)]
-    if args.eval_data:
-        run_cmd += ["--set", f"data.evaluation={Path(args.eval_data).resolve()}"]
+    out = Path(out)
+    run_cmd = [sys.executable, "-m", "edgepipe", "run", str(recipe), "--out", str(out)]
+    if eval_data:
+        if not Path(eval_data).exists():
+            raise UserError(f"--eval-data {eval_data} does not exist")
+        run_cmd += ["--set", f"data.evaluation={Path(eval_data).resolve()}"]
     print("$ " + " ".join(run_cmd), flush=True)
-    if subprocess.call(run_cmd) != 0:
-        return 1
+    env = dict(os.environ, EDGEPIPE_LOG=logging.getLevelName(log.logger.getEffectiveLevel()).lower())  # -v / -q
+    code = subprocess.call(run_cmd, env=env)
+    if code != 0:
+        return code
 
     from edgepipe.compile.calibration import make_demo_video
     video = make_demo_video(out / "demo" / "sample.mp4")
     annotated, jsonl = out / "demo" / "annotated.mp4", out / "demo" / "frames.jsonl"
-    cam_cmd = [sys.executable, str(REPO / "runtime" / "camera.py"), "--model", str(out), "--source", str(video),
+    cam_cmd = [sys.executable, "-m", "edgepipe.runtime.camera", "--model", str(out), "--source", str(video),
                "--output", str(annotated), "--jsonl", str(jsonl)]
     print("$ " + " ".join(cam_cmd), flush=True)
-    proc = subprocess.run(cam_cmd, capture_output=True, text=True)
+    proc = subprocess.run(cam_cmd, capture_output=True, text=True, env=env)
     sys.stderr.write(proc.stderr[-2000:])
     if proc.returncode != 0:
         return proc.returncode

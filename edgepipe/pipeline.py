@@ -25,7 +25,9 @@ from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, relative_
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    """A progress line; -q / EDGEPIPE_LOG=warning silence it."""
+    from edgepipe.log import progress
+    progress(msg)
 
 
 def prepare_out_dir(out: Path) -> Path:
@@ -52,21 +54,6 @@ def variant_name(prefix: str, backend: str, precision: str) -> str:
 
 
 # ---------------------------------------------------------------- data
-
-def calibration_images(recipe: Recipe, out: Path) -> list[Path]:
-    from edgepipe.runtime.data import list_images
-    cfg = recipe.data.calibration
-    if cfg.source == "generated":
-        from edgepipe.compile.calibration import generate_calibration_images
-        paths = sorted(generate_calibration_images(out / "calibration", count=cfg.count).glob("calib_*.jpg"))
-    else:
-        paths = list_images(cfg.source)
-    if cfg.limit:
-        paths = paths[:cfg.limit]
-    if not paths:
-        raise UserError(f"data.calibration.source {cfg.source}: no images found; the int8 targets need calibration images")
-    return paths
-
 
 def load_arrays(paths: list[Path], pre: Preprocess, on_bad: str = "skip") -> tuple[list[np.ndarray], list[str]]:
     """Preprocessed images; unreadable ones are skipped and listed (``on_bad="skip"``) or stop the run."""
@@ -127,41 +114,35 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 # ---------------------------------------------------------------- compile one target
 
-def accuracy_validation(recipe: Recipe, labels: list[str], pre: Preprocess) -> tuple[list | None, str | None]:
-    """Labeled (preprocessed array, class index) items for int8 accuracy control, when stages.quantize.max_drop
-    is set: the labeled calibration set if the calibration source has labels (so data.evaluation stays
-    held out), else a labeled data.evaluation (then the reported drop is measured on the tuning set)."""
-    from edgepipe.runtime.data import load_labeled
-    from edgepipe.runtime.evaluate import read_image
-    if recipe.stages.quantize.max_drop is None:
-        return None, None
-    sources = [("calibration", recipe.data.calibration.source, recipe.data.calibration.limit),
-               ("evaluation", recipe.data.evaluation, None)]
-    for what, source, limit in sources:
-        if not source or source == "generated":
-            continue
-        try:
-            items = load_labeled(source, labels)[:limit]
-        except UserError:
-            continue
-        images = [(read_image(p), t) for p, t in items if t >= 0]
-        items = [(pre(img), t) for img, t in images if img is not None]
-        if items:
-            return items, f"{what} ({len(items)} labeled images): {source}"
-    log("  stages.quantize.max_drop is set but no labeled calibration/evaluation data is given: plain int8")
-    return None, None
+def control_kind(what: str | None) -> str:
+    """The quantizers' name for what control_set's items are scored by."""
+    return "labels" if what and what.startswith("labels") else "fp32 agreement"
 
 
-def validation_fingerprint(recipe: Recipe) -> list:
-    """What accuracy_validation reads, for the compile step's cache key."""
-    files = [recipe.data.calibration.source, recipe.data.evaluation]
-    return [data_fingerprint([Path(f)]) if f and Path(f).is_file() else f for f in files]
+def control_set(plan, pre: Preprocess, fp32_onnx_path: Path, quantize) -> tuple[list | None, str | None, float | None]:
+    """(items, what they are, max_drop in top-1 points) that steer int8 accuracy control, when
+    stages.quantize.max_drop or min_agreement is set; (None, None, None) otherwise. Items are held-out
+    (preprocessed array, class index) pairs, never a calibration image (data_plan.py): scored by their labels
+    when max_drop is set and all have one, else by the fp32 model's own top-1 -- agreement with fp32, whose
+    'accuracy' on its own predictions is 100%, so min_agreement a becomes a drop of 100 x (1 - a) points."""
+    if quantize.max_drop is None and quantize.min_agreement is None:
+        return None, None, None
+    arrays, _ = load_arrays([p for p, _ in plan.control], pre)
+    targets = [t for _, t in plan.control]
+    what = f"{len(arrays)} held-out images ({plan.heldout_source})"
+    if quantize.max_drop is not None and len(targets) == len(arrays) and all(t >= 0 for t in targets):
+        return list(zip(arrays, targets)), f"labels of {what}", quantize.max_drop
+    from edgepipe.compile.qdq import run_logits
+    own = run_logits(fp32_onnx_path, np.concatenate(arrays)).argmax(1)
+    min_agreement = quantize.min_agreement if quantize.min_agreement is not None else 1.0 - quantize.max_drop / 100.0
+    return list(zip(arrays, (int(t) for t in own))), f"agreement with fp32 on {what}", round(100.0 * (1.0 - min_agreement), 6)
 
 
 def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np.ndarray], recipe: Recipe,
                  validation_set: Callable[[], tuple]) -> dict:
     """Compile one (backend, precision) from the fp32 ONNX; returns the variant record (without checks).
-    ``validation_set()``: accuracy_validation's (items, source), read once per run when an int8 target needs it."""
+    ``validation_set()``: (items, what they are, max_drop in points) for accuracy control, read once per
+    model when an int8 target needs it (see control_set)."""
     name = variant_name(prefix, target.backend, target.precision)
     vdir = out / name
     vdir.mkdir(parents=True, exist_ok=True)
@@ -170,11 +151,12 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
         from edgepipe.compile import openvino_ir
         xml = vdir / "model.xml"
         if target.precision == "int8":
-            validation, vsource = validation_set()
+            validation, vsource, vdrop = validation_set()
             files, info = openvino_ir.quantize_int8(onnx_path, xml, calib, validation=validation,
-                                                    max_drop=recipe.stages.quantize.max_drop,
+                                                    max_drop=vdrop,
                                                     fast_bias_correction=recipe.stages.quantize.fast_bias_correction,
-                                                    mixed_precision=recipe.stages.quantize.mixed_precision)
+                                                    mixed_precision=recipe.stages.quantize.mixed_precision,
+                                                    isa=recipe.stages.quantize.isa, validation_kind=control_kind(vsource))
             info["validation"] = vsource
         else:
             files = openvino_ir.convert(onnx_path, xml, target.precision)
@@ -185,49 +167,105 @@ def build_target(target, prefix: str, onnx_path: Path, out: Path, calib: list[np
             write_bytes(dst, onnx_path.read_bytes())
         elif target.precision == "int8":
             from edgepipe.compile.qdq import quantize_qdq
-            validation, vsource = validation_set()
+            validation, vsource, vdrop = validation_set()
             info = quantize_qdq(onnx_path, dst, calib, recipe.stages.quantize, validation=validation,
-                                max_drop=recipe.stages.quantize.max_drop)
+                                max_drop=vdrop, validation_kind=control_kind(vsource))
             info["validation"] = vsource
         else:
             raise UserError(f"target onnxruntime/{target.precision}: ONNX Runtime variants are fp32 or int8 (QDQ)")
         files, fmt = [dst], "onnx"
-    else:  # tensorrt: engines are built on the device (`edgepipe build-engine`); ship the source ONNX
-        src = out / f"{prefix}onnxruntime-int8" / "model.onnx" if target.precision == "int8" else onnx_path
-        if not src.is_file():
-            raise UserError("target tensorrt/int8 needs the QDQ ONNX; add a target {backend: onnxruntime, precision: int8} before it")
-        files, fmt = [src], "onnx"
-        info = {"engine": "build on the device with `edgepipe build-engine DIR --precision " + target.precision + "`"}
+    else:  # tensorrt: engines are built on the device (`edgepipe build-engine`); ship the source ONNX(es)
+        from edgepipe.compile import tensorrt_sources
+        if target.precision == "int8":  # its own s8s8 QDQ ONNX, whatever the onnxruntime int8 target's mode
+            validation, vsource, vdrop = validation_set()
+            files = [vdir / "model.onnx"]
+            info = dict(tensorrt_sources.int8_source(onnx_path, files[0], calib, recipe.stages.quantize,
+                                                     validation=validation, max_drop=vdrop), validation=vsource)
+            sources = {"weak": files[0], "strong": files[0]}
+        elif target.precision == "fp16":  # fp32 ONNX for weak typing, fp16 ONNX for strong typing
+            files = [onnx_path, vdir / "model.fp16.onnx"]
+            info = {"fp16_onnx": tensorrt_sources.fp16_source(onnx_path, files[1], calib)}
+            sources = {"weak": files[0], "strong": files[1]}
+        else:
+            raise UserError(f"target tensorrt/{target.precision}: TensorRT engines are fp16 or int8")
+        fmt = "onnx"
+        info.update(sources={k: v.relative_to(out).as_posix() for k, v in sources.items()},
+                    engine=f"build on the device with `edgepipe build-engine DIR --precision {target.precision}`")
     return {"backend": target.backend, "precision": target.precision, "format": "engine" if target.backend == "tensorrt" else fmt,
             "files": relative_files(out, files), "compile": info,
             "status": "pending-build" if target.backend == "tensorrt" else "ok"}
 
 
-def export_parity(onnx_path: Path, onnx_sha: str, ref_logits, parity_batch, parity_names, compare) -> dict:
-    """The exported fp32 ONNX (ONNX Runtime, CPU) against PyTorch on the parity images."""
+def export_parity(onnx_path: Path, onnx_sha: str, ref_logits, parity_batch, parity_names, compare,
+                  reference: str = "PyTorch") -> dict:
+    """The exported fp32 ONNX (ONNX Runtime, CPU) against its reference (PyTorch, or the source ONNX) on the parity images."""
     from edgepipe.compile.qdq import run_logits
     parity = compare(ref_logits, run_logits(onnx_path, parity_batch), parity_names, "fp32")
-    log(f"  PyTorch -> ONNX parity: max abs {parity['max_abs']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
+    log(f"  {reference} -> ONNX parity: max abs {parity['max_abs']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
         + ("" if parity["ok"] else "  OUT OF TOLERANCE"))
     return {"sha256": onnx_sha, "parity_vs_pytorch": parity}
+
+
+def load_model_source(recipe: Recipe):
+    """The recipe's model: an OnnxSource (model.onnx) or a PyTorch ModelSpec, labels and preprocessing resolved.
+    Whatever cannot work (weights offline, labels that do not fit) fails here, before the output folder exists."""
+    if recipe.model.onnx:
+        from edgepipe.compile.onnx_source import load_onnx_source, refuse_torch_stages
+        refuse_torch_stages(recipe)
+        return load_onnx_source(recipe.model)
+    import torch
+
+    from edgepipe.train.models import build_from_config
+    torch.manual_seed(0)  # random init (pretrained: false) is the same on every run, so steps stay cached
+    return build_from_config(recipe.model)
+
+
+def fp32_onnx(mspec, prefix: str, out: Path, pre: Preprocess, recipe: Recipe, cache: StepCache, versions: dict,
+              parity_batch: np.ndarray) -> tuple[Path, dict]:
+    """The fp32 ONNX every variant is compiled from (exported from PyTorch, or the user's ONNX file checked and
+    copied) and its reference: logits on the parity images, MACs, model hash (and the PyTorch model, if any)."""
+    from edgepipe.compile.onnx_source import OnnxSource
+    onnx_path = out / f"{prefix}model.onnx"
+    metadata = {"labels": mspec.labels, "preprocess": pre.to_dict(), "producer": "edgepipe"}
+    if isinstance(mspec, OnnxSource):  # no PyTorch: the source file run in ONNX Runtime is the reference
+        mhash = mspec.source["sha256"]
+        cache.run(f"{prefix}import-onnx", hash_key(mhash, metadata, versions),
+                  lambda: {"onnx": str(mspec.write_fp32(onnx_path, metadata))}, files=lambda r: [onnx_path])
+        return onnx_path, {"logits": mspec.logits(parity_batch), "macs": mspec.macs(), "model": None, "model_hash": mhash}
+    import torch
+
+    from edgepipe.compile.export import export_onnx
+    from edgepipe.train.models import count_macs
+    model = mspec.model.eval()
+    mhash = model_hash(model)
+    cache.run(f"{prefix}export-onnx", hash_key(mhash, recipe.export.model_dump(), pre.to_dict(), versions),
+              lambda: {"onnx": str(export_onnx(model, onnx_path, pre.crop, recipe.export.opset,
+                                               recipe.export.dynamic_batch, recipe.export.simplify, metadata))},
+              files=lambda r: [onnx_path])
+    with torch.no_grad():
+        ref_logits = model(torch.from_numpy(parity_batch)).numpy()
+    return onnx_path, {"logits": ref_logits, "macs": count_macs(model, (1, 3, pre.crop, pre.crop)),
+                       "model": model, "model_hash": mhash}
 
 
 # ---------------------------------------------------------------- run
 
 def run(recipe: Recipe, out_dir: str | os.PathLike) -> dict:
     preflight(recipe)
+    spec = load_model_source(recipe)
+    if not getattr(spec, "dynamic_batch", True):  # an ONNX file whose batch is fixed at 1
+        recipe = recipe.model_copy(deep=True)
+        recipe.export.dynamic_batch = False
     out = prepare_out_dir(Path(out_dir))
     with OutputLock(out):
         remove_stale_parts(out)
-        return _run_locked(recipe, out)
+        return _run_locked(recipe, out, spec)
 
 
-def _run_locked(recipe: Recipe, out: Path) -> dict:
+def _run_locked(recipe: Recipe, out: Path, spec) -> dict:
     import torch
 
-    from edgepipe.compile.export import export_onnx
-    from edgepipe.compile.parity import compare
-    from edgepipe.train.models import build_model, count_macs
+    from edgepipe.compile import parity
 
     t_start = time.perf_counter()
     write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
@@ -236,9 +274,7 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     cache = StepCache(out, log)
     torch.manual_seed(0)
 
-    log(f"[1/5] model {recipe.model.name}")
-    spec = build_model(recipe.model.name, pretrained=recipe.model.pretrained, num_classes=recipe.model.num_classes,
-                       checkpoint=recipe.model.checkpoint)
+    log(f"[1/5] model {spec.name}")
     models = {"": spec}
     if recipe.stages.train.enabled:
         from edgepipe.train.stage import train_stage
@@ -255,56 +291,51 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
     log("[2/5] data")
     from edgepipe.train.data import materialize_data_refs
     materialize_data_refs(recipe, out)  # "fashion-mnist:test[:N]" -> PNG files + labels.csv under out/data
-    calib_paths = calibration_images(recipe, out)
-    calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
     eval_items = None
     if recipe.data.evaluation:
         from edgepipe.runtime.data import load_items
         eval_items, _ = load_items(recipe.data.evaluation, spec.labels)  # unlabeled: agreement only
-    parity_paths = [p for p, _ in eval_items][:recipe.data.parity_images] if eval_items else calib_paths[:recipe.data.parity_images]
     if eval_items and recipe.data.on_bad_image == "stop":
         from edgepipe.runtime.evaluate import read_image
         report_bad_images([str(p) for p, _ in eval_items if read_image(p) is None], len(eval_items), "stop")
-    parity_arrays, parity_names = load_arrays(parity_paths, pre, recipe.data.on_bad_image)
+    from edgepipe.data_plan import plan_data
+    plan = plan_data(recipe, out, spec.labels, eval_items)
+    calib_paths = plan.calibration
+    calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
+    parity_arrays, parity_names = load_arrays(plan.check, pre, recipe.data.on_bad_image)
     parity_batch = np.concatenate(parity_arrays)
-    log(f"  calibration: {len(calib)} images; parity: {len(parity_names)} images"
-        + (f"; evaluation: {len(eval_items)} images" if eval_items else ""))
+    log("  " + plan.describe() + (f"; evaluation: {len(eval_items)} images" if eval_items else ""))
+    compare = functools.partial(parity.compare, kind=plan.kind)  # the bounds depend on the kind of image
 
     variants: dict[str, dict] = {}
     references: dict[str, dict] = {}
     exports: dict[str, dict] = {}
     # content hashes of the data sets, for the step keys: once per run, not once per target or variant
-    calib_fp, validation_fp = data_fingerprint(calib_paths), validation_fingerprint(recipe)
+    calib_fp = data_fingerprint(calib_paths)
+    validation_fp = hash_key(data_fingerprint([p for p, _ in plan.control]), [t for _, t in plan.control])
     eval_fp = data_fingerprint([p for p, _ in eval_items]) if eval_items else None
-    # the labeled accuracy-control set is the same for every int8 target (labels and preprocessing are shared)
-    validation_set = functools.cache(lambda: accuracy_validation(recipe, spec.labels, pre))
     log("[3/5] export + compile")
     for prefix, mspec in models.items():
-        model = mspec.model.eval()
-        mhash = model_hash(model)
-        onnx_path = out / f"{prefix}model.onnx"
-        metadata = {"labels": mspec.labels, "preprocess": pre.to_dict(), "producer": "edgepipe"}
-        cache.run(f"{prefix}export-onnx", hash_key(mhash, recipe.export.model_dump(), pre.to_dict(), versions),
-                  lambda: {"onnx": str(export_onnx(model, onnx_path, pre.crop, recipe.export.opset,
-                                                   recipe.export.dynamic_batch, recipe.export.simplify, metadata))},
-                  files=lambda r: [onnx_path])
-        with torch.no_grad():
-            ref_logits = model(torch.from_numpy(parity_batch)).numpy()
-        references[prefix] = {"logits": ref_logits, "macs": count_macs(model, (1, 3, pre.crop, pre.crop)),
-                              "model": model, "model_hash": mhash}
+        onnx_path, references[prefix] = fp32_onnx(mspec, prefix, out, pre, recipe, cache, versions, parity_batch)
+        mhash, ref_logits = references[prefix]["model_hash"], references[prefix]["logits"]
         onnx_sha = file_entry(out, onnx_path)["sha256"]
-        exports[f"{prefix}model.onnx"] = export_parity(onnx_path, onnx_sha, ref_logits, parity_batch, parity_names, compare)
+        exports[f"{prefix}model.onnx"] = export_parity(onnx_path, onnx_sha, ref_logits, parity_batch, parity_names, compare,
+                                                       "PyTorch" if references[prefix]["model"] is not None else "source ONNX")
+        # accuracy-control items: once per model, and only when an int8 target is compiled (not when reused)
+        control = functools.cache(lambda onnx_path=onnx_path: control_set(plan, pre, onnx_path, recipe.stages.quantize))
         for target in recipe.targets:
             if target.pruned is not None and target.pruned != bool(prefix):
                 continue
             if target.precision == "int8" and recipe.stages.quantize.method == "qat":
                 continue  # only the "-int8-qat" variants (below)
             name = variant_name(prefix, target.backend, target.precision)
-            key = hash_key(onnx_sha, target.model_dump(), recipe.stages.quantize.model_dump(),
-                           calib_fp, versions, validation_fp)
-            rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe, validation_set),
+            key = hash_key(onnx_sha, target.model_dump(exclude={"device"}), recipe.stages.quantize.model_dump(),
+                           calib_fp, versions, validation_fp)   # the device does not change the compiled files
+            rec = cache.run(f"compile-{name}", key, lambda: build_target(target, prefix, onnx_path, out, calib, recipe, control),
                             files=lambda r: [out / f for f in r["files"]])
             variants[name] = dict(rec, source_onnx_sha256=onnx_sha, model_hash=mhash, macs=references[prefix]["macs"])
+            if target.device:  # OpenVINO device the runtime uses unless --device says otherwise
+                variants[name]["device"] = target.device
         if recipe.stages.quantize.enabled and recipe.stages.quantize.method in ("qat", "both"):
             from edgepipe.train.stage import qat_variants
             qat, qat_logits = qat_variants(mspec, prefix, recipe, out, cache, parity_batch)
@@ -325,7 +356,11 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
 
     log("[4/5] parity + accuracy + latency per variant")
     from edgepipe.benchmarks.measure import measure_variant, measure_torch
-    torch_ref = measure_torch(references[""]["model"], pre, eval_items, recipe)
+    if references[""]["model"] is not None:
+        torch_ref = measure_torch(references[""]["model"], pre, eval_items, recipe)
+    else:  # an ONNX source: the reference is the user's file in ONNX Runtime
+        from edgepipe.benchmarks.measure import measure_source_onnx
+        torch_ref = measure_source_onnx(spec, pre, eval_items, recipe)
     for name, v in variants.items():
         prefix = "pruned-" if name.startswith("pruned-") else ""
         if v["status"] != "ok":
@@ -343,12 +378,104 @@ def _run_locked(recipe: Recipe, out: Path) -> dict:
             log(f"  {name}: parity out of tolerance -> marked failed")
 
     log("[5/5] report")
-    from edgepipe.benchmarks.report import choose_defaults, write_reports
-    choose_defaults(manifest, torch_ref)
+    from edgepipe.benchmarks.report import write_reports
+    from edgepipe.runtime.serving import choose_defaults
+    manifest["reference_set"] = write_reference_set(out, plan, pre, parity_names, references, variants,
+                                                    recipe.data.reference_images)
+    for name, v in manifest["variants"].items():
+        v["reference_logits"] = _reference_key(name, references)
+        if v["status"] == "ok":  # what the device's `edgepipe verify` must reproduce
+            v["reference_check"] = reference_baseline(out, name, manifest["reference_set"], references, plan.kind)
+    manifest["checks"] = {"images": plan.kind, "check_images": len(parity_names), "heldout_source": plan.heldout_source,
+                          "calibration_images": len(calib_paths), "control_images": len(plan.control),
+                          "control_overlaps_check": plan.control_overlaps_check}
+    for v in manifest["variants"].values():
+        v["agreement_with_torch"] = agreement_with_reference(v, torch_ref.get("predictions") or {})
+    over = budget_failures(manifest, recipe, torch_ref)
+    for name, why in over.items():
+        log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
+        manifest["variants"][name]["budget"] = why
+    choose_defaults(manifest, (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
+                    eligible=lambda name, v: name not in over)
+    manifest["reference"] = {"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")}
     write_json(out / MANIFEST_NAME, manifest)
     report = write_reports(out, recipe, manifest, torch_ref)
     log(f"done in {time.perf_counter() - t_start:.0f}s: {len(cache.ran)} step(s) run, {len(cache.reused)} reused")
     return report
+
+
+def write_reference_set(out: Path, plan, pre: Preprocess, names: list[str], references: dict, variants: dict,
+                        count: int) -> dict:
+    """The first ``count`` checked (held-out) images as uint8 crops, with the fp32 logits each variant is
+    compared with (the unpruned model, the pruned one, a QAT model), for `edgepipe verify` on the device."""
+    from edgepipe.runtime.evaluate import read_image
+    count = max(1, min(count, len(names)))
+    by_name = {Path(p).name: p for p in plan.check}
+    crops = pre.crops([read_image(by_name[n]) for n in names[:count]])
+    ref_dir = out / "reference"
+    ref_dir.mkdir(exist_ok=True)
+
+    def save(path: Path, array: np.ndarray) -> dict:
+        import io
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        write_bytes(path, buf.getvalue())
+        return file_entry(out, path)
+
+    logits = {}
+    for key in sorted({_reference_key(name, references) for name in variants}):
+        logits[key] = save(ref_dir / f"{key or 'model'}-logits.npy", references[key]["logits"][:count].astype(np.float32))
+    return {"inputs": save(ref_dir / "inputs.npy", crops), "logits": logits, "names": names[:count],
+            "images": plan.kind, "count": count, "layout": "NHWC uint8, resized and cropped, model colour order"}
+
+
+def reference_baseline(out: Path, name: str, reference_set: dict, references: dict, kind: str) -> dict:
+    """The variant on the reference set, on the build host through the real runtime: agreement and logit error."""
+    from edgepipe.runtime.model import Classifier
+    from edgepipe.runtime.verify import compare_logits
+    clf = Classifier(out, variant=name)
+    x = clf.preprocess.normalize(np.load(out / reference_set["inputs"]["path"]))
+    step = 16 if clf.dynamic_batch else 1
+    logits = np.concatenate([clf.logits(x[i:i + step]) for i in range(0, len(x), step)])
+    ref = references[_reference_key(name, references)]["logits"][:len(x)]
+    check = compare_logits(ref, logits, clf.variant["precision"], kind)
+    return {k: check[k] for k in ("n", "top1_agreement", "mean_abs", "rel_mean_abs", "max_abs", "ok")}
+
+
+def _reference_key(name: str, references: dict) -> str:
+    """Which fp32 logits a variant is checked against: its own model's (QAT), else the pruned or unpruned one."""
+    return name if name in references else ("pruned-" if name.startswith("pruned-") else "")
+
+
+def agreement_with_reference(v: dict, reference_predictions: dict) -> float | None:
+    from edgepipe.benchmarks.report import top1_agreement
+    agreement = top1_agreement(v.get("predictions") or {}, reference_predictions)
+    return agreement if agreement is not None else (v.get("parity") or {}).get("top1_agreement")
+
+
+def budget_failures(manifest: dict, recipe: Recipe, torch_ref: dict) -> dict[str, str]:
+    """Variants that break a budget of the recipe that `edgepipe run` can judge (agreement, top-1, drop, p90);
+    throughput, per-class and ratio budgets are judged by `edgepipe bench`."""
+    import fnmatch
+    ref_top1 = (torch_ref.get("accuracy") or {}).get("top1")
+    failures = {}
+    for name, v in manifest["variants"].items():
+        if v.get("status") != "ok":
+            continue
+        top1 = (v.get("accuracy") or {}).get("top1")
+        measured = {"agreement_min": v.get("agreement_with_torch"), "top1_min": top1,
+                    "top1_drop_max": (ref_top1 - top1) * 100 if top1 is not None and ref_top1 is not None else None,
+                    "p90_ms_max": (v.get("latency_ms") or {}).get("p90")}
+        for b in recipe.budgets:
+            if not fnmatch.fnmatch(name, b.variants) or not fnmatch.fnmatch(v["backend"], b.backends):
+                continue
+            for check, value in measured.items():
+                limit = getattr(b, check)
+                if limit is None or value is None:
+                    continue
+                if (value < limit) if check.endswith("_min") else (value > limit):
+                    failures[name] = f"{check} {limit}, measured {value:.4g}"
+    return failures
 
 
 def _manifest(recipe: Recipe, spec, pre: Preprocess, variants: dict, versions: dict, out: Path) -> dict:

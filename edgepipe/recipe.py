@@ -3,6 +3,7 @@ missing files are one clear line each, before any work starts. ``profiles:`` hol
 ``--profile``; ``--set a.b=c`` overrides single values. The resolved recipe is written to the output."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import re
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from edgepipe import UserError
 
@@ -24,12 +26,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PreprocessOverride(Section):
+    """Overrides of the model's own preprocessing (unset values keep the model's)."""
+    resize: Optional[PositiveInt] = None   # shorter side before the center crop
+    crop: Optional[PositiveInt] = None     # square input size
+    mean: Optional[tuple[float, float, float]] = None   # 0..1 scale, in the model's colour order
+    std: Optional[tuple[float, float, float]] = None
+    color: Optional[Literal["RGB", "BGR"]] = None
+
+
 class ModelConfig(Section):
-    name: str = "efficientnet_lite0"
-    pretrained: bool = True
+    name: str = "efficientnet_lite0"      # registered, torchvision or timm:NAME (`edgepipe models` lists them)
+    onnx: Optional[str] = None            # an ONNX file as the model (instead of name): no PyTorch stages
+    pretrained: bool = True               # the architecture's own ImageNet weights; false: random init
+    weights: Optional[str] = None         # local file of those weights (offline machines) instead of a download
     checkpoint: Optional[str] = None      # a state_dict (.pt with tensors only) or .safetensors
     num_classes: Optional[int] = None     # None: keep the model's own head
     input_size: Optional[PositiveInt] = None  # deployed input size; None: the model's own (224 for ImageNet weights)
+    labels: Optional[str] = None          # class names: a text file (one per line) or a JSON list
+    preprocess: Optional[PreprocessOverride] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        # PydanticCustomError: the message as written, without pydantic's "Value error, " prefix
+        if self.onnx and (self.checkpoint or self.weights or self.num_classes):
+            raise PydanticCustomError("model_source", "model.onnx is a complete model: drop checkpoint, weights and "
+                                      "num_classes (its head and weights are in the file)")
+        if self.weights and self.checkpoint:
+            raise PydanticCustomError("model_source", "give model.weights (the architecture's pretrained file) or "
+                                      "model.checkpoint (your fine-tuned state_dict), not both")
+        if self.weights and not self.pretrained:
+            raise PydanticCustomError("model_source", "model.weights is set but pretrained is false; drop one of them")
+        return self
 
 
 class CalibrationData(Section):
@@ -41,7 +69,9 @@ class CalibrationData(Section):
 class DataConfig(Section):
     calibration: CalibrationData = CalibrationData()
     evaluation: Optional[str] = None   # labeled CSV (file,class_index) or ImageFolder; unlabeled folder -> agreement only
-    parity_images: int = 64            # how many calibration/evaluation images the parity checks use
+    parity_images: int = 200           # held-out images the checks of every variant use (never calibration images)
+    heldout: int = 400                 # generated held-out crops (checks + accuracy control) when no real ones are given
+    reference_images: int = 64         # of the checked images, how many travel with the artifacts for `edgepipe verify`
     on_bad_image: Literal["skip", "stop"] = "skip"   # unreadable images: skip and list them, or stop before work
     # training data (stages.train): "fashion-mnist", an ImageFolder tree or a CSV
     train: Optional[str] = None
@@ -62,12 +92,13 @@ class TrainStage(Section):
     device: str = "auto"               # auto | cpu | cuda
     amp: bool = True                   # mixed precision (CUDA only)
     channels_last: bool = True         # NHWC memory format (faster on CUDA and, measured here, on CPU too)
-    threads: Optional[int] = None      # CPU threads for training (None: torch's default)
+    threads: Optional[PositiveInt | Literal["auto"]] = None  # CPU threads for training (None: torch's default; auto: measured)
     workers: int = 2
     max_train_images: Optional[int] = None
     max_val_images: Optional[int] = None
     input_size: Optional[PositiveInt] = None  # train at this size (default: model.input_size, else the model's own)
     freeze_backbone_epochs: int = 0
+    head_lr_scale: float = 1.0         # the new classifier head learns at this multiple of lr
     resume: bool = False               # continue from the last epoch checkpoint (`edgepipe run --resume`)
 
 
@@ -84,19 +115,30 @@ class PruneStage(Section):
     max_pruning_ratio: float = 0.6     # channel ratio reached at the last iterative step (stops earlier when targets are met)
     recovery_epochs: float = 1.0       # fine-tuning after the last pruning step
     lr: Optional[float] = None         # fine-tuning learning rate (default: stages.train.lr)
+    global_pruning: bool = False       # rank channels across all layers (True) or remove the same ratio per layer
+    distill_alpha: float = 0.0         # fine-tuning loss: (1 - a) * CE + a * KD from the unpruned model (0: off)
+    distill_temperature: float = 4.0
 
 
 class QuantizeStage(Section):
     enabled: bool = True
     method: Literal["ptq", "qat", "both"] = "ptq"
     max_drop: Optional[float] = None   # top-1 points; enables accuracy control / mixed precision when labeled data exists
+    # without labels: keep int8 at least this top-1 agreement with the fp32 model on held-out images
+    # (accuracy control reverts the most sensitive layers to float until it is met)
+    min_agreement: Optional[float] = None
     mixed_precision: bool = True       # keep the most sensitive layers in float until max_drop is met
     qat_epochs: float = 1.0
     qat_lr: float = 1e-4
     qat_calibration_batches: int = 8   # batches that set the initial fake-quant ranges before QAT
     fast_bias_correction: bool = False
     activation_symmetric: bool = True  # QDQ for TensorRT: symmetric activations (zero point 0)
-    qdq_mode: Literal["s8s8", "u8s8_reduce_range", "auto"] = "auto"
+    # auto: s8s8_reduce_range (isa portable) or s8s8 (isa vnni); all but u8s8_reduce_range are TensorRT's form
+    qdq_mode: Literal["s8s8", "s8s8_reduce_range", "u8s8_reduce_range", "auto"] = "auto"
+    # CPUs the int8 artifacts must be right on. portable: 7-bit weights (NNCF overflow fix, ORT reduce_range,
+    # QAT; depthwise convs keep 8), exact on SSE4.2/AVX2/AVX-512 without VNNI too. vnni: 8-bit weights, only for
+    # a known VNNI/AMX (or Arm) target; without VNNI their u8 x s8 sums saturate (docs/compile.md)
+    isa: Literal["portable", "vnni"] = "portable"
 
 
 class StagesConfig(Section):
@@ -118,10 +160,29 @@ class ExportConfig(Section):
         return v
 
 
+OV_HARDWARE = r"(?:CPU|GPU(?:\.\d+)?|NPU)"
+OV_DEVICE = re.compile(rf"{OV_HARDWARE}|AUTO(?::{OV_HARDWARE}(?:,{OV_HARDWARE})*)?|(?:HETERO|MULTI):{OV_HARDWARE}(?:,{OV_HARDWARE})*")
+
+
 class Target(Section):
     backend: Literal["openvino", "onnxruntime", "tensorrt"]
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     pruned: Optional[bool] = None      # None: build for every model the stages produce
+    device: Optional[str] = None       # OpenVINO only: CPU, GPU, GPU.1, NPU, AUTO[:A,B], HETERO:A,B (where it runs)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v):
+        if v is not None and not OV_DEVICE.fullmatch(v.strip().upper()):
+            raise ValueError(f"device: {v} is not an OpenVINO device; use CPU, GPU, GPU.1, NPU, AUTO, "
+                             "AUTO:GPU,CPU or HETERO:GPU,CPU")
+        return None if v is None else v.strip().upper()
+
+    @model_validator(mode="after")
+    def _device_backend(self):
+        if self.device is not None and self.backend != "openvino":
+            raise ValueError(f"device: {self.device} is for OpenVINO targets; {self.backend} chooses its device itself")
+        return self
 
 
 class BenchConfig(Section):
@@ -214,13 +275,36 @@ def _apply_set(data: dict, assignment: str) -> None:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
-    node = data
     parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = value
+    node = data
+    for i, part in enumerate(parts):
+        here, last = ".".join(parts[:i]) or "the recipe", i == len(parts) - 1
+        if isinstance(node, list):
+            if not re.fullmatch(r"-?[0-9]+", part):
+                raise RecipeError(f"--set {assignment}: {here} is a list; index it with a number, e.g. {here}.0")
+            index = int(part)
+            if not -len(node) <= index < len(node):
+                raise RecipeError(f"--set {assignment}: {here} has {len(node)} item(s), so index {index} does not exist")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {assignment}: {here} is a value ({node!r}), not a section")
+        elif part not in node and not last:
+            # a section the file leaves out starts empty; a list (targets) starts as its default, to be indexed
+            node[part] = _default_at(parts[:i + 1]) if re.fullmatch(r"-?[0-9]+", parts[i + 1]) else {}
+        if last:
+            node[index if isinstance(node, list) else part] = value
+        else:
+            node = node[index] if isinstance(node, list) else node[part]
+
+
+def _default_at(parts: list[str]):
+    """The built-in default at a dotted path (for --set into a list the file leaves out)."""
+    node: Any = Recipe().model_dump(mode="json", exclude={"profiles"})
+    for part in parts:
+        if isinstance(node, dict) and part in node and isinstance(node[part], (dict, list)):
+            node = node[part]
+        else:
+            return {}
+    return copy.deepcopy(node)
 
 
 def builtin_recipe(name: str) -> Path | None:
@@ -266,17 +350,20 @@ def recipe_from_dict(data: dict, profile: str | None = None, overrides: list[str
     if profile is not None:
         if not isinstance(profiles, dict) or profile not in profiles:
             names = list(profiles) if isinstance(profiles, dict) else []
-            close = difflib.get_close_matches(profile, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = _profile_hint(profile, names)
             raise RecipeError(f"{where}: no profile {profile!r}{hint}; profiles: {', '.join(names) or 'none'}")
         _check_keys(profiles[profile], Recipe, "")
         data = _deep_merge(data, profiles[profile])
-    for item in overrides:
-        _apply_set(data, item)
     try:
-        _check_keys(data, Recipe, "")
+        _check_keys(data, Recipe, "")  # the file's own mistakes are named by the file
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None
+    for item in overrides:  # ... and a --set's by that --set
+        _apply_set(data, item)
+        try:
+            _check_keys(data, Recipe, "")
+        except RecipeError as exc:
+            raise RecipeError(f"--set {item}: {exc}") from None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -284,12 +371,36 @@ def recipe_from_dict(data: dict, profile: str | None = None, overrides: list[str
         loc = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
         got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-        raise RecipeError(f"{where}: {loc}: {err['msg']}{got_s}") from None
+        raise RecipeError(f"{_blame(loc, overrides, where)}: {loc}: {err['msg']}{got_s}") from None
     try:
         _resolve_paths(recipe, Path(base_dir))
     except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(f"{_blame(str(exc).split(':')[0], overrides, where)}: {exc}") from None
     return recipe
+
+
+def _blame(loc: str, overrides, where: str) -> str:
+    """`--set KEY=VALUE` when the last override touching ``loc`` (a dotted path) set it, else the recipe."""
+    for item in reversed(list(overrides)):
+        key = item.split("=", 1)[0].strip()
+        if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return f"--set {item}"
+    return where
+
+
+def _profile_hint(profile: str, own: list[str]) -> str:
+    """' (did you mean ...?)' from this recipe's profiles, else from the built-in recipes' profiles."""
+    close = difflib.get_close_matches(profile, own, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    folder = builtin_recipe("default")
+    for path in sorted(folder.parent.glob("*.yaml")) if folder else []:
+        with contextlib.suppress(Exception):
+            names = list((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("profiles") or {})
+            close = difflib.get_close_matches(profile, names, n=1)
+            if close:
+                return f" (did you mean --profile {close[0]} of the built-in recipe {path.stem}?)"
+    return ""
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
@@ -308,7 +419,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
             raise RecipeError(f"{what}: {value} does not exist")
         return str(p.resolve())
 
-    recipe.model.checkpoint = resolve(recipe.model.checkpoint, "model.checkpoint")
+    for key in ("checkpoint", "onnx", "weights", "labels"):
+        setattr(recipe.model, key, resolve(getattr(recipe.model, key), f"model.{key}"))
     recipe.data.calibration.source = resolve(recipe.data.calibration.source, "data.calibration.source", ("generated",))
     recipe.data.evaluation = resolve(recipe.data.evaluation, "data.evaluation")
     recipe.data.train = resolve(recipe.data.train, "data.train", ("fashion-mnist",))

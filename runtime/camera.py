@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -17,28 +18,46 @@ import cv2
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
+from edgepipe.helptext import ENVIRONMENT, HelpFormatter
+from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
-from edgepipe.runtime.outputs import Outputs
-from edgepipe.runtime.sources import parse_source, set_rtsp_transport
+from edgepipe.runtime.outputs import MjpegServer, Outputs
+from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
 from edgepipe.runtime.stream import Channel, Options, Pipeline
 
 GAVE_UP_EXIT = 3
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+                                formatter_class=HelpFormatter)  # defaults and environment variables in --help
     p.add_argument("--model", required=True, help="artifact folder written by `edgepipe run` (has manifest.json)")
     p.add_argument("--source", required=True,
-                   help="camera index, /dev/videoN, video file, rtsp:// or http(s):// URL, GStreamer pipeline "
-                        "(ending in appsink), image folder or glob")
+                   help="camera index, /dev/videoN or v4l2:///dev/videoN (USB), csi://N (Jetson CSI), video file, "
+                        "rtsp:// or http(s):// URL, GStreamer pipeline (ending in appsink), image folder or glob")
     p.add_argument("--variant", help="variant name from the manifest (default: the manifest's default for the backend)")
-    p.add_argument("--backend", default="auto", choices=["auto", "openvino", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="auto: the fastest variant `edgepipe verify` passed here, else the build host's default")
+    p.add_argument("--verify", action="store_true",
+                   help="prove the variant on this machine with the folder's reference set before serving it "
+                        "(as `edgepipe verify`); a variant that fails is replaced by the next one that passes")
+    p.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU, AUTO, HETERO:GPU,CPU ... (default: the variant's, "
+                                    "else CPU); one that is absent here is an error listing the devices OpenVINO sees")
     p.add_argument("--jsonl", help="write one JSON line per frame here")
-    p.add_argument("--output", help="write an annotated mp4 (or .avi) here")
+    p.add_argument("--output", help="write an annotated video here: .mp4/.mkv as H.264 through ffmpeg when it is "
+                                    "installed (plays in browsers), else OpenCV's mp4v; .avi as MJPG")
+    p.add_argument("--output-encoder", choices=["auto", "ffmpeg", "opencv"], default="auto",
+                   help="auto: ffmpeg's H.264 when ffmpeg is installed, else OpenCV")
+    p.add_argument("--serve-mjpeg", type=int, metavar="PORT",
+                   help="serve the annotated frames as MJPEG over HTTP (watch at http://HOST:PORT/ in a browser)")
+    p.add_argument("--serve-host", default="127.0.0.1",
+                   help="address --serve-mjpeg listens on (default 127.0.0.1, this machine only; 0.0.0.0: every network)")
     p.add_argument("--stats", help="write the summary as JSON here (atomically; refreshed every --stats-interval s)")
     p.add_argument("--stats-interval", type=float, default=5.0, metavar="S")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N classified frames (0: no limit)")
-    p.add_argument("--display", action="store_true", help="show a window (needs a screen and OpenCV with GUI)")
+    p.add_argument("--display", action="store_true",
+                   help="show a window: needs a screen and `opencv-python` (not the headless build edgepipe installs); "
+                        "on a headless device use --serve-mjpeg")
     p.add_argument("--top-k", type=int, default=1, help="also report the K best classes per frame")
     p.add_argument("--smooth", type=float, default=0.0, metavar="ALPHA",
                    help="average probabilities over frames (weight of the past, 0..1; e.g. 0.7) so labels don't flicker")
@@ -47,19 +66,31 @@ def parse_args(argv=None):
     p.add_argument("--loop", action="store_true", help="start a file or image folder over when it ends")
     p.add_argument("--open-timeout", type=float, default=10.0, metavar="S", help="give up opening a source after S s")
     p.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
-                   help="a live source with no frame for S s is reconnected")
+                   help="a live source that stops delivering frames for S s is reconnected")
+    p.add_argument("--first-frame-timeout", type=float, default=35.0, metavar="S",
+                   help="a new connection may take S s for its first frame (the decoder waits for the next "
+                        "keyframe: IP cameras send one every 1-30 s); then --read-timeout applies")
+    p.add_argument("--input-width", type=int, metavar="W", help="camera capture width (V4L2, csi://)")
+    p.add_argument("--input-height", type=int, metavar="H", help="camera capture height (V4L2, csi://)")
+    p.add_argument("--input-rate", type=float, metavar="FPS", help="camera frame rate (V4L2, csi://)")
+    p.add_argument("--input-codec", choices=["mjpg", "yuyv"],
+                   help="V4L2 pixel format; mjpg gives most USB webcams their large sizes at full frame rate")
     p.add_argument("--max-reconnects", type=int, default=10,
                    help="failed attempts in a row before giving up on a live source (exit 3)")
     p.add_argument("--backoff", type=float, default=0.5, metavar="S", help="first reconnect delay; doubles up to 30 s")
     p.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (OpenCV asks for tcp by default)")
     args = p.parse_args(argv)
-    for name in ("open_timeout", "read_timeout", "backoff", "stats_interval"):
+    for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.max_reconnects < 0 or args.max_frames < 0 or args.top_k < 1:
         p.error("--max-reconnects and --max-frames must be >= 0, --top-k >= 1")
     if not 0.0 <= args.smooth < 1.0:
         p.error("--smooth is the weight of previous frames: 0 (off) <= ALPHA < 1")
+    if any(v is not None and v <= 0 for v in (args.input_width, args.input_height, args.input_rate)):
+        p.error("--input-width, --input-height and --input-rate must be > 0")
+    if args.serve_mjpeg is not None and not 0 <= args.serve_mjpeg <= 65535:
+        p.error("--serve-mjpeg is a TCP port (1-65535; 0 picks a free one)")
     return args
 
 
@@ -67,12 +98,41 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def start_classifier(args) -> Classifier:
+    """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first."""
+    clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device)
+    tried = set()
+    while args.verify and clf.variant_name not in tried:
+        from edgepipe.runtime.verify import verify_model_dir
+        tried.add(clf.variant_name)
+        record = verify_model_dir(args.model, variants=[clf.variant_name], backend=args.backend, log=log)
+        if record["variants"][clf.variant_name]["verdict"] == "pass":
+            break
+        if args.variant:
+            raise UserError(f"variant {args.variant} failed verification on this machine (see {record.get('path')}); "
+                            "choose another --variant or leave it out to serve one that passes")
+        clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device)  # auto never serves a failed variant
+    here = {True: "verified on this machine", False: "FAILED verification on this machine",
+            None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
+    log(f"camera.py: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
+    return clf
+
+
+DISPLAY_HINT = "on a headless device, watch with --serve-mjpeg PORT (a browser) or write --output instead"
+
+
 def check_display() -> None:
+    """--display needs OpenCV's GUI (opencv-python; edgepipe installs the headless build) and a screen."""
+    gui = re.search(r"GUI:\s*(\S+)", cv2.getBuildInformation())
+    if gui is None or gui.group(1).upper() == "NONE":
+        raise UserError("--display needs OpenCV with a GUI, and this is the headless build: "
+                        "pip uninstall opencv-python-headless && pip install opencv-python; " + DISPLAY_HINT)
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise UserError("--display needs a screen and neither $DISPLAY nor $WAYLAND_DISPLAY is set; " + DISPLAY_HINT)
     try:
         cv2.namedWindow("edgepipe", cv2.WINDOW_NORMAL)
     except cv2.error:
-        raise UserError("--display needs OpenCV with a GUI and a screen (opencv-python-headless has none); "
-                        "drop --display or use --output") from None
+        raise UserError("--display: OpenCV cannot open a window here; " + DISPLAY_HINT) from None
 
 
 class Signals:
@@ -100,20 +160,34 @@ def main(argv=None) -> int:
     if "OPENCV_LOG_LEVEL" not in os.environ:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    spec = parse_source(args.source)
+    codec = args.input_codec.upper() if args.input_codec else None
+    spec = parse_source(args.source, CaptureFormat(args.input_width, args.input_height, args.input_rate, codec))
+    check_gstreamer(spec)
     set_rtsp_transport(args.rtsp_transport)
     if args.display:
         check_display()
-    clf = Classifier(args.model, variant=args.variant, backend=args.backend)
+    mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host) if args.serve_mjpeg is not None else None
+    try:
+        return serve(args, spec, mjpeg)
+    finally:
+        if mjpeg is not None:
+            mjpeg.close()
+
+
+def serve(args, spec, mjpeg: MjpegServer | None) -> int:
+    clf = start_classifier(args)
+    if mjpeg is not None:
+        log(f"camera.py: watch the annotated stream at {mjpeg.url}")
     opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop,
                    open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
-                   max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
+                   first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
     display = Channel(1, latest=True) if args.display else None
     pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
     outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl, video=args.output,
                       fps_hint=lambda: pipeline.capture.fps, top_k=args.top_k, smooth=args.smooth,
-                      max_frames=args.max_frames, display=display)
-    extra = {"variant": clf.variant_name, "backend": clf.backend_name, "source": spec.describe(), "live": opts.live}
+                      max_frames=args.max_frames, display=display, encoder=args.output_encoder, mjpeg=mjpeg)
+    extra = {"variant": clf.variant_name, "backend": clf.backend_name, "device": clf.device, "source": spec.describe(),
+             "live": opts.live}
     signals = Signals(pipeline)
     next_stats = [time.monotonic() + args.stats_interval]
 

@@ -7,51 +7,18 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
-from edgepipe.runtime.errors import BackendUnavailable, ManifestError
+from edgepipe.runtime.backends.base import create_backend
+from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.manifest import load_manifest, verify_files
 from edgepipe.runtime.preprocess import Preprocess
+from edgepipe.runtime.serving import choose, choose_for_dir
 
 
-def choose_variant(manifest: dict, variant: str | None = None, backend: str = "auto") -> tuple[str, str]:
-    """Pick (variant name, backend name) from what the manifest offers and what is installed here."""
-    variants = manifest["variants"]
-    if backend != "auto" and backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
-    if variant is not None:
-        if variant not in variants:
-            raise ManifestError(f"no variant {variant!r} in the manifest; available: {', '.join(variants)}")
-        fmt = variants[variant]["format"]
-        if backend != "auto":
-            if not can_load(backend, fmt):
-                raise BackendUnavailable(f"backend {backend!r} cannot run variant {variant!r} (format {fmt})")
-            return variant, backend
-        native = variants[variant]["backend"]
-        order = [native] + [b for b in AUTO_ORDER if b != native]
-        for name in order:
-            if can_load(name, fmt) and is_installed(name):
-                return variant, name
-        raise BackendUnavailable(f"no installed backend can run variant {variant!r} (format {fmt}); "
-                                 f"install {native}: pip install 'edgepipe[{native}]'")
-    usable = {n: v for n, v in variants.items() if v.get("status", "ok") == "ok"}
-    if not usable:
-        raise ManifestError("no variant in the manifest is verified (failed, unverified or pending-build); re-run `edgepipe run` or pick one with --variant")
-    order = AUTO_ORDER if backend == "auto" else (backend,)
-    for name in order:
-        if not is_installed(name):
-            continue
-        default = manifest.get("defaults", {}).get(name) or manifest.get("default_variant")
-        native = [n for n, v in usable.items() if v["backend"] == name]
-        if default in native:
-            return default, name
-        if native:
-            return native[0], name
-    default = manifest.get("default_variant")
-    if default in usable and backend != "auto" and can_load(backend, usable[default]["format"]) and is_installed(backend):
-        return default, backend
-    wanted = "any of " + ", ".join(AUTO_ORDER) if backend == "auto" else backend
-    raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here "
-                             f"(variants: {', '.join(n + ' [' + v['backend'] + ']' for n, v in usable.items())})")
+def choose_variant(manifest: dict, variant: str | None = None, backend: str = "auto",
+                   model_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(variant name, backend name) to serve here; see :mod:`edgepipe.runtime.serving` for the policy."""
+    choice = choose_for_dir(model_dir, manifest, variant, backend) if model_dir else choose(manifest, variant, backend)
+    return choice.variant, choice.backend
 
 
 class Classifier:
@@ -62,23 +29,28 @@ class Classifier:
     single assignment; if anything about the new one is wrong, the old one keeps serving.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, variant: str | None = None, backend: str = "auto"):
+    def __init__(self, model_dir: str | os.PathLike, variant: str | None = None, backend: str = "auto", *,
+                 device: str | None = None):
+        """``device``: where the backend runs the model (OpenVINO: CPU, GPU, NPU, AUTO, HETERO:...); None: the
+        variant's recorded ``device`` (recipe target), else the backend's default."""
         self.model_dir = Path(model_dir)
         self._backend_choice = backend
+        self._device = device
         self._active = self._prepare(variant, backend)
 
     def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
         """Read the manifest, hash-check the variant's files, load and test them; touches nothing serving now."""
         manifest = load_manifest(self.model_dir)
-        name, backend_name = choose_variant(manifest, variant, backend)
+        choice = choose_for_dir(self.model_dir, manifest, variant, backend, self._device)
+        name, backend_name = choice.variant, choice.backend
         spec = manifest["variants"][name]
         files = verify_files(self.model_dir, spec, name)  # before anything is loaded
         pre = Preprocess.from_manifest(manifest["preprocess"])
         labels = list(manifest["labels"])
         backend_obj = create_backend(backend_name)
-        backend_obj.load(files, dict(spec, model_dir=str(self.model_dir)))
+        backend_obj.load(files, dict(spec, model_dir=str(self.model_dir)), device=self._device)
         _check_outputs(backend_obj, pre, labels, name)
-        return SimpleNamespace(manifest=manifest, variant_name=name, backend_name=backend_name, variant=spec,
+        return SimpleNamespace(manifest=manifest, choice=choice, variant_name=name, backend_name=backend_name, variant=spec,
                                files=files, labels=labels, preprocess=pre, backend=backend_obj)
 
     def reload(self, variant: str | None = None, backend: str | None = None) -> str:
@@ -92,6 +64,7 @@ class Classifier:
         return self._active.variant_name
 
     manifest = property(lambda self: self._active.manifest)
+    choice = property(lambda self: self._active.choice)  # serving.Choice: why this variant, verified here or not
     variant_name = property(lambda self: self._active.variant_name)
     backend_name = property(lambda self: self._active.backend_name)
     variant = property(lambda self: self._active.variant)
@@ -99,10 +72,17 @@ class Classifier:
     labels = property(lambda self: self._active.labels)
     preprocess = property(lambda self: self._active.preprocess)
     backend = property(lambda self: self._active.backend)
+    @property
+    def device(self) -> str | None:
+        """Where the backend runs the model, when it says (OpenVINO: "CPU", "AUTO", ...; ONNX Runtime: CPU/CUDA)."""
+        device = getattr(self._active.backend, "device", None)
+        return device if isinstance(device, str) else None
 
     @property
     def dynamic_batch(self) -> bool:
-        return self.variant["input_shape"][0] in (-1, None)
+        """Batches of any size? (an NPU compiles the model for batch 1 even when the variant's batch is dynamic)"""
+        shape = getattr(self._active.backend, "input_shape", None) or self.variant["input_shape"]
+        return shape[0] in (-1, None)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self._active.backend.infer(batch)

@@ -1,10 +1,18 @@
 """The output stage of the camera pipeline: logits -> label (top-k, optional smoothing) -> JSONL line,
-annotated mp4 frame, window. Runs on one thread, in frame order."""
+annotated video (H.264 through ffmpeg, or OpenCV's mp4v), window, MJPEG over HTTP. Runs on one thread, in
+frame order."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -33,13 +41,31 @@ class Smoother:
         return self.state
 
 
-class VideoFile:
-    """An mp4 (or .avi) of the annotated frames, written to a temporary name and renamed when closed, so
-    the target is always a complete, playable file. Frames of another size are resized to the first."""
+FFMPEG_CONTAINERS = (".mp4", ".mkv", ".mov")
 
-    def __init__(self, path: str, fps: float):
+
+def ffmpeg_available() -> bool:
+    return shutil.which("ffmpeg") is not None
+
+
+class VideoFile:
+    """The annotated video, written to a temporary name and renamed when closed, so the target is always a
+    complete, playable file. Frames of another size are resized to the first.
+
+    encoder "auto": H.264 through an ffmpeg subprocess for .mp4/.mkv/.mov when ffmpeg is installed (plays in
+    browsers; encoded in another process, fed by a thread of its own so the pipeline does not wait on it),
+    else OpenCV's mp4v (.avi: MJPG). "ffmpeg" / "opencv" force one."""
+
+    def __init__(self, path: str, fps: float, encoder: str = "auto"):
         self.path = Path(path)
         self.fps = fps if 0 < fps < 1000 else 25.0
+        if encoder not in ("auto", "ffmpeg", "opencv"):
+            raise UserError(f"video encoder {encoder!r}: choose auto, ffmpeg or opencv")
+        if encoder == "ffmpeg" and not ffmpeg_available():
+            raise UserError("--output-encoder ffmpeg: ffmpeg is not installed (apt install ffmpeg), or use opencv")
+        self.use_ffmpeg = encoder == "ffmpeg" or (encoder == "auto" and ffmpeg_available()
+                                                 and self.path.suffix.lower() in FFMPEG_CONTAINERS)
+        self.codec = "h264" if self.use_ffmpeg else ("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v")
         self.writer = None
         self.size = None
         self._atomic = None
@@ -52,22 +78,80 @@ class VideoFile:
         self.writer.write(image)
 
     def _open(self, width: int, height: int) -> None:
-        fourcc = "MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"
         self._atomic = atomic_path(self.path, suffix=self.path.suffix or ".mp4")
         tmp = self._atomic.__enter__()
-        self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), self.fps, (width, height))
         self.size = (width, height)
-        if not self.writer.isOpened():
+        try:
+            if self.use_ffmpeg:
+                self.writer = FfmpegWriter(tmp, width, height, self.fps)
+            else:
+                self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*self.codec), self.fps, (width, height))
+                if not self.writer.isOpened():
+                    raise UserError(f"OpenCV cannot write {self.path} (codec {self.codec}); use an .mp4 or .avi path "
+                                    "in a writable folder")
+        except UserError as err:
             self.writer = None
-            err = UserError(f"OpenCV cannot write {self.path} (codec {fourcc}); use an .mp4 or .avi path in a writable folder")
             self._atomic.__exit__(UserError, err, None)  # the write failed: drop the temporary file, keep no target
-            raise err
+            raise
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.release()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                writer.release()
+            except UserError as err:
+                self._atomic.__exit__(UserError, err, None)
+                raise
             self._atomic.__exit__(None, None, None)   # rename onto the target
+
+
+class FfmpegWriter:
+    """BGR frames -> ``ffmpeg -f rawvideo -i - -c:v libx264`` (yuv420p, +faststart: plays in browsers).
+    A thread feeds the pipe from a short queue, so the output stage only hands frames over; when the
+    encoder falls behind by the whole queue, the caller waits (a video file gets every frame)."""
+
+    QUEUE = 8
+
+    def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast"):
+        even = [] if width % 2 == 0 and height % 2 == 0 else ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+        cmd = ["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}",
+               "-r", f"{fps:g}", "-i", "-", "-an", *even, "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
+               "-movflags", "+faststart", str(path)]
+        self.path = path
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.queue: queue.Queue = queue.Queue(self.QUEUE)
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._feed, name="video-encoder-feed", daemon=True)
+        self.thread.start()
+
+    def _feed(self) -> None:
+        while (image := self.queue.get()) is not None:
+            if self.error:
+                continue                     # keep draining so the producer never blocks on a dead encoder
+            try:
+                self.proc.stdin.write(memoryview(np.ascontiguousarray(image)).cast("B"))
+            except (BrokenPipeError, OSError) as exc:
+                self.error = f"ffmpeg stopped taking frames ({exc.strerror or exc})"
+
+    def write(self, image: np.ndarray) -> None:
+        if self.error:
+            raise UserError(f"cannot write {self.path.name}: {self.error}: {self._stderr()}")
+        self.queue.put(image)
+
+    def release(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        code = self.proc.wait()
+        if code != 0 or self.error:
+            raise UserError(f"ffmpeg could not encode the video (exit {code}): {self._stderr()}")
+
+    def _stderr(self) -> str:
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").strip().splitlines()
+        return lines[-1][:300] if lines else "no message"
 
 
 def annotate(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -105,11 +189,106 @@ def open_jsonl(path: str):
         raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
 
 
+class MjpegServer:
+    """The annotated frames as MJPEG over HTTP, so a headless device can be watched from a browser:
+    http://HOST:PORT/ (a page), /stream.mjpg (multipart/x-mixed-replace), /snapshot.jpg (the newest frame).
+    Binds 127.0.0.1 unless told otherwise. Frames are JPEG-encoded on the client's own HTTP thread, only
+    while someone watches; a slow client skips frames (it always gets the newest)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", quality: int = 80):
+        self.quality = quality
+        self.cond = threading.Condition()
+        self.image: np.ndarray | None = None
+        self.seq = 0
+        self.closed = False
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), self._handler())
+        except OSError as exc:
+            raise UserError(f"cannot serve MJPEG on {host}:{port}: {exc.strerror or exc}; choose another --serve-mjpeg port") from None
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                       name="mjpeg-server", daemon=True)
+        self.thread.start()
+
+    def publish(self, image: np.ndarray) -> None:
+        with self.cond:
+            self.image, self.seq = image, self.seq + 1
+            self.cond.notify_all()
+
+    def next_jpeg(self, seen: int) -> tuple[int, bytes | None]:
+        """Wait for a frame newer than ``seen``; (seq, JPEG bytes), or (seen, None) once closed."""
+        with self.cond:
+            while self.seq == seen and not self.closed:
+                self.cond.wait(0.5)
+            if self.closed or self.image is None:
+                return seen, None
+            seq, image = self.seq, self.image
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        return seq, buf.tobytes() if ok else None
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):      # no per-request lines on stderr
+                pass
+
+            def do_GET(self):
+                if self.path in ("/", "/index.html"):
+                    body = (b"<!doctype html><title>edgepipe</title><body style='margin:0;background:#000'>"
+                            b"<img src='/stream.mjpg' style='max-width:100%'></body>")
+                    self._send(200, "text/html", body)
+                elif self.path.startswith("/snapshot.jpg"):
+                    _, jpeg = server.next_jpeg(-1) if server.image is not None else (0, None)
+                    self._send(200, "image/jpeg", jpeg) if jpeg else self._send(503, "text/plain", b"no frame yet\n")
+                elif self.path.startswith("/stream.mjpg"):
+                    self._stream()
+                else:
+                    self._send(404, "text/plain", b"try / or /stream.mjpg\n")
+
+            def _send(self, code, ctype, body):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _stream(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                seen = -1
+                try:
+                    while True:
+                        seen, jpeg = server.next_jpeg(seen)
+                        if jpeg is None:
+                            if server.closed:
+                                return
+                            continue
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                         + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    return                     # the viewer went away
+
+        return Handler
+
+
 class Outputs:
-    """Called once per classified frame, in order: postprocess, then JSONL / mp4 / window."""
+    """Called once per classified frame, in order: postprocess, then JSONL / video / window / MJPEG."""
 
     def __init__(self, labels: list[str], stats, stop, *, jsonl: str | None = None, video: str | None = None,
-                 fps_hint=lambda: 0.0, top_k: int = 1, smooth: float = 0.0, max_frames: int = 0, display=None):
+                 fps_hint=lambda: 0.0, top_k: int = 1, smooth: float = 0.0, max_frames: int = 0, display=None,
+                 encoder: str = "auto", mjpeg: MjpegServer | None = None):
         self.labels, self.stats, self.stop = labels, stats, stop
         self.top_k = max(1, min(int(top_k), len(labels)))
         self.smoother = Smoother(smooth)
@@ -119,7 +298,9 @@ class Outputs:
         self.rate = RateMeter()
         self.jsonl = open_jsonl(jsonl) if jsonl else None
         self.video_path, self.fps_hint = video, fps_hint   # fps_hint(): the source's fps, known once it is open
+        self.encoder = encoder
         self.video: VideoFile | None = None
+        self.mjpeg = mjpeg
 
     def __call__(self, frame) -> None:
         if self.max_frames and self.frames >= self.max_frames:
@@ -138,14 +319,16 @@ class Outputs:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
         fps = self.rate.tick()
-        if self.video_path or self.display is not None:
+        if self.video_path or self.display is not None or self.mjpeg is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])
             if self.video_path:
                 if self.video is None:
-                    self.video = VideoFile(self.video_path, self.fps_hint())
+                    self.video = VideoFile(self.video_path, self.fps_hint(), self.encoder)
                 self.video.write(image)
             if self.display is not None:
                 self.display.put(image)
+            if self.mjpeg is not None:
+                self.mjpeg.publish(image)
         frame.image = None
         self.stats.add("write", time.monotonic() - t)
         self.frames += 1
@@ -153,7 +336,9 @@ class Outputs:
             self.stop.set()
 
     def close(self) -> None:
-        if self.video is not None:
-            self.video.close()
-        if self.jsonl:
-            self.jsonl.close()
+        try:
+            if self.video is not None:
+                self.video.close()
+        finally:
+            if self.jsonl:
+                self.jsonl.close()

@@ -50,9 +50,12 @@ class Preprocess:
         return self.batch([bgr])
 
     def batch(self, frames: list) -> np.ndarray:
-        out = np.empty((len(frames), 3, self.crop, self.crop), dtype=np.float32)
-        scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
-        bias = np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
+        return self.normalize(self.crops(frames))
+
+    def crops(self, frames: list) -> np.ndarray:
+        """BGR uint8 frames -> (N, crop, crop, 3) uint8 in the model's colour order: resized and cropped,
+        not yet normalized (what the reference set stores, so a device re-runs exactly the same input)."""
+        out = np.empty((len(frames), self.crop, self.crop, 3), dtype=np.uint8)
         for i, bgr in enumerate(frames):
             check_frame(bgr)
             if bgr.ndim == 2:
@@ -64,10 +67,16 @@ class Preprocess:
             roi = bgr[y0:y0 + sh, x0:x0 + sw]
             interp = cv2.INTER_AREA if sh > self.crop else cv2.INTER_LINEAR
             img = cv2.resize(roi, (self.crop, self.crop), interpolation=interp)
-            if self.color == "RGB":
-                img = img[:, :, ::-1]
-            chw = img.transpose(2, 0, 1).astype(np.float32)
-            out[i] = chw * scale[:, None, None] + bias[:, None, None]
+            out[i] = img[:, :, ::-1] if self.color == "RGB" else img
+        return out
+
+    def normalize(self, crops: np.ndarray) -> np.ndarray:
+        """(N, crop, crop, 3) uint8 from :meth:`crops` -> (N, 3, crop, crop) float32 with mean/std applied."""
+        scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
+        bias = np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
+        out = crops.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        out *= scale[None, :, None, None]
+        out += bias[None, :, None, None]
         return out
 
 

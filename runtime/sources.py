@@ -3,7 +3,8 @@
 `parse_source(text)` understands, like jetson-inference's URIs:
 
 - ``0``, ``1`` ...           camera index (V4L2 on Linux)            live
-- ``/dev/video0``            V4L2 device                               live
+- ``/dev/video0``, ``v4l2:///dev/video0``  V4L2 device (USB webcam)   live
+- ``csi://0``                Jetson CSI camera (nvarguscamerasrc GStreamer pipeline)  live
 - ``rtsp://``, ``rtmp://``, ``http(s)://``, ``udp://`` ...  network stream  live
 - ``... ! appsink``          GStreamer pipeline (OpenCV built with GStreamer, e.g. on Jetson)  live
 - a folder, a glob (``imgs/*.jpg``) or one image file: images in sorted order   finite
@@ -33,11 +34,40 @@ class SourceError(UserError):
 
 
 @dataclass(frozen=True)
+class CaptureFormat:
+    """What to ask a camera for (jetson-inference's --input-width/--input-height/--input-rate/--input-codec);
+    None: the camera's default. A camera picks its nearest mode; the summary says what frames came."""
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    codec: str | None = None     # V4L2 pixel format: MJPG (most USB webcams' high-resolution modes) or YUYV
+
+    def is_default(self) -> bool:
+        return self == CaptureFormat()
+
+
+CSI_DEFAULT = CaptureFormat(1280, 720, 30.0)
+
+
+def csi_pipeline(sensor: int, fmt: CaptureFormat) -> str:
+    """The nvarguscamerasrc pipeline jetson-inference builds for csi://N: NVMM NV12 -> nvvidconv -> BGR appsink
+    (keeping only the newest buffer, so a slow model never works on an old frame)."""
+    w, h = fmt.width or CSI_DEFAULT.width, fmt.height or CSI_DEFAULT.height
+    fps = fmt.fps or CSI_DEFAULT.fps
+    rate = f"{int(round(fps * 1000))}/1000" if fps != int(fps) else f"{int(fps)}/1"
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width=(int){w}, height=(int){h}, "
+            f"framerate=(fraction){rate}, format=(string)NV12 ! nvvidconv flip-method=0 ! "
+            "video/x-raw, format=(string)BGRx ! videoconvert ! video/x-raw, format=(string)BGR ! "
+            "appsink drop=true max-buffers=1 sync=false")
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     text: str        # what the user gave
     kind: str        # camera | stream | gstreamer | file | images
     target: object   # int camera index, URL / path / pipeline string, or a list of image paths
     live: bool       # live sources drop frames to stay current and reconnect when lost
+    fmt: CaptureFormat = CaptureFormat()   # size / rate / pixel format asked of a camera
 
     def describe(self) -> str:
         if self.kind == "images":
@@ -45,15 +75,38 @@ class SourceSpec:
         return f"{self.kind} {self.text!r}"
 
 
-def parse_source(text: str) -> SourceSpec:
-    text = str(text).strip()
+def parse_source(text: str, fmt: CaptureFormat | None = None) -> SourceSpec:
+    """``fmt``: the capture format to ask a camera for (V4L2, csi://); other sources refuse one."""
+    fmt = fmt or CaptureFormat()
+    spec = _parse(str(text).strip(), fmt)
+    if not fmt.is_default() and spec.kind != "camera" and not spec.text.lower().startswith("csi://"):
+        raise SourceError("--input-width/--input-height/--input-rate/--input-codec are for cameras (an index, "
+                          f"/dev/videoN, v4l2://, csi://); {spec.describe()} has its own size and rate")
+    return spec
+
+
+def _parse(text: str, fmt: CaptureFormat) -> SourceSpec:
     if not text:
         raise SourceError("empty --source; give a camera index, /dev/videoN, a video file, a URL or an image folder")
     if text.isdigit():
-        return SourceSpec(text, "camera", int(text), True)
+        return SourceSpec(text, "camera", int(text), True, fmt)
     if re.fullmatch(r"/dev/video\d+", text):
-        return SourceSpec(text, "camera", text, True)
+        return SourceSpec(text, "camera", text, True, fmt)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme == "v4l2":
+        device = text[len("v4l2://"):]
+        if re.fullmatch(r"\d+", device):
+            device = f"/dev/video{device}"
+        if not re.fullmatch(r"/dev/video\d+", device):
+            raise SourceError(f"{text!r}: write v4l2:///dev/videoN (or v4l2://N)")
+        return SourceSpec(text, "camera", device, True, fmt)
+    if scheme == "csi":
+        sensor = text[len("csi://"):]
+        if not sensor.isdigit():
+            raise SourceError(f"{text!r}: write csi://N with N the sensor number (csi://0 for the first camera)")
+        if fmt.codec:
+            raise SourceError("--input-codec is for V4L2 cameras; a CSI camera delivers raw frames")
+        return SourceSpec(text, "gstreamer", csi_pipeline(int(sensor), fmt), True, fmt)
     if scheme in STREAM_SCHEMES:
         return SourceSpec(text, "stream", text, True)
     if scheme == "file":
@@ -83,6 +136,18 @@ def has_gstreamer() -> bool:
     return bool(re.search(r"GStreamer:\s+YES", info))
 
 
+def check_gstreamer(spec: SourceSpec) -> None:
+    """One clear line before anything loads when a GStreamer source meets an OpenCV without GStreamer."""
+    if spec.kind != "gstreamer" or has_gstreamer():
+        return
+    what = f"{spec.text} is a Jetson CSI camera read through GStreamer (nvarguscamerasrc)" \
+        if spec.text.lower().startswith("csi://") else "a GStreamer pipeline source"
+    raise SourceError(f"{what}, but this OpenCV has no GStreamer support (pip's opencv-python and "
+                      "opencv-python-headless have none); on a Jetson use JetPack's OpenCV: "
+                      "`pip uninstall opencv-python-headless` in this environment and `sudo apt install python3-opencv`, "
+                      "with the venv created using --system-site-packages")
+
+
 def set_rtsp_transport(transport: str | None) -> None:
     """OpenCV's FFmpeg backend asks RTSP servers for TCP unless told otherwise (env var read at open)."""
     if not transport:
@@ -99,14 +164,14 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
     timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000)]
     if spec.kind == "gstreamer":
-        if not has_gstreamer():
-            raise SourceError("this OpenCV has no GStreamer support (pip's opencv-python has none; JetPack's OpenCV has); "
-                              "give a file, URL or camera index instead")
+        check_gstreamer(spec)
         cap = cv2.VideoCapture(spec.target, cv2.CAP_GSTREAMER)
     elif spec.kind == "camera":
-        # V4L2 rejects open parameters it does not know; the read timeout is set after opening
+        # V4L2 rejects open parameters it does not know; the read timeout and format are set after opening
         cap = cv2.VideoCapture(spec.target, cv2.CAP_V4L2 if os.name == "posix" else cv2.CAP_ANY)
         cap.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000))
+        if cap.isOpened():
+            apply_format(cap, spec.fmt)
     else:
         cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
     if not cap.isOpened():
@@ -117,6 +182,19 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
                 "gstreamer": "the pipeline did not start"}[spec.kind]
         raise OSError(f"cannot open {spec.kind} {spec.text!r}: {what}")
     return VideoCaptureSource(cap)
+
+
+def apply_format(cap: cv2.VideoCapture, fmt: CaptureFormat) -> None:
+    """Ask a V4L2 camera for a pixel format, size and rate (the pixel format first: it decides which sizes
+    and rates the camera offers, e.g. 1280x720 at 30 fps only as MJPG on most USB webcams)."""
+    if fmt.codec:
+        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*fmt.codec))
+    if fmt.width:
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, fmt.width)
+    if fmt.height:
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, fmt.height)
+    if fmt.fps:
+        cap.set(cv2.CAP_PROP_FPS, fmt.fps)
 
 
 class VideoCaptureSource:

@@ -7,6 +7,9 @@
   that does not return within its timeout is abandoned (the thread is left to die; OpenCV cannot be
   interrupted) and the source is reopened with exponential backoff, up to ``max_reconnects`` failures in a
   row; a source that delivers frames again resets that count.
+- Start and stall are different timeouts: a new connection has ``first_frame_timeout_s`` for its first
+  frame (a decoder that joined mid-GOP waits for the next keyframe, 20-30 s apart on some IP cameras);
+  once frames flow, ``read_timeout_s`` without a frame is a stall.
 - Nothing computed is lost: on stop (signal, end of file, max frames, give-up) capture ends, the
   channels drain through inference and output, and files are closed.
 """
@@ -41,6 +44,7 @@ class Options:
     loop: bool = False               # restart a finished file / image list
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
+    first_frame_timeout_s: float = 35.0   # a connection's first frame (the next keyframe); then read_timeout_s
     max_reconnects: int = 10         # failures in a row before giving up
     backoff_s: float = 0.5           # first reconnect delay; doubles up to backoff_max_s
     backoff_max_s: float = 30.0
@@ -150,8 +154,10 @@ class Reader(threading.Thread):
         self.error = ""
 
     def run(self) -> None:
+        # OpenCV's read timeout is fixed at open, so it must also cover the first (keyframe) wait
+        longest = max(self.opts.read_timeout_s, self.opts.first_frame_timeout_s)
         try:
-            src = open_capture(self.spec, self.opts.open_timeout_s, backstop_read_timeout(self.opts.read_timeout_s))
+            src = open_capture(self.spec, self.opts.open_timeout_s, backstop_read_timeout(longest))
         except SourceError as exc:
             self.outcome, self.error = "fatal", str(exc)
             return
@@ -181,6 +187,15 @@ class Reader(threading.Thread):
             src.release()
 
 
+def stall_reason(reader: Reader, opts: Options) -> str:
+    if reader.opening:
+        return f"open did not finish in {opts.open_timeout_s:g} s"
+    if reader.frames == 0:
+        return (f"connected, but no frame within --first-frame-timeout {opts.first_frame_timeout_s:g} s "
+                "(no keyframe; raise it for cameras with longer keyframe intervals)")
+    return f"no frame for {opts.read_timeout_s:g} s"
+
+
 class Capture(threading.Thread):
     """Capture stage and watchdog: starts a Reader per connection, reconnects with backoff, gives up."""
 
@@ -195,6 +210,7 @@ class Capture(threading.Thread):
         self.fatal: Exception | None = None
         self.fps = 0.0
         self.t_first: float | None = None
+        self.t_started = time.monotonic()   # reset by the pipeline when it starts
         self._pace = None            # (t0, index0) for --realtime
         self.readers: list[Reader] = []
         self._lock = threading.Lock()
@@ -235,8 +251,7 @@ class Capture(threading.Thread):
                     continue
                 return
             failures += 1
-            reason = {"stalled": f"no frame for {self.opts.read_timeout_s:g} s" if not reader.opening
-                      else f"open did not finish in {self.opts.open_timeout_s:g} s"}.get(outcome, reader.error or outcome)
+            reason = {"stalled": stall_reason(reader, self.opts)}.get(outcome, reader.error or outcome)
             if failures > self.opts.max_reconnects:
                 self.gave_up = (f"gave up on {self.spec.text!r}: {failures} failed attempt(s) in a row "
                                 f"(--max-reconnects {self.opts.max_reconnects}); last error: {reason}")
@@ -258,7 +273,12 @@ class Capture(threading.Thread):
                 reader.abandoned = True
                 return "stopped"
             busy = reader.busy_since
-            limit = self.opts.open_timeout_s + WATCHDOG_GRACE_S if reader.opening else self.opts.read_timeout_s
+            if reader.opening:
+                limit = self.opts.open_timeout_s + WATCHDOG_GRACE_S
+            elif reader.frames == 0:            # connected, waiting for a keyframe: not a stall yet
+                limit = self.opts.first_frame_timeout_s
+            else:
+                limit = self.opts.read_timeout_s
             if busy is not None and time.monotonic() - busy > limit:
                 reader.abandoned = True
                 return "stalled"
@@ -280,8 +300,11 @@ class Capture(threading.Thread):
         with self._lock:                # a reader abandoned just after its read may still get here once
             index = self.next_index
             self.next_index += 1
-            if self.t_first is None:
-                self.t_first = t0
+            first = self.t_first is None
+            if first:
+                self.t_first = now
+        if first and self.spec.live:
+            self.opts.log(f"camera.py: first frame from {self.spec.text!r} after {now - self.t_started:.1f} s")
         self.fps = self.fps or reader.fps
         try:
             check_frame(image)
@@ -362,7 +385,7 @@ class Pipeline:
                          for name, fn, inp, out in (("preprocess", self._pre, self.raw, self.ready),
                                                     ("infer", self._infer, self.ready, self.done),
                                                     ("output", output, self.done, None))]
-        self.t_start = time.monotonic()
+        self.t_start = self.capture.t_started = time.monotonic()
         for t in self.threads:
             t.start()
 
@@ -393,4 +416,5 @@ class Pipeline:
                 "dropped": self.dropped, "corrupt": self.capture.corrupt, "frames_read": self.capture.next_index,
                 "reconnects": self.capture.reconnects, "reconnected": self.capture.reconnected,
                 "elapsed_s": round(elapsed, 3), "run_s": round(t_end - (self.t_start or t_end), 3), "source_fps": round(self.capture.fps, 3),
+                "first_frame_s": round(t_first - self.t_start, 3) if t_first is not None and self.t_start else None,
                 "stages": stages}

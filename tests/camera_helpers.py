@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -110,12 +111,43 @@ def stop_process(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=5)
 
 
-class RtspServer:
-    """Debian's rtsp-server-perl on free loopback ports, fed by ffmpeg pushing a looped video (`-f rtsp`).
-    Clients read rtsp://127.0.0.1:{client_port}/cam over UDP. stop()/start() simulate a camera reboot."""
+def free_udp_pair() -> int:
+    """An even port p with UDP p and p+1 free (rtsp-server-perl's RTP/RTCP listeners; its default 20000
+    would collide between test runs on one machine)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 60000, 2)
+        socks = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port pair")
 
-    def __init__(self, video: Path, workdir: Path):
-        self.video, self.workdir = video, workdir
+
+def live_camera_input(fps: int = 10, keyframe_s: float = 25.0, size: str = "320x240") -> list[str]:
+    """ffmpeg input + encoder options of a live H.264 camera with a keyframe every ``keyframe_s`` seconds and
+    none in between (no scene-cut keyframes), frames sent as they are encoded (zerolatency: no lookahead)."""
+    gop = str(int(round(fps * keyframe_s)))
+    return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            "-tune", "zerolatency", "-g", gop, "-keyint_min", gop, "-sc_threshold", "0"]
+
+
+class RtspServer:
+    """Debian's rtsp-server-perl on free loopback ports, fed by ffmpeg pushing a looped video (`-f rtsp`), or
+    with ``live`` (ffmpeg input + encoder options, see `live_camera_input`) a stream encoded as it is sent.
+    Clients read rtsp://127.0.0.1:{client_port}/cam over UDP (rtsp-server-perl has no RTSP-over-TCP).
+    stop()/start() simulate a camera reboot."""
+
+    def __init__(self, video: Path | None, workdir: Path, live: list[str] | None = None):
+        self.video, self.workdir, self.live = video, workdir, live
         self.client_port, self.source_port = free_port(), free_port()
         self.server = self.pusher = None
 
@@ -125,11 +157,13 @@ class RtspServer:
 
     def start(self) -> "RtspServer":
         self.server = subprocess.Popen(["rtsp-server-perl", "--clientport", str(self.client_port),
-                                        "--serverport", str(self.source_port), "--loglevel", "0"],
+                                        "--serverport", str(self.source_port), "--loglevel", "0",
+                                        "--rtp_start_port", str(free_udp_pair())],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         self._wait_listening(self.source_port)
-        self.pusher = subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(self.video),
-                                        "-c", "copy", "-f", "rtsp", f"rtsp://127.0.0.1:{self.source_port}/cam"],
+        source = self.live or ["-stream_loop", "-1", "-i", str(self.video), "-c", "copy"]
+        self.pusher = subprocess.Popen(["ffmpeg", "-v", "error", "-re", *source, "-f", "rtsp",
+                                        f"rtsp://127.0.0.1:{self.source_port}/cam"],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)   # ANNOUNCE + RECORD before clients ask for the mount
         return self

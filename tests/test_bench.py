@@ -222,7 +222,7 @@ def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
     path = REPO / "examples" / "budgets.yaml"
     bf = B.load_budgets(path)
     rows, _ = plan_rows(load_manifest(tiny_artifacts))  # same variant names as the default recipe
-    B.validate(bf, rows, data="calibration", labeled=False, where=str(path))
+    B.validate(bf, rows, data="val.csv", labeled=True, where=str(path))  # held-out labeled images (CI example)
     assert bf.budgets and all(B.checks_of(b) for b in bf.budgets)
     workflow = yaml.safe_load((REPO / "examples" / "ci" / "github-actions.yml").read_text())
     commands = " ".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
@@ -233,7 +233,7 @@ def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
 def test_one_serving_rule_for_run_and_bench():
     """`edgepipe run` (choose_defaults) and `edgepipe bench` (best_per_target) pick through fastest_per_backend."""
     from edgepipe.benchmarks.bench import best_per_target
-    from edgepipe.benchmarks.report import choose_defaults
+    from edgepipe.runtime.serving import choose_defaults
     rows = [{"id": "ov-fp32", "backend": "openvino", "precision": "fp32", "status": "ok", "p90_ms": 3.0, "top1_drop_pts": 0.0},
             {"id": "ov-int8", "backend": "openvino", "precision": "int8", "status": "ok", "p90_ms": 1.0, "top1_drop_pts": 2.5},
             {"id": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "p90_ms": 2.0, "top1_drop_pts": 0.0},
@@ -253,7 +253,7 @@ def test_one_serving_rule_for_run_and_bench():
     manifest = {"variants": {r["id"]: {"backend": r["backend"], "precision": r["precision"], "status": r["status"], "latency_ms": {"p90": r["p90_ms"]},
                                        "accuracy": {"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None}}
                              for r in rows}}
-    choose_defaults(manifest, {"latency_ms": {"p50": 10.0}, "accuracy": {"top1": 0.9}})
+    choose_defaults(manifest, reference_top1=0.9)
     assert manifest["defaults"] == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
     assert manifest["default_variant"] == "ort-fp32"
 

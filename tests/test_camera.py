@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import cv2
 import numpy as np
@@ -167,3 +169,179 @@ def test_edgepipe_camera_runs_the_same_cli(tiny_artifacts, tmp_path, run_edgepip
 def run_edgepipe_cli():
     from conftest import run_edgepipe
     return run_edgepipe
+
+
+# ---- inputs like jetson-inference's: csi://N, v4l2:///dev/videoN, capture format ----
+
+def test_csi_and_v4l2_sources_and_capture_format():
+    from edgepipe.runtime.sources import CaptureFormat
+    csi = parse_source("csi://1", CaptureFormat(1920, 1080, 60))
+    assert csi.kind == "gstreamer" and csi.live
+    assert csi.target.startswith("nvarguscamerasrc sensor-id=1 ! video/x-raw(memory:NVMM), width=(int)1920, height=(int)1080")
+    assert "framerate=(fraction)60/1" in csi.target and csi.target.endswith("appsink drop=true max-buffers=1 sync=false")
+    assert "width=(int)1280, height=(int)720" in parse_source("csi://0").target      # jetson-inference's default
+    usb = parse_source("v4l2:///dev/video3", CaptureFormat(640, 480, 30, "MJPG"))
+    assert (usb.kind, usb.target, usb.fmt.codec) == ("camera", "/dev/video3", "MJPG")
+    assert parse_source("v4l2://2").target == "/dev/video2"
+    for bad, message in [("v4l2://cam", "v4l2:///dev/videoN"), ("csi://left", "csi://N")]:
+        with pytest.raises(SourceError, match=message):
+            parse_source(bad)
+
+
+@pytest.mark.parametrize("source, args, message", [
+    ("clip", ["--input-width", 640], "are for cameras"),
+    pytest.param("csi://0", [], "no GStreamer support",
+                 marks=pytest.mark.skipif(has_gstreamer(), reason="this OpenCV has GStreamer")),
+    ("clip", ["--device", "NPU"], "OpenVINO sees:"),
+    pytest.param("clip", ["--display"], "headless build",
+                 marks=pytest.mark.skipif(re.search(r"GUI:\s*NONE", cv2.getBuildInformation()) is None,
+                                          reason="this OpenCV has a GUI")),
+])
+def test_unusable_input_device_or_display_is_one_clear_line(tiny_artifacts, videos, source, args, message):
+    import openvino as ov
+    if "NPU" in args and "NPU" in " ".join(ov.Core().available_devices):
+        pytest.skip("this machine has an NPU")
+    proc = run_camera(tiny_artifacts, videos["mp4"] if source == "clip" else source, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.strip().splitlines() if line.startswith("camera.py: error:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+
+
+# ---- outputs: H.264 through ffmpeg (mp4v fallback), MJPEG over HTTP ----
+
+@needs_ffmpeg
+@pytest.mark.parametrize("encoder, codec", [("auto", "h264"), ("opencv", "mpeg4")])
+def test_annotated_video_is_h264_through_ffmpeg_and_mp4v_as_fallback(tiny_artifacts, videos, tmp_path, encoder, codec):
+    import subprocess
+    out = tmp_path / "annotated.mp4"
+    proc = run_camera(tiny_artifacts, videos["mkv"], "--output", out, "--output-encoder", encoder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=codec_name,pix_fmt,width,height", "-of", "csv=p=0", str(out)],
+                           capture_output=True, text=True, check=True).stdout.strip().split(",")
+    assert probe[0] == codec and probe[1:3] == ["320", "240"]
+    assert count_frames(out) == summary_of(proc)["frames"] == count_frames(videos["mkv"])
+    cap = cv2.VideoCapture(str(out))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    cap.release()
+    assert frames == summary_of(proc)["frames"]                    # OpenCV plays it back, every frame
+    assert [p.name for p in tmp_path.iterdir()] == ["annotated.mp4"]   # no temporary file left behind
+
+
+@needs_ffmpeg
+def test_mjpeg_output_serves_annotated_frames_on_loopback(tiny_artifacts, videos, tmp_path):
+    import signal
+    import urllib.request
+    from camera_helpers import finish, free_port, start_camera, stop_process
+    port = free_port()
+    cam = start_camera(tiny_artifacts, videos["mp4"], "--realtime", "--loop", "--serve-mjpeg", port)
+    try:
+        snapshot = None
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/snapshot.jpg", timeout=5) as resp:
+                    snapshot = resp.read()
+                    break
+            except OSError:
+                assert cam.poll() is None, cam.communicate()[1][-2000:]
+                time.sleep(0.2)
+        assert snapshot, "no frame served"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mjpg", timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+            parts = []
+            while len(parts) < 3:
+                line = resp.readline()
+                if line.lower().startswith(b"content-length:"):
+                    resp.readline()
+                    parts.append(resp.read(int(line.split(b":")[1])))
+        proc = finish(cam, signal.SIGTERM)
+    finally:
+        stop_process(cam)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"watch the annotated stream at http://127.0.0.1:{port}/" in proc.stderr
+    src = cv2.VideoCapture(str(videos["mp4"]))
+    _, original = src.read()
+    src.release()
+    for jpeg in [snapshot, *parts]:
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape == original.shape
+
+
+# ---- OpenVINO devices ----
+
+def test_openvino_device_names_are_checked_against_what_openvino_sees():
+    import openvino as ov
+    from edgepipe.runtime.backends.ov import DeviceUnavailable, check_device
+    seen = ov.Core().available_devices
+    assert check_device("cpu") == "CPU" and check_device(None) == "CPU" and check_device("auto") == "AUTO"
+    assert check_device("HETERO:CPU") == "HETERO:CPU" and check_device("AUTO:CPU") == "AUTO:CPU"
+    with pytest.raises(DeviceUnavailable, match="OpenVINO sees: " + ", ".join(seen)):
+        check_device("TPU")
+    with pytest.raises(DeviceUnavailable, match="HETERO:GPU,CPU"):
+        check_device("HETERO")
+
+
+def test_openvino_auto_device_cache_and_reused_buffers(tiny_artifacts, tmp_path, monkeypatch):
+    """--device AUTO computes what CPU computes (fp32 stays fp32 through AUTO); EDGEPIPE_OV_CACHE keeps the
+    compiled model; results of consecutive calls do not share memory (the request's buffers are reused)."""
+    from edgepipe.runtime.model import Classifier
+    monkeypatch.setenv("EDGEPIPE_OV_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(2))
+    cpu = Classifier(tiny_artifacts, variant="openvino-fp32", backend="openvino", device="CPU")
+    auto = Classifier(tiny_artifacts, variant="openvino-fp32", backend="openvino", device="AUTO")
+    assert (cpu.device, auto.device) == ("CPU", "AUTO")
+    np.testing.assert_allclose(auto.logits(x1), cpu.logits(x1), atol=1e-4)
+    assert any((tmp_path / "cache").iterdir())                          # the compiled model was cached
+    for clf in (auto, Classifier(tiny_artifacts, variant="onnxruntime-fp32", backend="onnxruntime")):
+        first = clf.logits(x1)
+        kept = first.copy()
+        second = clf.logits(x2)
+        assert np.array_equal(first, kept) and not np.allclose(first, second)
+        np.testing.assert_allclose(clf.logits(np.concatenate([x1, x2])), np.concatenate([kept, second]), atol=1e-4)
+
+
+def test_recipe_device_is_validated_for_openvino_targets():
+    from edgepipe.recipe import Target
+    assert Target(backend="openvino", device="npu").device == "NPU"
+    assert Target(backend="openvino", device="hetero:gpu,cpu").device == "HETERO:GPU,CPU"
+    with pytest.raises(ValueError, match="not an OpenVINO device"):
+        Target(backend="openvino", device="TPU")
+    with pytest.raises(ValueError, match="for OpenVINO targets"):
+        Target(backend="onnxruntime", device="CPU")
+
+
+def test_eval_takes_an_openvino_device(tiny_artifacts, tmp_path, run_edgepipe_cli):
+    rows = ["file,class_index"]
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((64, 64, 3), 60 * i, np.uint8))
+        rows.append(f"{tmp_path / f'{i}.png'},{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    proc = run_edgepipe_cli("eval", tiny_artifacts, "--data", tmp_path / "labels.csv", "--variant", "openvino-int8",
+                            "--device", "AUTO")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["n"] == 2
+    bad = run_edgepipe_cli("eval", tiny_artifacts, "--data", tmp_path / "labels.csv", "--variant", "openvino-int8",
+                           "--device", "TPU")
+    assert bad.returncode == 2 and "OpenVINO sees:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_variant_device_from_the_recipe_is_used_or_falls_back_to_cpu(tiny_artifacts, tmp_path, capsys, monkeypatch):
+    """`device:` on a recipe target is recorded in the variant: the runtime uses it; one this machine lacks
+    (a build host without the NPU) falls back to CPU with one line; an explicit device always wins."""
+    import shutil
+    import openvino as ov
+    from edgepipe.runtime.model import Classifier
+    monkeypatch.delenv("EDGEPIPE_OV_DEVICE", raising=False)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_artifacts, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    absent = next(d for d in ("NPU", "GPU") if d not in " ".join(ov.Core().available_devices))
+    for device, served in (("AUTO", "AUTO"), (absent, "CPU")):
+        manifest["variants"]["openvino-fp32"]["device"] = device
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert Classifier(folder, variant="openvino-fp32").device == served
+    assert f"variant targets OpenVINO device {absent}, which this machine lacks" in capsys.readouterr().err
+    assert Classifier(folder, variant="openvino-fp32", device="CPU").device == "CPU"

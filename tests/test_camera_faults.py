@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, http_stream, make_video,
-                            needs_ffmpeg, read_jsonl, rtsp_available, run_camera, start_camera, stop_process,
-                            summary_of, wait_for_lines)
+from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, http_stream,
+                            live_camera_input, make_video, needs_ffmpeg, read_jsonl, rtsp_available, run_camera,
+                            start_camera, stop_process, summary_of, wait_for_lines)
 
 FAST_RETRY = ["--backoff", "0.2", "--open-timeout", "2", "--read-timeout", "1.5"]
 needs_rtsp = pytest.mark.skipif(not rtsp_available(), reason="needs rtsp-server-perl and ffmpeg")
@@ -210,7 +210,7 @@ def test_case17_corrupt_file_is_a_clear_error(tiny_artifacts, tmp_path, content)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(content)
     proc = run_camera(tiny_artifacts, bad)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("camera.py: error:")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("camera.py: error:")
     assert "corrupt" in proc.stderr.strip().splitlines()[-1]
     assert_clean_stderr(proc)
 
@@ -293,3 +293,41 @@ def test_video_output_that_opencv_cannot_encode_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"OpenCV cannot write .*annotated\.qqq \(codec mp4v\)"):
         video.write(np.zeros((48, 64, 3), np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- long-GOP cameras: stream start (first keyframe) is not a stall ----
+
+@needs_rtsp
+def test_long_gop_stream_first_frame_waits_for_the_keyframe_without_reconnecting(tiny_artifacts, tmp_path):
+    """A camera with a keyframe every 25 s, joined mid-GOP (its first keyframe has gone by): the decoder
+    has a connection but no picture until the next keyframe. With the first-frame wait, that start is not a
+    stall: no reconnect (--max-reconnects 0 would turn one into exit 3), even though the stall watchdog is
+    1.5 s. A first-frame wait shorter than the keyframe interval reconnects with a line that says why.
+    Both clients (and --device AUTO) run side by side against the same server."""
+    keyframe_s = 25
+    server = RtspServer(None, tmp_path, live=live_camera_input(fps=10, keyframe_s=keyframe_s)).start()
+    try:
+        time.sleep(2.0)                                      # the stream's first keyframe has gone by
+        jsonl = tmp_path / "f.jsonl"
+        patient = start_camera(tiny_artifacts, server.url, "--rtsp-transport", "udp", "--read-timeout", 1.5,
+                               "--first-frame-timeout", keyframe_s + 10, "--max-reconnects", 0, "--max-frames", 5,
+                               "--device", "AUTO", "--jsonl", jsonl)
+        hasty = start_camera(tiny_artifacts, server.url, "--rtsp-transport", "udp", "--read-timeout", 1.5,
+                             "--first-frame-timeout", 3, "--max-reconnects", 0, "--max-frames", 1)
+        hasty_proc = finish(hasty, timeout=120)
+        proc = finish(patient, timeout=120)
+    finally:
+        stop_process(locals().get("patient"))
+        stop_process(locals().get("hasty"))
+        server.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean_stderr(proc)
+    summary = summary_of(proc)
+    assert summary["frames"] == 5 == len(read_jsonl(jsonl)) and summary["reconnects"] == 0
+    assert summary["device"] == "AUTO" and summary["stopped_by"] == "max-frames"
+    assert "reconnecting" not in proc.stderr and "first frame from" in proc.stderr
+    assert summary["first_frame_s"] > 1.5          # it waited longer than the stall watchdog, without a reconnect
+    # the same stream with a first-frame wait shorter than the keyframe interval: reconnects, says why, gives up
+    assert hasty_proc.returncode == 3, hasty_proc.stderr[-2000:]
+    assert "connected, but no frame within --first-frame-timeout 3 s" in hasty_proc.stderr
+    assert summary_of(hasty_proc)["frames"] == 0

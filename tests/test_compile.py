@@ -55,6 +55,23 @@ def small_onnx(tmp_path_factory):
     return model, path
 
 
+def test_generated_crops_depend_on_the_seed_only_and_are_reused(tmp_path):
+    """Another seed gives another set (a held-out set for accuracy control); the same settings reuse the folder."""
+    from edgepipe.compile.calibration import generate_calibration_images
+    def contents(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.glob("calib_*.jpg"))}
+    first = contents(generate_calibration_images(tmp_path / "a", count=6, seed=0, size=96))
+    again = contents(generate_calibration_images(tmp_path / "b", count=6, seed=0, size=96))
+    other = contents(generate_calibration_images(tmp_path / "c", count=6, seed=1, size=96))
+    assert len(first) == 6 and first == again
+    assert not set(first.values()) & set(other.values())
+    stamp = [p.stat().st_mtime_ns for p in sorted((tmp_path / "a").glob("calib_*.jpg"))]
+    generate_calibration_images(tmp_path / "a", count=6, seed=0, size=96)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "a").glob("calib_*.jpg"))] == stamp  # reused
+    assert contents(generate_calibration_images(tmp_path / "a", count=6, seed=1, size=96)) == other  # settings changed
+    assert len(contents(generate_calibration_images(tmp_path / "a", count=3, seed=1, size=96))) == 3
+
+
 def test_export_parity_on_real_images(small_onnx, photos):
     model, path = small_onnx
     proto = onnx.load(str(path))
@@ -72,14 +89,80 @@ def test_export_parity_on_real_images(small_onnx, photos):
 
 @pytest.fixture(scope="module")
 def small_qdq(small_onnx, photos, tmp_path_factory):
+    """The default QDQ (stages.quantize defaults: isa portable)."""
     dst = tmp_path_factory.mktemp("qdq") / "int8.onnx"
-    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="s8s8"))
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage())
     return dst, info
+
+
+def int8_weight_extremes(path) -> dict[str, list[int]]:
+    """Largest |q| of each int8 weight of a QDQ ONNX, for depthwise and for other layers."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    out = {"depthwise": [], "other": []}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] in producer:
+            w = inits[producer[n.input[1]].input[0]]
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            out["depthwise" if group > 1 else "other"].append(int(np.abs(w.astype(np.int32)).max()))
+    return out
+
+
+def test_default_int8_weights_fit_7_bits_so_no_x86_isa_saturates(small_onnx, small_qdq, photos, tmp_path):
+    """Without VNNI (SSE4.2/AVX2/AVX-512BW) u8 x s8 pairs are summed in saturating 16 bits: 255 * 64 * 2 fits,
+    255 * 127 * 2 does not. The defaults (isa portable) keep the weights of both int8 paths within 7 bits
+    (depthwise convolutions, summed one product at a time, keep 8); isa vnni / qdq_mode s8s8 use all 8."""
+    import openvino as ov
+    from edgepipe.compile.openvino_ir import quantize_int8
+    dst, info = small_qdq
+    assert info["mode"] == "s8s8_reduce_range" and info["weight_bits"] == 7
+    portable = int8_weight_extremes(dst)
+    assert len(portable["other"]) == 3 and max(portable["other"]) <= 64 < max(portable["depthwise"])
+    full = tmp_path / "s8s8.onnx"
+    assert quantize_qdq(small_onnx[1], full, list(photos[:, None]), QuantizeStage(), mode="s8s8")["weight_bits"] == 8
+    assert max(int8_weight_extremes(full)["other"]) > 64
+
+    def ov_weight_extremes(xml):  # int8 constants feeding (non-depthwise) Convolution / MatMul weights
+        out = []
+        for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+            if op.get_type_name() in ("Convolution", "MatMul"):
+                node = op.input_value(1).get_node()
+                while node.get_input_size() > 0:
+                    node = node.input_value(0).get_node()
+                if node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8:
+                    out.append(int(np.abs(node.get_data().astype(np.int32)).max()))
+        return out
+    calib = list(photos[:, None])
+    _, portable = quantize_int8(small_onnx[1], tmp_path / "portable.xml", calib)
+    _, vnni = quantize_int8(small_onnx[1], tmp_path / "vnni.xml", calib, isa="vnni")
+    assert (portable["overflow_fix"], portable["weight_bits"], vnni["overflow_fix"], vnni["weight_bits"]) == ("enable", 7, "disable", 8)
+    assert len(ov_weight_extremes(tmp_path / "portable.xml")) == 3  # 2 convs + the classifier (the depthwise is exact anyway)
+    assert max(ov_weight_extremes(tmp_path / "portable.xml")) <= 64 < max(ov_weight_extremes(tmp_path / "vnni.xml"))
+
+
+def test_accuracy_control_refuses_calibration_images_and_says_what_it_rests_on(small_onnx, photos, tmp_path):
+    from edgepipe import UserError
+    calib, held_out = list(photos[:4, None]), photos[4:, None]
+    pseudo = run_logits(small_onnx[1], photos[4:]).argmax(1)
+    with pytest.raises(UserError, match="also calibration images"):
+        quantize_qdq(small_onnx[1], tmp_path / "a.onnx", calib, QuantizeStage(), validation=[(calib[0], 0)], max_drop=1.0)
+    info = quantize_qdq(small_onnx[1], tmp_path / "b.onnx", calib, QuantizeStage(), validation=list(zip(held_out, pseudo)),
+                        max_drop=100.0, validation_kind="fp32 agreement")
+    assert info["validation_images"] == len(held_out) and info["validation_kind"] == "fp32 agreement"
+    assert info["mixed_precision"]["fp32_top1"] == 1.0  # agreement of fp32 with its own top-1
+    from edgepipe.compile.openvino_ir import quantize_int8
+    with pytest.raises(UserError, match="also calibration images"):
+        quantize_int8(small_onnx[1], tmp_path / "a.xml", calib, validation=[(calib[0], 0)], max_drop=1.0)
+    _, info = quantize_int8(small_onnx[1], tmp_path / "b.xml", calib, validation=list(zip(held_out, pseudo)), max_drop=100.0,
+                            validation_kind="fp32 agreement")
+    assert info["method"] == "nncf.quantize_with_accuracy_control"
+    assert (info["validation_images"], info["validation_kind"]) == (len(held_out), "fp32 agreement")
 
 
 def test_qdq_is_tensorrt_explicit_quantization_form(small_onnx, small_qdq, photos):
     dst, info = small_qdq
-    assert info["calibration_images"] == len(photos) and info["mode"] == "s8s8"
+    assert info["calibration_images"] == len(photos) and info["activation_symmetric"]
     check = check_qdq(dst)
     assert check["ok"], check["errors"]
     assert info["tensorrt_qdq_check"]["ok"]
@@ -94,7 +177,7 @@ def test_qdq_histogram_calibration_keeps_tensorrt_form(small_onnx, small_qdq, ph
     """Histogram calibrations never widen MinMax's activation ranges (Percentile clips the tails) and keep
     TensorRT's form: symmetric, zero point 0."""
     dst = tmp_path / "int8.onnx"
-    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="s8s8"), calibrate_method=method)
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(), calibrate_method=method)
     assert info["calibrate_method"].startswith(method)
     assert info["tensorrt_qdq_check"]["ok"], info["tensorrt_qdq_check"]["errors"]
 
@@ -147,8 +230,8 @@ def test_qdq_check_rejects_uint8_activations(small_onnx, photos, tmp_path):
 
 
 def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_path):
-    """EfficientNet-Lite0 (real weights, 160 px) calibrated on only 8 real images; labels = the fp32 ONNX's
-    own predictions on 56 other real images. Plain int8 flips some of them; the target (max_drop) allows at
+    """EfficientNet-Lite0 (real weights, 160 px) calibrated on only 2 real images; labels = the fp32 ONNX's
+    own predictions on 56 other real images (accuracy control by agreement, no labels needed). Plain int8 flips some of them; the target (max_drop) allows at
     most half as many flips, so plain int8 misses it by construction and mixed precision must close the gap."""
     from edgepipe.train.models import build_model
     spec = build_model("efficientnet_lite0", pretrained=True, num_classes=None, checkpoint=None)
@@ -156,16 +239,17 @@ def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_p
     export_onnx(spec.model.eval(), src, 160, 17, True, True, {})
     pre = Preprocess(resize=182, crop=160, mean=spec.preprocess["mean"], std=spec.preprocess["std"], color="RGB")
     arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:64]]
-    calib, val = arrays[:8], np.concatenate(arrays[8:])
+    calib, val = arrays[:2], np.concatenate(arrays[8:])
     pseudo = run_logits(src, val).argmax(1)
     plain = tmp_path / "plain.onnx"
-    quantize_qdq(src, plain, calib, QuantizeStage(qdq_mode="s8s8"))
+    quantize_qdq(src, plain, calib, QuantizeStage())
     flips = int((run_logits(plain, val).argmax(1) != pseudo).sum())
     assert flips >= 2, f"plain int8 flips only {flips} of {len(val)}: the setting tests nothing"
     allowed = flips // 2
     dst = tmp_path / "mixed.onnx"
-    info = quantize_qdq(src, dst, calib, QuantizeStage(qdq_mode="s8s8"), validation=list(zip(val[:, None], pseudo)),
-                        max_drop=100.0 * allowed / len(val) + 1e-6, ranking_images=16)
+    info = quantize_qdq(src, dst, calib, QuantizeStage(), validation=list(zip(val[:, None], pseudo)),
+                        max_drop=100.0 * allowed / len(val) + 1e-6, ranking_images=16, validation_kind="fp32 agreement")
+    assert (info["validation_kind"], info["validation_images"]) == ("fp32 agreement", len(val))
     search = info["mixed_precision"]
     assert search["steps"][0]["drop_points"] > search["max_drop_points"]  # plain misses the target
     assert search["target_met"] and info["float_layers"] and info["float_layers"] == search["float_layers"]
@@ -221,7 +305,7 @@ def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
     assert v["compile"]["tensorrt_qdq_check"]["ok"] and "top1_agreement" in v["parity"]
     assert v["status"] == ("ok" if v["parity"]["ok"] else "failed")  # out of tolerance: marked, not shipped silently
     trt = manifest["variants"]["tensorrt-int8"]
-    assert trt["status"] == "pending-build" and trt["files"][0]["path"] == "onnxruntime-int8/model.onnx"
+    assert trt["status"] == "pending-build" and trt["files"][0]["path"] == "tensorrt-int8/model.onnx"  # its own s8s8 QDQ
     report = json.loads((out / "report.json").read_text())
     row = next(r for r in report["variants"] if r["name"] == "onnxruntime-int8")
     assert row["parity"]["n"] == 16 and isinstance(row["flipped"], list)

@@ -139,25 +139,68 @@ def test_checkpoint_is_atomic_and_resume_continues_to_the_same_weights(tmp_path)
     class Stop(Exception):
         pass
 
-    def stop_after_epoch_2(msg):
-        if "epoch 2/3" in msg:
+    def stop_in_epoch_2(msg):  # Ctrl-C in the middle of an epoch: the progress line is logged after its checkpoint
+        if "epoch 2/3 step 2/4" in msg:
             raise Stop
 
     interrupted = Tiny()
     interrupted.load_state_dict(init)
     with pytest.raises(Stop):
-        fit(interrupted, train, val, cfg(epochs=3, batch_size=8), checkpoint=tmp_path / "run.pt", log=stop_after_epoch_2)
+        fit(interrupted, train, val, cfg(epochs=3, batch_size=8), checkpoint=tmp_path / "run.pt", log=stop_in_epoch_2)
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*.part*"))
     state = load_training_state(tmp_path / "run.pt")  # weights_only=True
-    assert state["epoch"] == 2
+    assert (state["epoch"], state["step"]) == (1, 6)
 
     resumed = Tiny()
     resumed.load_state_dict(init)
     result = fit(resumed, train, val, cfg(epochs=3, batch_size=8), checkpoint=tmp_path / "run.pt", resume=True,
                  log=lambda m: None)
-    assert result.resumed_from_epoch == 2
+    assert (result.resumed_from_epoch, result.resumed_from_step) == (1, 6)
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher_and_logs_progress_with_eta():
+    from edgepipe.train.finetune import distillation_loss
+    train, _ = tiny_sets()
+    train.augment = False
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    torch.manual_seed(1)
+    teacher = Tiny()
+    with torch.no_grad():
+        teacher.fc.weight.mul_(20)  # a confident teacher whose answers differ from the labels
+    torch.manual_seed(0)
+    student = Tiny()
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(student(x), teacher(x), 4.0))
+    before, lines = gap(), []
+    fit(student, train, None, cfg(epochs=4, batch_size=8, lr=0.1), teacher=teacher, distill_alpha=1.0,
+        log=lines.append)
+    assert gap() < 0.7 * before, (before, gap())
+    progress = [line for line in lines if "step 2/4" in line]
+    assert progress and all("ETA" in line and "images/s" in line for line in progress)
+
+
+def test_threads_auto_picks_a_measured_count_and_the_head_gets_its_own_learning_rate():
+    from edgepipe.train.finetune import make_optimizer, pick_threads
+    model, lines = Tiny(), []
+    chosen = pick_threads(model, torch.randn(4, 3, 16, 16), candidates=[1, 2], steps=1, log=lines.append)
+    assert chosen in (1, 2) and torch.get_num_threads() == chosen and "images/s" in lines[0]
+    opt = make_optimizer(model, cfg(head_lr_scale=10.0))
+    head = {id(p) for p in model.fc.parameters()}
+    for group in opt.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1 and group["lr_scale"] == (10.0 if in_head.pop() else 1.0)
+    from edgepipe.train import finetune
+    finetune._PICKED_THREADS.clear()
+    train, _ = tiny_sets()
+    for _ in range(2):  # measured once per process, reused by the later fits (pruning steps, QAT)
+        fit(Tiny(), train, None, cfg(threads="auto", batch_size=8), log=lines.append)
+    assert sum(line.strip().startswith("threads:") for line in lines) == 2  # pick_threads above + the first fit
+    finetune._PICKED_THREADS.clear()
+    torch.set_num_threads(1)
 
 
 class _Evil:
@@ -273,8 +316,10 @@ def test_batchnorm_folding_keeps_the_outputs():
 
 
 def test_qat_exports_a_symmetric_int8_qdq_onnx_that_onnxruntime_and_openvino_run(tmp_path):
+    import onnx
     import onnxruntime as ort
     import openvino as ov
+    from onnx import numpy_helper
 
     from edgepipe.train.models import build_model
     from edgepipe.compile.qdq_check import check_qdq
@@ -289,6 +334,10 @@ def test_qat_exports_a_symmetric_int8_qdq_onnx_that_onnxruntime_and_openvino_run
     assert check["counts"]["dequantize_linear"] >= 2 * 49  # every conv: input and weight
     assert check["ok"], check["errors"]
     assert check["counts"]["quantized_layers"] == check["counts"]["weighted_layers"] == 50
+    # 7-bit weights (int8 storage): no u8 x s8 pair sum can saturate 16 bits on x86 without VNNI (AVX2 etc.)
+    proto = onnx.load(str(path))
+    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.dtype == np.int8 and w.size > 1) <= 64
 
     x = torch.stack([data.val[i][0] for i in range(16)])
     with torch.no_grad():
@@ -308,6 +357,24 @@ def test_resume_flag_sets_the_recipe(tmp_path):
     assert args.resume is True
     from edgepipe.recipe import load_recipe
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "fashion-mnist.yaml", "quick", ["stages.train.resume=true"])
-    assert recipe.stages.train.resume and recipe.data.evaluation == "fashion-mnist:test:2000"
+    assert recipe.stages.train.resume and recipe.data.evaluation == "fashion-mnist:test"  # the full 10k split
     with pytest.raises(UserError, match="fashion-mnist:test or fashion-mnist:train"):
         load_recipe(Path(__file__).parent.parent / "recipes" / "fashion-mnist.yaml", "quick", ["data.evaluation=fashion-mnist:val"])
+
+
+def test_report_training_section_compares_ptq_and_qat_against_pruned_fp32():
+    from edgepipe.benchmarks.report import _training_lines, training_summary
+    manifest = {"model": {"source": {"fine_tuned_on": "fashion-mnist", "pretrained": False, "train_images": 100,
+                                     "epochs": 1.0, "input_size": 64, "images_per_s": 50.0, "val_top1": 0.5},
+                          "pruned": {"macs_reduction": 0.5, "speedup": 1.6, "backend": "onnxruntime",
+                                     "distill_alpha": 0.7, "global_pruning": False}}}
+    rows = [{"name": "pruned-onnxruntime-fp32", "precision": "fp32", "top1": 0.90},
+            {"name": "pruned-openvino-int8", "precision": "int8", "top1": 0.895},
+            {"name": "pruned-openvino-int8-qat", "precision": "int8", "top1": 0.88}]
+    summary = training_summary(manifest, rows)
+    assert summary["pruned_int8"]["pruned-openvino-int8"] == {"top1": 0.895, "method": "ptq", "drop_vs_pruned_fp32_pts": 0.5}
+    assert summary["pruned_int8"]["pruned-openvino-int8-qat"]["method"] == "qat"
+    text = "\n".join(_training_lines(summary, {"openvino": "pruned-openvino-int8"}))
+    assert "random initialisation" in text and "knowledge distillation" in text and "per-layer" in text
+    assert "pruned-openvino-int8 (PTQ): top-1 0.8950, 0.50 pts below pruned fp32 (0.9000) — served" in text
+    assert training_summary({"model": {"source": {}}}, rows) is None

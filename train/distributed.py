@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     from edgepipe.pipeline import prepare_out_dir
     from edgepipe.recipe import load_recipe
     from edgepipe.steps import StepCache
-    from edgepipe.train.models import build_model
+    from edgepipe.train.models import build_from_config
     from edgepipe.train.stage import prune_stage, train_stage
 
     p = argparse.ArgumentParser(prog="torchrun ... -m edgepipe.train.distributed")
@@ -122,8 +122,7 @@ def main(argv=None) -> int:
         # the process group does not exist yet (fit creates it), so torchrun's RANK tells who logs
         cache = StepCache(out, print if int(os.environ.get("RANK", "0")) == 0 else (lambda m: None))
         torch.manual_seed(0)
-        spec = build_model(recipe.model.name, pretrained=recipe.model.pretrained, num_classes=recipe.model.num_classes,
-                           checkpoint=recipe.model.checkpoint)
+        spec = build_from_config(recipe.model)  # weights, labels and preprocess overrides as `edgepipe run` does
         spec = train_stage(spec, recipe, out, cache)
         if recipe.stages.prune.enabled:
             prune_stage(spec, recipe, out, cache)

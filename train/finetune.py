@@ -1,13 +1,16 @@
 """The training loop shared by fine-tuning, pruning recovery and quantization-aware training.
 
 CUDA when there is one (``device: auto``): mixed precision with torch.autocast (bf16 where supported, else
-fp16 with a GradScaler), channels_last, pinned memory. A checkpoint (weights + optimizer + epoch, plain
-tensors only, loadable with ``weights_only=True``) is written atomically after every epoch; ``resume``
-continues from it. Seeds make a run repeatable: shuffling and augmentation draw from (seed, epoch).
+fp16 with a GradScaler), channels_last, pinned memory. A checkpoint (weights + optimizer + epoch + step,
+plain tensors only, loadable with ``weights_only=True``) is written atomically every tenth of an epoch;
+``resume`` continues from that step. Seeds make a run repeatable: shuffling and augmentation draw from
+(seed, epoch), so a resumed epoch sees the same batches.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,17 +63,32 @@ class FitResult:
     amp: str | None = None
     skipped_images: list = field(default_factory=list)
     resumed_from_epoch: int | None = None
+    resumed_from_step: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+class _SkipSampler(torch.utils.data.Sampler):
+    """The wrapped sampler's order without its first ``skip`` indices (a resumed epoch reads no batch twice)."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
 def _loader(dataset: ImageSet, batch: int, shuffle: bool, seed: int, workers: int, device, info, drop_last: bool):
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                                   shuffle=shuffle, seed=seed, drop_last=drop_last)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+    skip = _SkipSampler(sampler)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=skip, num_workers=workers,
                                        pin_memory=device.type == "cuda", drop_last=drop_last,
-                                       persistent_workers=False), sampler
+                                       persistent_workers=False), sampler, skip
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -87,11 +105,19 @@ def lr_at(step: int, total: int, cfg) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD (Nesterov) or AdamW; no weight decay on biases/BN; the classifier head at ``head_lr_scale`` x lr
+    (a freshly initialised head has far to go while the pretrained backbone should move little)."""
+    head = head_module(model)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    scale = getattr(cfg, "head_lr_scale", 1.0)
+    groups = []
+    for is_head in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head_ids) == is_head]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_scale": scale if is_head else 1.0})
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
@@ -106,28 +132,86 @@ def load_training_state(path: Path) -> dict:
                         f"delete it to start over") from None
 
 
+_PICKED_THREADS: list[int] = []  # `threads: auto` measures once per process; later fits (pruning steps, QAT) reuse it
+
+
+def pick_threads(model: nn.Module, example: torch.Tensor, candidates=None, steps: int = 3, log=print) -> int:
+    """The CPU thread count with the highest measured training throughput on ``example`` (a batch).
+
+    Measured, not assumed: on a 2-core host shared with other work, two threads ran a training step
+    several times slower than one (OpenMP threads wait for each other), on an idle one faster."""
+    import copy
+    import os
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    candidates = sorted({1, n} | ({n // 2} if n >= 4 else set())) if candidates is None else candidates
+    probe = copy.deepcopy(model).train()
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.0)
+    y = torch.zeros(len(example), dtype=torch.long)
+    rates = {}
+    for threads in candidates:
+        torch.set_num_threads(threads)
+        for i in range(steps + 1):
+            if i == 1:
+                t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(probe(example), y)
+            probe_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            probe_opt.step()
+        rates[threads] = steps * len(example) / (time.perf_counter() - t0)
+    best = max(rates, key=rates.get)
+    torch.set_num_threads(best)
+    log("  threads: " + ", ".join(f"{t}: {r:.0f} images/s" for t, r in rates.items()) + f" -> {best}")
+    return best
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss: KL(teacher || student) at ``temperature``, scaled by T^2."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=1), nn.functional.softmax(teacher / t, dim=1),
+                                reduction="batchmean") * t * t
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, checkpoint: Path | None = None,
-        resume: bool = False, on_bad_image: str = "skip", log=print, desc: str = "train") -> FitResult:
+        resume: bool = False, on_bad_image: str = "skip", log=print, desc: str = "train",
+        teacher: nn.Module | None = None, distill_alpha: float = 0.0, distill_temperature: float = 4.0) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs`` (may be fractional) with the recipe's optimizer/schedule.
 
     ``cfg`` has the fields of recipe.TrainStage. With several processes (torchrun) the model is wrapped in
-    DDP and each rank reads its share of every global batch of ``cfg.batch_size`` images.
+    DDP and each rank reads its share of every global batch of ``cfg.batch_size`` images. With a
+    ``teacher`` the loss is ``(1 - distill_alpha) * CE + distill_alpha * KD`` (knowledge distillation,
+    e.g. from the unpruned model while a pruned one recovers). A progress line (step, images/s, ETA) is
+    logged every tenth of an epoch, and the checkpoint is written there too, so ``resume`` loses at most
+    a tenth of an epoch.
     """
     device = select_device(cfg.device)
     info = distributed.init_from_env(device.type)
     seed_everything(cfg.seed)
     per_rank = max(1, cfg.batch_size // info.world_size)
-    loader, sampler = _loader(train_set, per_rank, True, cfg.seed, cfg.workers, device, info, drop_last=True)
-    if len(loader) == 0:
+    loader, sampler, skipper = _loader(train_set, per_rank, True, cfg.seed, cfg.workers, device, info, drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank
+    if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} training images is less than one batch of {cfg.batch_size}; lower stages.train.batch_size")
-    steps_per_epoch = len(loader)
     total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
+    report_every = max(1, steps_per_epoch // 10)
 
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    if device.type == "cpu" and cfg.threads == "auto" and _PICKED_THREADS:
+        torch.set_num_threads(_PICKED_THREADS[0])
+    elif device.type == "cpu" and cfg.threads == "auto":
+        x0 = torch.stack([train_set[i][0] for i in range(min(per_rank, len(train_set)))])
+        _PICKED_THREADS.append(pick_threads(model, x0.to(memory_format=memory_format),
+                                            log=log if info.is_main else (lambda m: None)))
+    elif device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if teacher is not None:
+        teacher.to(device=device, memory_format=memory_format).eval()
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     head = head_module(model)
@@ -137,21 +221,31 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
     result = FitResult(device=str(device), amp=str(dtype).replace("torch.", "") if dtype else None)
     bad = BadImages(on_bad_image, log if info.is_main else (lambda m: None))
 
-    start_epoch = 0
+    step = 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         state = load_training_state(Path(checkpoint))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        result.resumed_from_epoch = start_epoch
-        log(f"  resumed from {checkpoint} after epoch {start_epoch}")
+        step = int(state.get("step", int(state["epoch"]) * steps_per_epoch))
+        result.resumed_from_epoch, result.resumed_from_step = int(state["epoch"]), step
+        log(f"  resumed from {checkpoint} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
 
-    step, seen, busy = start_epoch * steps_per_epoch, 0, 0.0
-    for epoch in range(start_epoch, n_epochs):
+    def save(epoch_done: int) -> None:
+        if checkpoint is not None and info.is_main:
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
+                       "step": step}
+            if scaler is not None:
+                payload["scaler"] = scaler.state_dict()
+            save_checkpoint(checkpoint, payload)
+
+    seen, busy, start_step = 0, 0.0, step
+    interactive = info.is_main and sys.stderr.isatty()  # a bar on a terminal; in a log file only the lines below
+    for epoch in range(step // steps_per_epoch, n_epochs):
         train_set.epoch = epoch
         sampler.set_epoch(epoch)
+        skipper.skip = (step - epoch * steps_per_epoch) * per_rank
         frozen = epoch < cfg.freeze_backbone_epochs and head is not None
         for p in model.parameters():
             p.requires_grad_(not frozen)
@@ -160,8 +254,9 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
                 p.requires_grad_(True)
         ddp.train()
         run_loss = run_hits = run_n = 0.0
-        bar = tqdm(loader, desc=f"  {desc} epoch {epoch + 1}/{n_epochs}", leave=False, disable=not info.is_main,
-                   mininterval=2.0, unit="batch")
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        bar = tqdm(loader, desc=f"  {desc} epoch {epoch + 1}/{n_epochs}", leave=False, disable=not interactive,
+                   mininterval=2.0, unit="batch", total=epoch_steps - (step - epoch * steps_per_epoch))
         t0 = time.perf_counter()
         for x, y, idx in bar:
             if step >= total_steps:
@@ -170,12 +265,17 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
             if not len(y):
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
+                group["lr"] = lr_at(step, total_steps, cfg) * group.get("lr_scale", 1.0)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = ddp(x)
                 loss = criterion(logits.float(), y)
+                if teacher is not None and distill_alpha > 0:
+                    with torch.no_grad():
+                        soft = teacher(x).float()
+                    loss = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(logits.float(), soft,
+                                                                                          distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -190,27 +290,35 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
             run_n += len(y)
             seen += len(y) * info.world_size
             bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}", acc=f"{run_hits / max(run_n, 1):.3f}", refresh=False)
+            in_epoch = step - epoch * steps_per_epoch
+            if in_epoch % report_every == 0 and in_epoch < epoch_steps:
+                save(epoch)  # first, so a logged line means the run can resume from there
+                elapsed = busy + time.perf_counter() - t0
+                rate = (step - start_step) / elapsed
+                log(f"  {desc} epoch {epoch + 1}/{n_epochs} step {in_epoch}/{epoch_steps}: loss "
+                    f"{run_loss / max(run_n, 1):.4f}, train top-1 {run_hits / max(run_n, 1):.4f}, "
+                    f"{seen / elapsed:.0f} images/s, ETA {_eta((total_steps - step) / rate)}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         busy += time.perf_counter() - t0
         bar.close()
         result.train_loss, result.train_top1 = run_loss / max(run_n, 1), run_hits / max(run_n, 1)
+        skipper.skip = 0
         recalibrate_batchnorm(ddp, loader, device, memory_format, dtype)
         result.epochs_done = min(step / steps_per_epoch, cfg.epochs)
         if val_set is not None and len(val_set) and info.is_main:
             result.val_top1 = evaluate(model, val_set, cfg.batch_size, device, memory_format, dtype)
-        if checkpoint is not None and info.is_main:
-            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
-            if scaler is not None:
-                payload["scaler"] = scaler.state_dict()
-            save_checkpoint(checkpoint, payload)
+        save(epoch + 1)
         distributed.barrier(info)
         result.images_per_s = seen / busy if busy else 0.0
         val = f", val top-1 {result.val_top1:.4f}" if result.val_top1 is not None else ""
         log(f"  {desc} epoch {epoch + 1}/{n_epochs}: loss {result.train_loss:.4f}, train top-1 {result.train_top1:.4f}"
-            f"{val}, {result.images_per_s:.0f} images/s on {device}" + (f" ({result.amp})" if dtype else ""))
+            f"{val}, {result.images_per_s:.0f} images/s on {device}" + (f" ({result.amp})" if dtype else "")
+            + (f", ETA {_eta((total_steps - step) * busy / max(step - start_step, 1))}" if step < total_steps else ""))
     result.skipped_images = bad.paths
     model.to("cpu", memory_format=torch.contiguous_format).eval()
+    if teacher is not None:
+        teacher.to("cpu", memory_format=torch.contiguous_format)
     return result
 
 

@@ -78,7 +78,8 @@ def prune_model(model: nn.Module, input_size: int, cfg, finetune: Callable[[nn.M
     log(f"  prune: start {base_macs / 1e6:.1f} M MACs" + (f", {base_ms:.3f} ms on {cfg.backend}" if base_ms else ""))
     pruner = tp.pruner.MetaPruner(model, example, importance=_importance(cfg.importance),
                                   pruning_ratio=cfg.max_pruning_ratio, iterative_steps=cfg.iterative_steps,
-                                  round_to=cfg.round_to, ignored_layers=[head_module(model)])
+                                  round_to=cfg.round_to, ignored_layers=[head_module(model)],
+                                  global_pruning=cfg.global_pruning)
     history, met = [], False
     for step in range(1, cfg.iterative_steps + 1):
         if cfg.importance == "taylor":
@@ -106,7 +107,7 @@ def prune_model(model: nn.Module, input_size: int, cfg, finetune: Callable[[nn.M
     if not met:
         log("  prune: WARNING the targets were not met at stages.prune.max_pruning_ratio; raise it or the steps")
     if finetune and cfg.recovery_epochs > 0:
-        finetune(model, cfg.recovery_epochs)
+        finetune(model, cfg.recovery_epochs, "prune recovery")
     final_ms = onnx_latency_ms(model, input_size, cfg.backend, threads) if measure_latency else None
     return {"base_macs": base_macs, "macs": history[-1]["macs"], "macs_reduction": history[-1]["macs_reduction"],
             "base_latency_ms": base_ms, "latency_ms": final_ms, "backend": cfg.backend,

@@ -8,6 +8,11 @@ nothing between. All scales are symmetric (zero point 0, signed int8), which Ten
 The weight fake-quant is a parametrization (torch.nn.utils.parametrize), so the layer's own forward
 (e.g. EfficientNet-Lite's static "same" padding) is kept. torch.onnx exports the fake-quant ops as
 QuantizeLinear/DequantizeLinear pairs.
+
+Weights use 7 of the 8 bits by default (int8 storage, |q| <= 64): x86 CPUs without VNNI (SSE4.2, AVX2,
+AVX-512 before Cascade Lake) multiply u8 x s8 pairs into a saturating 16-bit sum (VPMADDUBSW), which 8-bit
+weights overflow; ONNX Runtime and OpenVINO run such layers there. 7-bit weights are exact on every ISA
+(the same as NNCF's overflow fix and onnxruntime's reduce_range) and are still TensorRT's symmetric int8.
 """
 from __future__ import annotations
 
@@ -20,20 +25,32 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
 INT8 = dict(quant_min=-128, quant_max=127, dtype=torch.qint8)
+WEIGHT_BITS = 7  # portable default (module docstring); 8 only for targets known to have VNNI/AMX, Arm or TensorRT
 
 
-def _fake_quant(per_channel: bool):
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+def _weight_observer(bits: int):
+    """Per-channel symmetric observer whose scales leave the int8 weights within ``bits`` bits: the scale is
+    widened by 2**(8 - bits), so the fake-quant op (and its ONNX export) keeps the int8 range -128..127."""
+    from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver
+
+    class ReducedRangeObserver(MovingAveragePerChannelMinMaxObserver):
+        def calculate_qparams(self):
+            scale, zero_point = super().calculate_qparams()
+            return scale * 2 ** (8 - bits), zero_point
+    return ReducedRangeObserver
+
+
+def _fake_quant(per_channel: bool, bits: int = 8):
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
     if per_channel:
-        return FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, qscheme=torch.per_channel_symmetric,
-                            ch_axis=0, **INT8)
+        return FakeQuantize(observer=_weight_observer(bits), qscheme=torch.per_channel_symmetric, ch_axis=0, **INT8)
     return FakeQuantize(observer=MovingAverageMinMaxObserver, qscheme=torch.per_tensor_symmetric, **INT8)
 
 
 class WeightFakeQuant(nn.Module):
-    def __init__(self):
+    def __init__(self, bits: int = WEIGHT_BITS):
         super().__init__()
-        self.fq = _fake_quant(per_channel=True)
+        self.fq = _fake_quant(per_channel=True, bits=bits)
 
     def forward(self, weight):
         return self.fq(weight)
@@ -70,13 +87,16 @@ def fold_batchnorm(model: nn.Module, input_size: int) -> int:
     return len(pairs)
 
 
-def prepare_qat(model: nn.Module, input_size: int) -> nn.Module:
-    """Fold BN, then add int8 fake quantization to every Conv2d / Linear (in place; returns the model)."""
+def prepare_qat(model: nn.Module, input_size: int, *, weight_bits: int = WEIGHT_BITS) -> nn.Module:
+    """Fold BN, then add int8 fake quantization to every Conv2d / Linear (in place; returns the model).
+    ``weight_bits`` 7 (default) is exact on every x86 ISA; 8 only for a known VNNI/AMX, Arm or TensorRT target."""
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits {weight_bits}: 7 (any CPU) or 8 (VNNI/AMX, Arm, TensorRT)")
     warnings.filterwarnings("ignore", module="torch.ao.quantization")
     fold_batchnorm(model, input_size)
     for mod in list(model.modules()):
         if isinstance(mod, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(mod, "weight"):
-            parametrize.register_parametrization(mod, "weight", WeightFakeQuant())
+            parametrize.register_parametrization(mod, "weight", WeightFakeQuant(weight_bits))
             mod.input_quant = _fake_quant(per_channel=False)
             mod.register_forward_pre_hook(_quantize_input)
     return model
@@ -104,10 +124,24 @@ def export_qdq(model: nn.Module, path: Path, input_size: int, opset: int = 17, d
                metadata: dict | None = None) -> Path:
     """Freeze the ranges and export: fake-quant ops become QuantizeLinear/DequantizeLinear pairs."""
     from edgepipe.compile.export import export_onnx
+    fit_weight_scales(model)
     set_observers(model, observe=False, fake_quant=True)
     export_onnx(model.eval(), path, input_size, opset, dynamic_batch, simplify=True, metadata=metadata)
     fold_weight_quantizers(path)
     return Path(path)
+
+
+@torch.no_grad()
+def fit_weight_scales(model: nn.Module) -> None:
+    """Weight scales from the final weights (the moving averages trail the last optimizer steps), so every
+    exported int8 weight stays within its bit width."""
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            weight = mod.parametrizations.weight
+            for fq in (p.fq for p in weight if isinstance(p, WeightFakeQuant)):
+                fq.activation_post_process.reset_min_max_vals()
+                fq.enable_observer()
+                fq(weight.original.detach())
 
 
 def fold_weight_quantizers(path):

@@ -81,7 +81,9 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     _log(f"  train data: {len(data.train)} train / {len(data.val)} val images, {len(data.labels)} classes, {size} px")
 
     def run() -> dict:
+        import time
         seed_everything(cfg.seed)
+        t0 = time.perf_counter()
         model = spec.model
         if head_module(model).out_features != len(data.labels):
             replace_head(model, len(data.labels))
@@ -92,13 +94,17 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         distributed.barrier(distributed.current())
         return {"labels": data.labels, "fit": result.as_dict(), "input_size": size,
-                "train_images": len(data.train), "val_images": len(data.val)}
+                "train_images": len(data.train), "val_images": len(data.val),
+                "seconds": round(time.perf_counter() - t0, 1)}
 
     rec = cache.run("train", key, run, files=lambda r: [weights])
     model = build_model(recipe.model.name, pretrained=False, num_classes=len(rec["labels"])).model
     model.load_state_dict(load_file(str(weights)), strict=True)
     source = {**spec.source, "fine_tuned_on": recipe.data.train, "val_top1": rec["fit"].get("val_top1"),
-              "images_per_s": rec["fit"].get("images_per_s"), "device": rec["fit"].get("device")}
+              "images_per_s": rec["fit"].get("images_per_s"), "device": rec["fit"].get("device"),
+              "pretrained": recipe.model.pretrained, "train_images": rec.get("train_images"),
+              "epochs": rec["fit"].get("epochs_done"), "input_size": rec.get("input_size"),
+              "train_seconds": rec.get("seconds")}
     return ModelSpec(spec.name, model.eval(), pre, list(rec["labels"]), source)
 
 
@@ -118,15 +124,21 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
                    train_code_hash())
 
     def run() -> dict:  # loads the training data only when the step really runs (not on a cache hit)
+        import time
+
         import torch
+        t0 = time.perf_counter()
         data = _data(recipe, spec.preprocess) if recipe.data.train else None
         model = copy.deepcopy(spec.model).cpu().eval()
         finetune = taylor = None
         if data is not None:
-            def finetune(m, epochs):
+            teacher = copy.deepcopy(spec.model).cpu().eval() if cfg.distill_alpha > 0 else None
+
+            def finetune(m, epochs, desc="prune fine-tune"):
                 fit(m, data.train, None, _fit_cfg(recipe, epochs=epochs, lr=cfg.lr or recipe.stages.train.lr,
-                                                   warmup_epochs=0.0, freeze_backbone_epochs=0),
-                    on_bad_image=recipe.data.on_bad_image, log=_log, desc="prune fine-tune")
+                                                   warmup_epochs=0.0, freeze_backbone_epochs=0, head_lr_scale=1.0),
+                    on_bad_image=recipe.data.on_bad_image, log=_log, desc=desc, teacher=teacher,
+                    distill_alpha=cfg.distill_alpha, distill_temperature=cfg.distill_temperature)
 
             def taylor():
                 batch = [data.train[i] for i in range(min(len(data.train), recipe.stages.train.batch_size))]
@@ -138,6 +150,9 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
             info["val_top1_before"] = evaluate(spec.model, data.val, recipe.stages.train.batch_size)
             info["val_top1"] = evaluate(model, data.val, recipe.stages.train.batch_size)
             _log(f"  prune: val top-1 {info['val_top1_before']:.4f} -> {info['val_top1']:.4f}")
+        info.update(seconds=round(time.perf_counter() - t0, 1), global_pruning=cfg.global_pruning,
+                    importance=cfg.importance, distill_alpha=cfg.distill_alpha if data is not None else None,
+                    recovery_epochs=cfg.recovery_epochs if data is not None else 0)
         if distributed.current().is_main:
             save_pruned(model, folder, recipe.model.name, len(spec.labels), size, spec.labels, spec.preprocess)
         distributed.barrier(distributed.current())
@@ -147,7 +162,8 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
                                                         folder / "pruned.onnx"])
     model, _ = load_pruned(folder)
     summary = {k: rec.get(k) for k in ("base_macs", "macs", "macs_reduction", "base_latency_ms", "latency_ms",
-                                       "speedup", "backend", "targets_met", "val_top1")}
+                                       "speedup", "backend", "targets_met", "val_top1", "val_top1_before",
+                                       "global_pruning", "importance", "distill_alpha", "recovery_epochs", "seconds")}
     return ModelSpec(spec.name, model, dict(spec.preprocess), list(spec.labels), {**spec.source, "pruned": summary})
 
 
@@ -178,7 +194,7 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
     def run() -> dict:
         import torch
         data = _data(recipe, spec.preprocess)
-        model = prepare_qat(copy.deepcopy(spec.model).cpu().eval(), size)
+        model = prepare_qat(copy.deepcopy(spec.model).cpu().eval(), size, weight_bits=8 if q.isa == "vnni" else 7)
         loader = torch.utils.data.DataLoader(data.val if len(data.val) else data.train, batch_size=32)
         calibrate(model, [x for _, (x, y, _) in zip(range(q.qat_calibration_batches), loader)])
         before = evaluate(model, data.val) if len(data.val) else None

@@ -37,17 +37,36 @@ INSTALL_HINT = {
 class Backend(Protocol):
     name: str
 
-    def load(self, files: list[Path], variant: dict) -> None:
-        """Load the variant's model files (already hash-checked)."""
+    def load(self, files: list[Path], variant: dict, *, device: str | None = None) -> None:
+        """Load the variant's model files (already hash-checked). ``device``: where to run, in the backend's
+        own terms (OpenVINO: CPU, GPU, NPU, AUTO, HETERO:...); None = the backend's default. A backend
+        that cannot place the model on ``device`` raises a UserError saying so."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, num_classes) float32 logits."""
 
 
-def is_installed(name: str) -> bool:
-    if name not in BACKENDS:
+# more Python packages a backend needs besides its own (any one of each tuple): TensorRT moves memory with cuda-python
+EXTRA_PACKAGES = {"tensorrt": (("cuda.bindings", "cuda.cudart"),)}
+EXTRA_HINT = {"tensorrt": "pip install 'cuda-python>=12.6,<13' (JetPack 6: 'cuda-python>=12.6,<12.7')"}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a dotted name whose parent package is missing
         return False
-    return importlib.util.find_spec(BACKENDS[name][2]) is not None
+
+
+def missing_package(name: str) -> str | None:
+    """The first Python package backend ``name`` needs that is not installed here, or None."""
+    if not _importable(BACKENDS[name][2]):
+        return BACKENDS[name][2]
+    return next((alts[0] for alts in EXTRA_PACKAGES.get(name, ()) if not any(_importable(m) for m in alts)), None)
+
+
+def is_installed(name: str) -> bool:
+    return name in BACKENDS and missing_package(name) is None
 
 
 def can_load(name: str, fmt: str) -> bool:
@@ -58,8 +77,10 @@ def create_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
     module, cls, package, _ = BACKENDS[name]
-    if importlib.util.find_spec(package) is None:
-        raise BackendUnavailable(f"backend {name!r} needs the Python package {package!r}, which is not installed: {INSTALL_HINT[name]}")
+    missing = missing_package(name)
+    if missing is not None:
+        hint = INSTALL_HINT[name] if missing == package else EXTRA_HINT[name]
+        raise BackendUnavailable(f"backend {name!r} needs the Python package {missing!r}, which is not installed: {hint}")
     return getattr(importlib.import_module(module), cls)()
 
 

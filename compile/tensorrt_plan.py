@@ -1,0 +1,213 @@
+"""What `edgepipe build-engine` will do, decided without TensorRT: supported versions, typing mode, the
+source ONNX, the optimization profile, the timing cache's name, whether an engine is up to date, and the
+per-layer precisions read from the engine inspector's JSON. Everything here is plain Python, so it is tested
+on machines without a GPU; compile/tensorrt_engine.py only carries out the plan with TensorRT.
+
+Typing modes (NVIDIA's "strongly typed networks"):
+- weak: precision from builder flags (``BuilderFlag.FP16`` / ``INT8``); TensorRT 10.x only (deprecated in
+  10.12, removed in 11.0). fp16 is built from the fp32 ONNX, int8 from the QDQ ONNX.
+- strong: precision from the ONNX itself (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``); preferred from
+  10.12, the only mode in 11+. fp16 is built from the fp16 ONNX `edgepipe run` exports, int8 from the QDQ ONNX.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepipe import UserError
+from edgepipe.runtime.errors import BackendUnavailable
+from edgepipe.runtime.manifest import verify_files
+
+MIN_VERSION = (10, 3)        # JetPack 6.1 / 6.2
+NEWEST_MAJOR = 11            # newest release line checked against compile/tensorrt_api.json
+STRONG_PREFERRED = (10, 12)  # weak typing deprecated from here
+WEAK_REMOVED = (11, 0)       # BuilderFlag.FP16 / INT8 gone
+TYPINGS = ("auto", "weak", "strong")
+PRECISIONS = ("fp16", "int8")
+# the ONNX Runtime variant an engine may be built from when the tensorrt target's own source is missing
+FALLBACK_VARIANT = {"int8": "onnxruntime-int8", "fp16": "onnxruntime-fp32"}
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    nums = re.findall(r"\d+", str(text).split("+")[0])
+    return tuple(int(x) for x in nums[:4])
+
+
+def check_version(text: str) -> tuple[int, ...]:
+    """The version as a tuple; BackendUnavailable (one line) when edgepipe does not support it."""
+    v = parse_version(text)
+    if v[:2] < MIN_VERSION:
+        raise BackendUnavailable(f"TensorRT {text} is too old: edgepipe builds with TensorRT {MIN_VERSION[0]}.{MIN_VERSION[1]} "
+                                 f"to {NEWEST_MAJOR}.x; on a Jetson flash JetPack 6.1 or newer (TensorRT 10.3)")
+    if v[0] > NEWEST_MAJOR:
+        raise BackendUnavailable(f"TensorRT {text} is newer than edgepipe knows (TensorRT {MIN_VERSION[0]}.{MIN_VERSION[1]} to "
+                                 f"{NEWEST_MAJOR}.x); install TensorRT {NEWEST_MAJOR}.x: pip install 'tensorrt-cu12>={NEWEST_MAJOR},<{NEWEST_MAJOR + 1}'")
+    return v
+
+
+def weak_typing_available(version: tuple[int, ...]) -> bool:
+    return tuple(version[:2]) < WEAK_REMOVED
+
+
+def typing_mode(version: tuple[int, ...], requested: str = "auto") -> str:
+    """"weak" or "strong" for this TensorRT version and --typing."""
+    if requested not in TYPINGS:
+        raise UserError(f"--typing {requested!r}: choose {', '.join(TYPINGS)}")
+    if requested == "auto":
+        return "strong" if tuple(version[:2]) >= STRONG_PREFERRED else "weak"
+    if requested == "weak" and not weak_typing_available(version):
+        raise UserError(f"--typing weak: TensorRT {'.'.join(map(str, version))} builds strongly typed networks only "
+                        f"(builder precision flags were removed in 11.0); use --typing strong or auto")
+    return requested
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise UserError(f"--batch {text!r}: give MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, e.g. 1,1,8")
+    return values
+
+
+def profile_shapes(input_shape: tuple, batch: tuple[int, int, int], onnx_name: str = "the ONNX") -> tuple | None:
+    """(min, opt, max) shapes of the optimization profile, or None for a static-batch input that --batch matches.
+    Only the batch may be dynamic (the QDQ check refuses other dynamic dimensions)."""
+    shape = tuple(int(d) for d in input_shape)
+    if any(d < 0 for d in shape[1:]):
+        raise UserError(f"{onnx_name} has dynamic dimensions {list(shape)} beyond the batch; export with a fixed image size")
+    if shape[0] < 0:
+        return tuple((b, *shape[1:]) for b in batch)
+    if batch != (shape[0],) * 3:
+        raise UserError(f"{onnx_name} has a static batch of {shape[0]}; use --batch {shape[0]},{shape[0]},{shape[0]} "
+                        f"or export with export.dynamic_batch: true")
+    return None
+
+
+def timing_cache_name(version: str, compute_capability: str) -> str:
+    """One cache per TensorRT version and GPU architecture: a folder rsynced between machines keeps each valid."""
+    safe = re.sub(r"[^0-9A-Za-z.]+", "_", str(version))
+    return f"tensorrt-timing-{safe}-sm{str(compute_capability).replace('.', '')}.cache"
+
+
+@dataclass
+class Source:
+    variant: str         # the variant whose record lists the ONNX (or "export" for the exported fp32 ONNX)
+    path: Path
+    entry: dict          # the file's manifest entry {path, sha256, bytes}
+    typing: str
+    qdq_check: dict | None
+
+
+def _entries_by_typing(record: dict) -> dict[str, dict]:
+    """{typing: file entry} a tensorrt record offers: an engine's sidecar, or a pending-build record's ONNX."""
+    found = dict((record.get("tensorrt") or {}).get("source_files") or {})
+    onnx = [f for f in record.get("files", []) if f.get("path", "").endswith(".onnx")]
+    sources = (record.get("compile") or {}).get("sources") or {}
+    for typing, rel in sources.items():
+        entry = next((f for f in onnx if f["path"] == rel), None)
+        if entry:
+            found.setdefault(typing, entry)
+    if onnx and not sources and record.get("precision") == "int8":  # records written before the typing split
+        found.setdefault("weak", onnx[0])
+        found.setdefault("strong", onnx[0])
+    elif onnx and not sources:
+        found.setdefault("weak", onnx[0])
+    return found
+
+
+def _qdq_verdict(manifest: dict, entry: dict, record: dict) -> dict | None:
+    """The QDQ check stored with this file: in its own record, or in any variant that lists the same file."""
+    own = (record.get("compile") or {}).get("tensorrt_qdq_check") or (record.get("tensorrt") or {}).get("qdq_check")
+    if own:
+        return own
+    for v in manifest["variants"].values():
+        if any(f.get("sha256") == entry["sha256"] for f in v.get("files", [])):
+            check = (v.get("compile") or {}).get("tensorrt_qdq_check")
+            if check:
+                return check
+    return None
+
+
+def choose_source(manifest: dict, root: Path, precision: str, typing: str, name: str | None = None) -> Source:
+    """The ONNX to build ``name`` (default tensorrt-<precision>) from, hash-checked; for int8 only a QDQ ONNX
+    whose TensorRT check passed. Looks in the variant itself (pending-build record or an engine's sidecar),
+    then in the ONNX Runtime variant, then (fp16, weak typing) in the exported fp32 ONNX."""
+    name = name or f"tensorrt-{precision}"
+    prefix = name[:name.index("tensorrt-")] if "tensorrt-" in name else ""  # "pruned-" variants have their own ONNX
+    record = manifest["variants"].get(name) or {}
+    candidates: list[tuple[str, dict, dict]] = []
+    entry = _entries_by_typing(record).get(typing)
+    if entry:
+        candidates.append((name, entry, record))
+    fallback = manifest["variants"].get(prefix + FALLBACK_VARIANT[precision])
+    usable_fallback = precision == "int8" or typing == "weak"  # an fp32 ONNX is no strongly typed fp16 source
+    if fallback and usable_fallback and name == f"{prefix}tensorrt-{precision}":  # not for -qat variants
+        onnx = [f for f in fallback.get("files", []) if f["path"].endswith(".onnx")]
+        if onnx:
+            candidates.append((prefix + FALLBACK_VARIANT[precision], onnx[0], fallback))
+    export = (manifest.get("export") or {}).get(f"{prefix}model.onnx")
+    if precision == "fp16" and typing == "weak" and export and export.get("sha256"):
+        candidates.append(("export", {"path": f"{prefix}model.onnx", "sha256": export["sha256"]}, {}))
+    if not candidates:
+        if precision == "fp16" and typing == "strong":
+            raise UserError(f"{root}: no fp16 ONNX for a strongly typed fp16 engine; add a target {{backend: tensorrt, precision: fp16}} "
+                            f"to the recipe and re-run `edgepipe run` (it exports one), or on TensorRT 10.x use --typing weak")
+        raise UserError(f"{root}: no ONNX to build a {precision} engine from; add a target {{backend: tensorrt, precision: {precision}}} "
+                        f"to the recipe and re-run `edgepipe run`")
+    variant, entry, rec = candidates[0]
+    path = verify_files(root, {"files": [entry]}, variant)[0]
+    check = None
+    if precision == "int8":
+        check = _qdq_verdict(manifest, entry, rec)
+        if not check or not check.get("ok"):
+            why = "; ".join((check or {}).get("errors", [])[:2]) or "no TensorRT QDQ check is recorded for it"
+            raise UserError(f"{entry['path']} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
+                            f"{{backend: tensorrt, precision: int8}} and re-run `edgepipe run` (it ships an s8s8 QDQ ONNX)")
+    return Source(variant, path, entry, typing, check)
+
+
+def source_files(record: dict) -> dict[str, dict]:
+    """The {typing: file entry} to keep in an engine's sidecar, so --rebuild (either typing) finds its ONNX."""
+    return _entries_by_typing(record)
+
+
+def up_to_date(existing: dict, engine_path: Path, mismatch: str | None, source: Source, batch, typing: str) -> bool:
+    side = existing.get("tensorrt") or {}
+    return (existing.get("format") == "engine" and existing.get("status") == "ok" and engine_path.is_file() and mismatch is None
+            and side.get("source_onnx_sha256") == source.entry["sha256"] and side.get("batch") == list(batch)
+            and side.get("typing", "weak") == typing)
+
+
+PRECISION_WORDS = ("FP32", "FP16", "BF16", "INT8", "FP8", "FP4", "INT4", "INT32", "INT64", "BOOL", "UINT8")
+
+
+def _precision_of(text: str) -> str | None:
+    words = re.findall(r"[A-Za-z0-9]+", str(text).upper())
+    words = ["FP32" if w in ("FLOAT", "FLOAT32") else "FP16" if w in ("HALF", "FLOAT16") else w for w in words]
+    return next((w for w in words if w in PRECISION_WORDS), None)
+
+
+def layer_precisions(inspector_json: str) -> dict:
+    """Per-layer precisions from ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`` built
+    with ``ProfilingVerbosity.DETAILED``: each layer's precision is its first output's "Format/Datatype"
+    (what the layer computes in, as trtexec's --exportLayerInfo shows it)."""
+    try:
+        info = json.loads(inspector_json)
+    except (TypeError, ValueError) as exc:
+        return {"available": False, "why": f"engine inspector JSON unreadable: {exc}"}
+    layers = info.get("Layers", []) if isinstance(info, dict) else []
+    rows, counts = [], {}
+    for layer in layers:
+        if not isinstance(layer, dict):  # LAYER_NAMES_ONLY gives plain names
+            rows.append({"name": str(layer), "precision": None})
+            continue
+        outputs = layer.get("Outputs") or []
+        fmt = next((o.get("Format/Datatype") for o in outputs if isinstance(o, dict) and o.get("Format/Datatype")), "")
+        precision = _precision_of(fmt)
+        rows.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": precision})
+        counts[precision or "unknown"] = counts.get(precision or "unknown", 0) + 1
+    return {"available": bool(layers), "layers": len(rows), "by_precision": counts, "per_layer": rows}

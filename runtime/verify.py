@@ -1,0 +1,355 @@
+"""`edgepipe verify DIR`: prove each variant on the machine it will run on, torch-free.
+
+The artifact folder carries a reference set (manifest["reference_set"]): held-out images, resized and
+cropped as uint8, with the fp32 model's logits for them. On the device every variant this machine can run
+is fed those exact inputs and compared with the fp32 logits by per-precision tolerances; its batch-1 latency
+is measured here. The result is a device record, ``devices/<machine id>.json`` in the folder, that the
+serving policy (serving.py) reads: auto then serves the fastest variant that passed on *this* machine.
+
+An int8 model can be right on the build host and wrong on the device (x86 CPUs without VNNI saturate
+u8 x s8 products in 16 bits); a TensorRT engine exists only on the device. Both are proven only here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import UserError, __version__
+from edgepipe.runtime.errors import ManifestError
+from edgepipe.runtime.manifest import load_manifest, safe_join, sha256_file
+
+RECORD_DIR = "devices"
+RECORD_FORMAT = 1
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
+
+# Per precision and kind of image (real photos, or crops generated from the few bundled photos): minimum
+# top-1 agreement with the fp32 logits, maximum mean logit error relative to the spread of the fp32 logits
+# (mean over images of their standard deviation across classes), maximum absolute logit error (None: not
+# checked). Generated crops are often near ties between classes, so their agreement bound is lower; the
+# relative logit error separates a healthy int8 model from one whose sums saturated (x86 without VNNI) on
+# either kind. One flipped image of slack is allowed on top of the agreement bound, so a check on a few
+# dozen images is not decided by a single near tie. Measurements behind the bounds: docs/compile.md.
+TOLERANCE = {
+    ("fp32", "real"): {"min_top1_agreement": 0.98, "max_rel_mean_abs": None, "max_abs": 5e-3},
+    ("fp32", "generated"): {"min_top1_agreement": 0.98, "max_rel_mean_abs": None, "max_abs": 5e-3},
+    ("fp16", "real"): {"min_top1_agreement": 0.97, "max_rel_mean_abs": 0.05, "max_abs": None},
+    ("fp16", "generated"): {"min_top1_agreement": 0.95, "max_rel_mean_abs": 0.05, "max_abs": None},
+    ("int8", "real"): {"min_top1_agreement": 0.92, "max_rel_mean_abs": 0.18, "max_abs": None},
+    ("int8", "generated"): {"min_top1_agreement": 0.78, "max_rel_mean_abs": 0.18, "max_abs": None},
+}
+# On the device a variant must also compute what it computed on the build host: its relative logit error on
+# the reference set may exceed the build host's by this factor (plus DRIFT_SLACK) at most.
+DRIFT_FACTOR, DRIFT_SLACK = 1.25, 0.01
+
+
+def tolerance(precision: str, kind: str) -> dict:
+    kind = kind if kind in ("real", "generated") else "generated"
+    return dict(TOLERANCE.get((precision, kind), TOLERANCE[("int8", kind)]))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, precision: str, kind: str,
+                   names: list[str] | None = None, **override) -> dict:
+    """Agreement and logit error of ``candidate`` against the fp32 ``reference``, with the verdict.
+    ``override``: tolerance fields to replace (min_top1_agreement, max_rel_mean_abs, max_abs)."""
+    if reference.shape != candidate.shape:
+        return {"ok": False, "error": f"output shape {candidate.shape} differs from reference {reference.shape}"}
+    names = names or [str(i) for i in range(len(reference))]
+    tol = dict(tolerance(precision, kind), **{k: v for k, v in override.items() if v is not None})
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
+    n, flips = len(reference), int(np.sum(ref_top != cand_top))
+    spread = float(np.mean(np.std(reference.astype(np.float64), axis=1))) or 1.0
+    span = float(np.ptp(reference)) or 1.0  # logits of a 1000-class model span ~20: the error relative to it
+    result = {"n": int(n), "images": kind, "top1_agreement": 1.0 - flips / n, "max_abs": float(diff.max()),
+              "mean_abs": float(diff.mean()), "rel_mean_abs": float(diff.mean() / spread),
+              "max_rel_to_span": float(diff.max() / span),
+              "flipped": [{"image": nm, "reference": int(r), "got": int(c)}
+                          for nm, r, c in zip(names, ref_top, cand_top) if r != c],
+              "tolerance": tol}
+    allowed_flips = int(np.floor(n * (1.0 - tol["min_top1_agreement"]) + 1e-9)) + (1 if tol["min_top1_agreement"] < 1 else 0)
+    result["ok"] = bool(flips <= allowed_flips
+                        and (tol["max_rel_mean_abs"] is None or result["rel_mean_abs"] <= tol["max_rel_mean_abs"])
+                        and (tol["max_abs"] is None or result["max_abs"] <= tol["max_abs"]))
+    return result
+
+
+# ---------------------------------------------------------------- this machine
+
+def _cpu_model_and_flags() -> tuple[str, set]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _gpus() -> list[str]:
+    found = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("Model:"):
+                found.append(line.split(":", 1)[1].strip())
+    jetson = Path("/proc/device-tree/model")
+    if jetson.is_file():
+        found.append(jetson.read_text(errors="replace").strip("\x00 \n"))
+    return found
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("openvino", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "opencv-python-headless",
+                 "opencv-python", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_facts() -> dict:
+    """What a device record says about the machine: CPU model and ISA, GPUs, library versions."""
+    model, flags = _cpu_model_and_flags()
+    return {"host": socket.gethostname(), "arch": platform.machine(), "cpu": model, "cores": os.cpu_count(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "gpus": _gpus(), "versions": _versions(),
+            "python": platform.python_version(), "edgepipe": __version__}
+
+
+def machine_id(facts: dict | None = None) -> str:
+    """Stable id of this machine: the OS machine id together with the CPU model, ISA and GPUs, so a container
+    image copied to another CPU (same /etc/machine-id) is not taken for the machine that was verified."""
+    facts = facts or machine_facts()
+    os_id = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            os_id = Path(path).read_text().strip()
+            break
+        except OSError:
+            continue
+    key = json.dumps([os_id or facts["host"], facts["arch"], facts["cpu"], facts["isa"], facts["gpus"]])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the reference set
+
+def load_reference(model_dir: Path, manifest: dict) -> dict:
+    """The folder's reference set, hash-checked: {"inputs": uint8 NHWC, "logits": {key: float32}, "names", "kind"}."""
+    ref = manifest.get("reference_set")
+    if not isinstance(ref, dict) or not isinstance(ref.get("inputs"), dict) or not isinstance(ref.get("logits"), dict):
+        raise ManifestError(f"{model_dir} has no reference set in its manifest (built by an older edgepipe); "
+                            "re-run `edgepipe run` to add one")
+    entries = {"inputs": ref["inputs"], **{f"logits:{k}": e for k, e in ref["logits"].items()}}
+    arrays = {}
+    for key, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise ManifestError(f"reference set entry {key} is not a file record; re-run `edgepipe run`")
+        path = safe_join(model_dir, entry.get("path", ""), "reference set path")
+        if not path.is_file():
+            raise ManifestError(f"reference set file {entry.get('path')} is missing from {model_dir}; copy the whole folder")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ManifestError(f"reference set file {entry['path']} does not match its sha256 in the manifest; "
+                                "re-copy the folder or re-run `edgepipe run`")
+        try:
+            arrays[key] = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ManifestError(f"reference set file {entry['path']} cannot be read ({exc})") from None
+    inputs = arrays.pop("inputs")
+    logits = {k.split(":", 1)[1]: v.astype(np.float32) for k, v in arrays.items()}
+    if inputs.dtype != np.uint8 or inputs.ndim != 4 or any(len(v) != len(inputs) for v in logits.values()):
+        raise ManifestError("the reference set's inputs and logits do not match; re-run `edgepipe run`")
+    return {"inputs": inputs, "logits": logits, "names": list(ref.get("names") or []), "kind": ref.get("images", "generated")}
+
+
+# ---------------------------------------------------------------- device records
+
+def record_path(model_dir: Path, mid: str) -> Path:
+    return Path(model_dir) / RECORD_DIR / f"{mid}.json"
+
+
+def load_device_records(model_dir) -> list[dict]:
+    """Every readable device record in the folder (any machine), newest first."""
+    records = []
+    for path in sorted((Path(model_dir) / RECORD_DIR).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("variants"), dict):
+            records.append(rec)
+    return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
+
+
+def variant_fingerprint(variant: dict) -> str:
+    return hashlib.sha256("".join(f["sha256"] for f in variant["files"]).encode()).hexdigest()[:16]
+
+
+def device_record_for_this_machine(model_dir: Path, manifest: dict) -> dict | None:
+    """This machine's record, keeping only the results whose variant files are still the ones verified."""
+    path = record_path(model_dir, machine_id())
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
+        return None
+    variants = manifest["variants"]
+    kept = {n: r for n, r in rec["variants"].items()
+            if isinstance(r, dict) and n in variants and r.get("fingerprint") == variant_fingerprint(variants[n])
+            and isinstance(r.get("backend"), str)
+            and (r.get("verdict") != "pass" or isinstance((r.get("latency_ms") or {}).get("p90"), (int, float)))}
+    return dict(rec, variants=kept)
+
+
+# ---------------------------------------------------------------- verify
+
+def _latency(fn, warmup: int, iterations: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return {"p50": round(float(np.percentile(times, 50)), 3), "p90": round(float(np.percentile(times, 90)), 3),
+            "iterations": iterations}
+
+
+def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "auto", device: str | None = None,
+                   warmup: int = 10, iterations: int = 50) -> dict:
+    """Load one variant through the real runtime (hash check included), run the reference set, time batch 1."""
+    from edgepipe.runtime.model import Classifier
+    kwargs = {"device": device} if device else {}
+    clf = Classifier(model_dir, variant=name, backend=backend, **kwargs)
+    x = clf.preprocess.normalize(ref["inputs"])
+    step = 16 if clf.dynamic_batch else 1
+    logits = np.concatenate([clf.logits(x[i:i + step]) for i in range(0, len(x), step)])
+    key = clf.variant.get("reference_logits", "")
+    if key not in ref["logits"]:
+        raise ManifestError(f"variant {name!r} names reference logits {key!r} that the reference set lacks; re-run `edgepipe run`")
+    host = clf.variant.get("reference_check") or {}
+    drift = {}
+    if host.get("rel_mean_abs") is not None and clf.variant["precision"] != "fp32":
+        drift["max_rel_mean_abs"] = min(tolerance(clf.variant["precision"], ref["kind"])["max_rel_mean_abs"],
+                                        host["rel_mean_abs"] * DRIFT_FACTOR + DRIFT_SLACK)
+    check = compare_logits(ref["logits"][key], logits, clf.variant["precision"], ref["kind"], ref["names"], **drift)
+    if drift:
+        check["build_host_rel_mean_abs"] = host["rel_mean_abs"]
+    one = np.ascontiguousarray(x[:1])
+    return {"backend": clf.backend_name, "device": device or clf.variant.get("device"),
+            "precision": clf.variant["precision"], "fingerprint": variant_fingerprint(clf.variant),
+            "verdict": "pass" if check["ok"] else "fail", "check": check,
+            "latency_ms": _latency(lambda: clf.logits(one), warmup, iterations)}
+
+
+def runnable_here(manifest: dict, backend: str = "auto") -> dict[str, str]:
+    """variant -> why it is skipped here ('' when it can run)."""
+    from edgepipe.runtime.backends.base import can_load, is_installed
+    out = {}
+    for name, v in manifest["variants"].items():
+        status = v.get("status", "ok")
+        if status not in ("ok", "failed"):
+            out[name] = f"status {status} (e.g. a TensorRT engine not built yet on this device)"
+        elif backend != "auto" and not can_load(backend, v["format"]):
+            out[name] = f"{backend} cannot run format {v['format']}"
+        elif backend != "auto" and not is_installed(backend):
+            out[name] = f"{backend} is not installed here"
+        elif backend == "auto" and not is_installed(v["backend"]):
+            out[name] = f"{v['backend']} is not installed here"
+        else:
+            out[name] = ""
+    return out
+
+
+def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: str = "auto", device: str | None = None,
+                     iterations: int = 50, write: bool = True, log=print) -> dict:
+    """Verify ``variants`` (default: every variant this machine can run); write and return the device record.
+    A previous record of this machine keeps the results of variants not verified this time."""
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    ref = load_reference(model_dir, manifest)
+    skip = runnable_here(manifest, backend)
+    names = variants or list(manifest["variants"])
+    unknown = [n for n in names if n not in manifest["variants"]]
+    if unknown:
+        import difflib
+        close = difflib.get_close_matches(unknown[0], list(manifest["variants"]), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ManifestError(f"no variant {unknown[0]!r} in {model_dir}{hint}; available: {', '.join(manifest['variants'])}")
+    facts = machine_facts()
+    mid = machine_id(facts)
+    previous = device_record_for_this_machine(model_dir, manifest) or {}
+    results = dict(previous.get("variants", {}))
+    for name in names:
+        if skip[name]:
+            if variants:  # asked for by name: say why it cannot run here
+                raise UserError(f"variant {name!r} cannot be verified here: {skip[name]}")
+            log(f"  {name}: skipped ({skip[name]})")
+            continue
+        res = verify_variant(model_dir, name, ref, backend=backend, device=device, iterations=iterations)
+        if manifest["variants"][name].get("status") == "failed":
+            res["note"] = "failed its checks on the build host: never served automatically"
+        results[name] = res
+        c = res["check"]
+        log(f"  {name} [{res['backend']}]: {res['verdict'].upper()}  agreement {c['top1_agreement']:.3f} "
+            f"(min {c['tolerance']['min_top1_agreement']}), relative logit error {c['rel_mean_abs']:.3g}"
+            + (f" (max {c['tolerance']['max_rel_mean_abs']:.3g})" if c["tolerance"]["max_rel_mean_abs"] is not None else "")
+            + f", p90 {res['latency_ms']['p90']:.2f} ms")
+    record = {"format_version": RECORD_FORMAT, "machine_id": mid,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
+              "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results}
+    from edgepipe.runtime.serving import choose
+    try:
+        choice = choose(manifest, None, backend, record)
+        record["serve"] = {"variant": choice.variant, "backend": choice.backend, "reason": choice.reason,
+                           "verified_here": choice.verified_here}
+    except UserError as exc:
+        record["serve"] = {"variant": None, "reason": str(exc)}
+    if write:
+        from edgepipe.atomic import write_json
+        path = record_path(model_dir, mid)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_json(path, record)
+        except OSError as exc:
+            raise UserError(f"cannot write the device record {path}: {exc.strerror or exc}; verify a writable copy "
+                            "of the folder") from None
+        record["path"] = str(path)
+    return record
+
+
+def main(args) -> int:
+    """CLI: exit 0 when the variant served here (or the one named with --variant) passed, 1 when it did not."""
+    record = verify_model_dir(args.dir, variants=[args.variant] if args.variant else None, backend=args.backend,
+                              device=getattr(args, "device", None), iterations=args.iterations)
+    m = record["machine"]
+    print(f"machine {record['machine_id']}: {m['cpu']} ({', '.join(m['isa']) or 'no ISA flags read'})"
+          + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else "")
+          + f"; reference set: {record['reference_set']['count']} {record['reference_set']['images']} images")
+    if "path" in record:
+        print(f"device record: {record['path']}")
+    if args.variant:
+        ok = record["variants"][args.variant]["verdict"] == "pass"
+        print(f"{args.variant}: {'pass' if ok else 'FAIL'}")
+        return 0 if ok else 1
+    serve = record["serve"]
+    if serve.get("variant") and serve.get("verified_here"):
+        print(f"serves here: {serve['variant']} on {serve['backend']}: {serve['reason']}")
+        return 0
+    print(f"edgepipe: no variant passed verification on this machine: {serve.get('reason', '')}".rstrip(": "))
+    return 1
