@@ -489,6 +489,8 @@ def interrupted_runs(tmp_path_factory):
     calib = generate_calibration_images(base / "calib", count=3)
     (calib / "broken.jpg").write_bytes(random.Random(5).randbytes(2000))
     recipe = small_recipe(base, calibration=f"{{source: {calib}}}")
+    # long measure steps: run 1 is still running after the case-10 probe, whatever the machine's speed
+    recipe.write_text(recipe.read_text().replace("iterations: 3}", "iterations: 3000}"))
     out = base / "out"
     res = {"out": out}
 
