@@ -134,7 +134,10 @@ def machine_facts() -> dict:
 def machine_id(facts: dict | None = None) -> str:
     """Stable id of this machine: the OS machine id together with the CPU model, ISA and GPUs, so a container
     image copied to another CPU (same /etc/machine-id) is not taken for the machine that was verified."""
-    facts = facts or machine_facts()
+    if facts is None:  # only what the id is made of (no library versions)
+        model, flags = _cpu_model_and_flags()
+        facts = {"host": socket.gethostname(), "arch": platform.machine(), "cpu": model,
+                 "isa": [f for f in ISA_FLAGS if f in flags], "gpus": _gpus()}
     os_id = ""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
@@ -306,6 +309,9 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
             res["note"] = "failed its checks on the build host: never served automatically"
         results[name] = res
         c = res["check"]
+        if "error" in c:
+            log(f"  {name} [{res['backend']}]: FAIL  {c['error']}")
+            continue
         log(f"  {name} [{res['backend']}]: {res['verdict'].upper()}  agreement {c['top1_agreement']:.3f} "
             f"(min {c['tolerance']['min_top1_agreement']}), relative logit error {c['rel_mean_abs']:.3g}"
             + (f" (max {c['tolerance']['max_rel_mean_abs']:.3g})" if c["tolerance"]["max_rel_mean_abs"] is not None else "")
@@ -315,7 +321,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
               "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results}
     from edgepipe.runtime.serving import choose
     try:
-        choice = choose(manifest, None, backend, record)
+        choice = choose(manifest, None, backend, record, device)
         record["serve"] = {"variant": choice.variant, "backend": choice.backend, "reason": choice.reason,
                            "verified_here": choice.verified_here}
     except UserError as exc:
