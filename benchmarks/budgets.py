@@ -266,12 +266,12 @@ def evaluate(bf: BudgetFile, rows: list[dict], timer_for: Callable[[str, dict], 
                 else:
                     c["limit"] = getattr(b, key)
                     c["measured"] = row.get(field)
-                    c.update(_point_check(c["measured"], c["limit"], kind, row.get(field + "_note")))
+                    c.update(point_check(c["measured"], c["limit"], kind, row.get(field + "_note")))
                 checks.append(c)
     return checks
 
 
-def _point_check(measured, limit, kind: str, note: str | None) -> dict:
+def point_check(measured, limit, kind: str, note: str | None) -> dict:
     if measured is None:
         return {"verdict": "missing", "margin": None, "detail": note or "not measured"}
     margin = limit - measured if kind == "max" else measured - limit

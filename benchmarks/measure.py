@@ -17,12 +17,17 @@ def _labeled(items) -> bool:
 
 
 def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
-                    precision: str, eval_items, recipe, compare) -> dict:
+                    precision: str, eval_items, recipe, compare, reference_count: int) -> dict:
+    """``reference_count``: the first parity images are the reference set; the variant's result on them alone
+    (``reference_check``) is what `edgepipe verify` on a device must reproduce."""
     clf = Classifier(out, variant=name)  # the deployable path: hash check, backend load, output check
     step = 16 if clf.dynamic_batch else 1
     logits = np.concatenate([clf.logits(parity_batch[i:i + step]) for i in range(0, len(parity_batch), step)])
     parity = compare(ref_logits, logits, parity_names, precision)
-    result = {"parity": parity, "backend_used": clf.backend_name}
+    n = reference_count
+    on_reference = compare(ref_logits[:n], logits[:n], parity_names[:n], precision)
+    result = {"parity": parity, "backend_used": clf.backend_name,
+              "reference_check": {k: on_reference[k] for k in ("n", "top1_agreement", "mean_abs", "rel_mean_abs", "max_abs", "ok")}}
     if eval_items:
         bar = tqdm(total=len(eval_items), desc=f"  eval {name}", leave=False, unit="img")
         acc = evaluate_items(clf, eval_items, progress=bar.update)

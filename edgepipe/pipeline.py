@@ -55,19 +55,27 @@ def variant_name(prefix: str, backend: str, precision: str) -> str:
 
 # ---------------------------------------------------------------- data
 
-def load_arrays(paths: list[Path], pre: Preprocess, on_bad: str = "skip") -> tuple[list[np.ndarray], list[str]]:
-    """Preprocessed images; unreadable ones are skipped and listed (``on_bad="skip"``) or stop the run."""
+def load_crops(paths: list[Path], pre: Preprocess, on_bad: str = "skip") -> tuple[np.ndarray, list[str]]:
+    """Resized and cropped uint8 images (N, crop, crop, 3), see Preprocess.crops; unreadable ones are skipped
+    and listed (``on_bad="skip"``) or stop the run."""
     from edgepipe.runtime.evaluate import read_image
-    arrays, names, bad = [], [], []
+    images, names, bad = [], [], []
     for p in paths:
         img = read_image(p)
         if img is None:
             bad.append(str(p))
             continue
-        arrays.append(pre(img))
+        images.append(img)
         names.append(Path(p).name)
     report_bad_images(bad, len(paths), on_bad)
-    return arrays, names
+    return pre.crops(images), names
+
+
+def load_arrays(paths: list[Path], pre: Preprocess, on_bad: str = "skip") -> tuple[list[np.ndarray], list[str]]:
+    """Preprocessed (1, 3, H, W) images; unreadable ones are skipped and listed (``on_bad="skip"``) or stop the run."""
+    crops, names = load_crops(paths, pre, on_bad)
+    batch = pre.normalize(crops)
+    return [batch[i:i + 1] for i in range(len(batch))], names
 
 
 def report_bad_images(bad: list[str], total: int, on_bad: str) -> None:
@@ -302,8 +310,8 @@ def _run_locked(recipe: Recipe, out: Path, spec) -> dict:
     plan = plan_data(recipe, out, spec.labels, eval_items)
     calib_paths = plan.calibration
     calib, _ = load_arrays(calib_paths, pre, recipe.data.on_bad_image)
-    parity_arrays, parity_names = load_arrays(plan.check, pre, recipe.data.on_bad_image)
-    parity_batch = np.concatenate(parity_arrays)
+    check_crops, parity_names = load_crops(plan.check, pre, recipe.data.on_bad_image)
+    parity_batch = pre.normalize(check_crops)  # the crops themselves travel as the reference set
     log("  " + plan.describe() + (f"; evaluation: {len(eval_items)} images" if eval_items else ""))
     compare = functools.partial(parity.compare, kind=plan.kind)  # the bounds depend on the kind of image
 
@@ -361,16 +369,16 @@ def _run_locked(recipe: Recipe, out: Path, spec) -> dict:
     else:  # an ONNX source: the reference is the user's file in ONNX Runtime
         from edgepipe.benchmarks.measure import measure_source_onnx
         torch_ref = measure_source_onnx(spec, pre, eval_items, recipe)
+    reference_count = max(1, min(recipe.data.reference_images, len(parity_names)))  # the first checked images
     for name, v in variants.items():
-        prefix = "pruned-" if name.startswith("pruned-") else ""
         if v["status"] != "ok":
             continue
         key = hash_key([f["sha256"] for f in manifest["variants"][name]["files"]], recipe.data.evaluation,
-                       eval_fp, recipe.bench.model_dump(), parity_names, versions)
+                       eval_fp, recipe.bench.model_dump(), parity_names, reference_count, versions)
 
-        def check(name=name, v=v, prefix=prefix):
-            return measure_variant(out, name, parity_batch, parity_names, references.get(name, references[prefix])["logits"],
-                                   v["precision"], eval_items, recipe, compare)
+        def check(name=name, v=v):
+            return measure_variant(out, name, parity_batch, parity_names, references[_reference_key(name, references)]["logits"],
+                                   v["precision"], eval_items, recipe, compare, reference_count)
         result = cache.run(f"measure-{name}", key, check)
         manifest["variants"][name].update(result)
         if not result["parity"]["ok"]:
@@ -380,12 +388,10 @@ def _run_locked(recipe: Recipe, out: Path, spec) -> dict:
     log("[5/5] report")
     from edgepipe.benchmarks.report import write_reports
     from edgepipe.runtime.serving import choose_defaults
-    manifest["reference_set"] = write_reference_set(out, plan, pre, parity_names, references, variants,
-                                                    recipe.data.reference_images)
+    manifest["reference_set"] = write_reference_set(out, plan.kind, check_crops, parity_names, references, variants,
+                                                    reference_count)
     for name, v in manifest["variants"].items():
         v["reference_logits"] = _reference_key(name, references)
-        if v["status"] == "ok":  # what the device's `edgepipe verify` must reproduce
-            v["reference_check"] = reference_baseline(out, name, manifest["reference_set"], references, plan.kind)
     manifest["checks"] = {"images": plan.kind, "check_images": len(parity_names), "heldout_source": plan.heldout_source,
                           "calibration_images": len(calib_paths), "control_images": len(plan.control),
                           "control_overlaps_check": plan.control_overlaps_check}
@@ -404,14 +410,10 @@ def _run_locked(recipe: Recipe, out: Path, spec) -> dict:
     return report
 
 
-def write_reference_set(out: Path, plan, pre: Preprocess, names: list[str], references: dict, variants: dict,
+def write_reference_set(out: Path, kind: str, crops: np.ndarray, names: list[str], references: dict, variants: dict,
                         count: int) -> dict:
     """The first ``count`` checked (held-out) images as uint8 crops, with the fp32 logits each variant is
     compared with (the unpruned model, the pruned one, a QAT model), for `edgepipe verify` on the device."""
-    from edgepipe.runtime.evaluate import read_image
-    count = max(1, min(count, len(names)))
-    by_name = {Path(p).name: p for p in plan.check}
-    crops = pre.crops([read_image(by_name[n]) for n in names[:count]])
     ref_dir = out / "reference"
     ref_dir.mkdir(exist_ok=True)
 
@@ -425,21 +427,8 @@ def write_reference_set(out: Path, plan, pre: Preprocess, names: list[str], refe
     logits = {}
     for key in sorted({_reference_key(name, references) for name in variants}):
         logits[key] = save(ref_dir / f"{key or 'model'}-logits.npy", references[key]["logits"][:count].astype(np.float32))
-    return {"inputs": save(ref_dir / "inputs.npy", crops), "logits": logits, "names": names[:count],
-            "images": plan.kind, "count": count, "layout": "NHWC uint8, resized and cropped, model colour order"}
-
-
-def reference_baseline(out: Path, name: str, reference_set: dict, references: dict, kind: str) -> dict:
-    """The variant on the reference set, on the build host through the real runtime: agreement and logit error."""
-    from edgepipe.runtime.model import Classifier
-    from edgepipe.runtime.verify import compare_logits
-    clf = Classifier(out, variant=name)
-    x = clf.preprocess.normalize(np.load(out / reference_set["inputs"]["path"]))
-    step = 16 if clf.dynamic_batch else 1
-    logits = np.concatenate([clf.logits(x[i:i + step]) for i in range(0, len(x), step)])
-    ref = references[_reference_key(name, references)]["logits"][:len(x)]
-    check = compare_logits(ref, logits, clf.variant["precision"], kind)
-    return {k: check[k] for k in ("n", "top1_agreement", "mean_abs", "rel_mean_abs", "max_abs", "ok")}
+    return {"inputs": save(ref_dir / "inputs.npy", crops[:count]), "logits": logits, "names": names[:count],
+            "images": kind, "count": count, "layout": "NHWC uint8, resized and cropped, model colour order"}
 
 
 def _reference_key(name: str, references: dict) -> str:
@@ -454,27 +443,23 @@ def agreement_with_reference(v: dict, reference_predictions: dict) -> float | No
 
 
 def budget_failures(manifest: dict, recipe: Recipe, torch_ref: dict) -> dict[str, str]:
-    """Variants that break a budget of the recipe that `edgepipe run` can judge (agreement, top-1, drop, p90);
-    throughput, per-class and ratio budgets are judged by `edgepipe bench`."""
-    import fnmatch
+    """Variants that break a budget of the recipe that `edgepipe run` can judge (agreement, top-1, drop, p90),
+    by the rules `edgepipe bench` applies; throughput, per-class and ratio budgets are judged by bench."""
+    from edgepipe.benchmarks import budgets
     ref_top1 = (torch_ref.get("accuracy") or {}).get("top1")
     failures = {}
     for name, v in manifest["variants"].items():
         if v.get("status") != "ok":
             continue
         top1 = (v.get("accuracy") or {}).get("top1")
-        measured = {"agreement_min": v.get("agreement_with_torch"), "top1_min": top1,
-                    "top1_drop_max": (ref_top1 - top1) * 100 if top1 is not None and ref_top1 is not None else None,
-                    "p90_ms_max": (v.get("latency_ms") or {}).get("p90")}
-        for b in recipe.budgets:
-            if not fnmatch.fnmatch(name, b.variants) or not fnmatch.fnmatch(v["backend"], b.backends):
-                continue
-            for check, value in measured.items():
-                limit = getattr(b, check)
-                if limit is None or value is None:
-                    continue
-                if (value < limit) if check.endswith("_min") else (value > limit):
-                    failures[name] = f"{check} {limit}, measured {value:.4g}"
+        row = {"name": name, "backend": v["backend"], "top1": top1, "agreement_with_fp32": v.get("agreement_with_torch"),
+               "top1_drop_pts": (ref_top1 - top1) * 100 if top1 is not None and ref_top1 is not None else None,
+               "p90_ms": (v.get("latency_ms") or {}).get("p90")}
+        for b in (b for b in recipe.budgets if budgets.matches(b, row)):
+            for check in budgets.checks_of(b):
+                field, kind, _ = budgets.CHECKS[check]
+                if row.get(field) is not None and budgets.point_check(row[field], getattr(b, check), kind, None)["verdict"] == "fail":
+                    failures[name] = f"{check} {getattr(b, check)}, measured {row[field]:.4g}"
     return failures
 
 

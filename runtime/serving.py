@@ -23,15 +23,13 @@ PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}
 def _quality(r: dict) -> tuple:
     """Higher is more faithful to the fp32 model: higher precision, then unpruned, then measured top-1."""
     top1 = r.get("top1")
-    pruned = r.get("pruned")
-    if pruned is None:
-        pruned = str(r.get("name", r["id"])).startswith("pruned-")
-    return (PRECISION_RANK.get(r.get("precision"), 0), not pruned, -1.0 if top1 is None else top1)
+    return (PRECISION_RANK.get(r.get("precision"), 0), not str(r.get("name", r["id"])).startswith("pruned-"),
+            -1.0 if top1 is None else top1)
 
 
 def fastest_per_backend(rows, eligible=lambda r: True, min_speedup: float = MIN_SPEEDUP) -> dict:
     """Per backend, among the rows ("id", "backend", "status", "p90_ms", optional "precision", "top1",
-    "name", "pruned") with status ok that ``eligible`` accepts, the fastest p90 -- unless a more faithful
+    "name") with status ok that ``eligible`` accepts, the fastest p90 -- unless a more faithful
     row is within ``min_speedup`` of it: a speed-up inside measurement noise is not worth accuracy.
     None for a backend with no such row."""
     by_backend: dict = {}
@@ -68,7 +66,6 @@ def choose_defaults(manifest: dict, reference_top1: float | None = None, max_dro
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     variants = manifest["variants"]
     rows = [{"id": name, "name": name, "backend": v["backend"], "status": v.get("status"), "precision": v.get("precision"),
-             "pruned": v.get("made_from", {}).get("pruned") if isinstance(v.get("made_from"), dict) else None,
              "top1": _top1(v), "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
     chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], reference_top1, max_drop)
                                  and eligible(r["id"], variants[r["id"]]))
