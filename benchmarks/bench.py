@@ -26,9 +26,9 @@ from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, fastest_per_backend
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
 from edgepipe.runtime.data import load_items
-from edgepipe.runtime.manifest import load_manifest, verify_files
+from edgepipe.runtime.integrity import verify_files
+from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.model import Classifier
-from edgepipe.runtime.preprocess import Preprocess
 
 VIDEO_TIMEOUT_S = 1800
 
@@ -41,25 +41,25 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- what to measure
 
-def plan_rows(manifest: dict) -> tuple[list[dict], list[str]]:
+def plan_rows(manifest: Manifest) -> tuple[list[dict], list[str]]:
     """One row per (variant, installed backend that can load its format); native backend first. Variants
     that failed the pipeline's parity check are measured too (status "failed") but never chosen as best."""
     rows, skipped = [], []
-    for name, v in manifest["variants"].items():
-        if v.get("status", "ok") not in ("ok", "failed"):
-            hint = ": build the engine on the device with `edgepipe build-engine`" if v.get("status") == "pending-build" else ""
-            skipped.append(f"{name}: status {v.get('status')}{hint}")
+    for name, v in manifest.variants.items():
+        if v.status not in ("ok", "failed"):
+            hint = ": build the engine on the device with `edgepipe build-engine`" if v.status == "pending-build" else ""
+            skipped.append(f"{name}: status {v.status}{hint}")
             continue
-        able = sorted((b for b in BACKENDS if can_load(b, v["format"])), key=lambda b: b != v["backend"])
+        able = sorted((b for b in BACKENDS if can_load(b, v.format)), key=lambda b: b != v.backend)
         here = [b for b in able if is_installed(b)]
         if not here:
             skipped.append(f"{name}: needs {' or '.join(able)}, not installed here")
         for b in here:
-            rows.append({"id": name if b == v["backend"] else f"{name}@{b}", "name": name, "backend": b,
-                         "native_backend": v["backend"], "precision": v["precision"], "format": v["format"],
-                         "status": v.get("status", "ok"), "top1": None, "top5": None, "n": None,
+            rows.append({"id": name if b == v.backend else f"{name}@{b}", "name": name, "backend": b,
+                         "native_backend": v.backend, "precision": v.precision, "format": v.format,
+                         "made_from": v.made_from, "status": v.status, "top1": None, "top5": None, "n": None,
                          "agreement_with_fp32": None, "top1_drop_pts": None, "worst_class_drop_pts": None,
-                         "macs": v.get("macs"), "size_mb": round(sum(f.get("bytes", 0) for f in v["files"]) / 1e6, 3)})
+                         "macs": v.macs, "size_mb": round(sum(f.bytes or 0 for f in v.files) / 1e6, 3)})
     return rows, skipped
 
 
@@ -124,7 +124,7 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     candidates = [{"fps": round(1000.0 / lat["mean"], 2), "mode": "batch 1, synchronous"}]
     if row["backend"] == "openvino":  # the same verified files, compiled again with the THROUGHPUT hint
         tp = create_backend("openvino")
-        tp.load(clf.files, dict(clf.variant, model_dir=str(model_dir)), device=clf.device, hint="THROUGHPUT")
+        tp.load(clf.files, clf.variant, device=clf.device, hint="THROUGHPUT")
         candidates.append(dict(tp.async_throughput(x1, images), mode="async, THROUGHPUT hint"))
         del tp
     elif clf.dynamic_batch:
@@ -137,12 +137,11 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
 
 
 def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
-    """Against the fp32 variant (same pruning, first in the manifest, on its own backend): agreement of
+    """Against the fp32 variant (made from the same model, first in the manifest, on its own backend): agreement of
     top-1 predictions, top-1 drop and the worst per-class drop, in points, over the classes with at least
     ``min_class_images`` images (one image of a 1-image class flipping would read as a 100-point drop)."""
     for row in rows:
-        prefix = row["name"].startswith("pruned-")
-        ref = next((r for r in rows if r["precision"] == "fp32" and r["name"].startswith("pruned-") == prefix
+        ref = next((r for r in rows if r["precision"] == "fp32" and r["made_from"] == row["made_from"]
                     and r["backend"] == r["native_backend"]), None)
         if ref is None:
             continue
@@ -167,37 +166,32 @@ def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
 
 # ---------------------------------------------------------------- references
 
-def torch_reference(model_dir: Path, manifest: dict, x1: np.ndarray, warmup: int, iterations: int):
-    """PyTorch eager fp32 batch-1 latency of the model rebuilt from manifest["model"] (torch imported lazily)."""
+def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations: int):
+    """PyTorch eager fp32 batch-1 latency of the model rebuilt from manifest.model (its ``build`` settings:
+    pretrained, checkpoint, weights, num_classes); torch imported lazily."""
     try:
         import torch
     except ImportError:
         return None, None, "PyTorch eager reference skipped: torch is not installed here (normal on a device)"
-    import yaml
-
     from edgepipe.train.models import build_model
-    m = manifest["model"]
-    if (m.get("source") or {}).get("onnx"):
+    m = manifest.model
+    if (m.source or {}).get("onnx"):
         return None, None, "PyTorch eager reference skipped: the model came as an ONNX file"
-    kwargs = {"pretrained": True, "checkpoint": (m.get("source") or {}).get("checkpoint"),
-              "num_classes": m.get("num_classes") if m.get("num_classes") != 1000 else None}
-    resolved = model_dir / "recipe.resolved.yaml"
-    if resolved.is_file():
-        with contextlib.suppress(Exception):
-            spec = (yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}).get("model") or {}
-            kwargs.update({k: spec[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in spec})
+    kwargs = {"pretrained": True, "checkpoint": (m.source or {}).get("checkpoint"),
+              "num_classes": m.num_classes if m.num_classes != 1000 else None}
+    kwargs.update({k: m.build[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in m.build})
     try:
-        model = build_model(m["name"], **kwargs).model.eval()
+        model = build_model(m.name, **kwargs).model.eval()
     except Exception as exc:  # unknown name, missing checkpoint, ...: say so, measure the rest
-        return None, None, f"PyTorch eager reference skipped: cannot rebuild {m['name']!r} ({str(exc).splitlines()[0][:200]})"
+        return None, None, f"PyTorch eager reference skipped: cannot rebuild {m.name!r} ({str(exc).splitlines()[0][:200]})"
     xt = torch.from_numpy(x1)
 
     def call():
         with torch.inference_mode():
             model(xt)
     lat = measure_stable(call, warmup, iterations)
-    note = f"PyTorch {torch.__version__} eager fp32, {torch.get_num_threads()} threads, {m['name']} rebuilt from the manifest"
-    if any(r.startswith("pruned-") for r in manifest["variants"]):
+    note = f"PyTorch {torch.__version__} eager fp32, {torch.get_num_threads()} threads, {m.name} rebuilt from the manifest"
+    if any(v.made_from == "pruned" for v in manifest.variants.values()):
         note += " (the unpruned model: pruned variants are compared against it)"
     return lat, timer(call), note
 
@@ -222,12 +216,12 @@ def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) ->
     return out
 
 
-def measure_references(model_dir: Path, manifest: dict, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
+def measure_references(manifest: Manifest, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
     """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, MatmulRate)."""
-    torch_lat, torch_timer, torch_note = torch_reference(model_dir, manifest, x1, warmup, iterations)
+    torch_lat, torch_timer, torch_note = torch_reference(manifest, x1, warmup, iterations)
     rate = MatmulRate()
     gflops = rate.measure()
-    macs = next((r["macs"] for r in rows if r["macs"] and not r["name"].startswith("pruned-")), None)
+    macs = next((r["macs"] for r in rows if r["macs"] and r["made_from"] != "pruned"), None)
     reference = {"torch_eager_ms": torch_lat["p50"] if torch_lat else None, "torch_eager_latency_ms": torch_lat,
                  "torch_note": torch_note, "roofline_ms": round(floor_ms(macs, gflops), 4) if macs else None,
                  "matmul_gflops": round(gflops, 2), "flops": 2 * macs if macs else None,
@@ -240,7 +234,7 @@ def measure_references(model_dir: Path, manifest: dict, rows: list[dict], x1: np
 
 def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRate, bf, iterations: int) -> dict | None:
     """The fastest fp32 engine against PyTorch eager and the roofline floor, in interleaved rounds."""
-    fp32 = [r for r in rows if r["precision"] == "fp32" and not r["name"].startswith("pruned-")]
+    fp32 = [r for r in rows if r["precision"] == "fp32" and r["made_from"] != "pruned"]
     if not fp32:
         return None
     top = min(fp32, key=lambda r: r["p90_ms"])
@@ -259,15 +253,15 @@ def best_fp32_ratios(rows: list[dict], timers: dict, torch_timer, rate: MatmulRa
     return out
 
 
-def time_by_layer(model_dir: Path, manifest: dict, rows: list[dict]) -> dict | None:
+def time_by_layer(model_dir: Path, manifest: Manifest, rows: list[dict]) -> dict | None:
     """ONNX Runtime's profile of the unpruned fp32 ONNX by layer kind: where the gap to the roofline is."""
     row = next((r for r in rows if r["backend"] == "onnxruntime" and r["precision"] == "fp32"
-                and not r["name"].startswith("pruned-")), None)
+                and r["made_from"] != "pruned"), None)
     if row is None:
         return None
     try:
         from edgepipe.benchmarks.op_profile import profile
-        files = verify_files(model_dir, manifest["variants"][row["name"]], row["name"])
+        files = verify_files(model_dir, manifest.variants[row["name"]].files, row["name"])
         result = profile(next(f for f in files if f.suffix == ".onnx"), runs=100)
     except Exception as exc:  # a diagnostic only: without the onnx package (edgepipe[compile]), or a graph
         log(f"[bench] time by layer skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
@@ -345,7 +339,7 @@ def command_line(args) -> str:
 def main(args) -> int:
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
-    manifest = load_manifest(model_dir)
+    manifest = Manifest.load(model_dir)
     if args.iterations < 3 or args.warmup < 0 or args.min_class_images < 1:
         raise UserError("--iterations must be >= 3, --warmup >= 0 and --min-class-images >= 1")
     if args.video and not Path(args.video).is_file():
@@ -357,12 +351,12 @@ def main(args) -> int:
     rows = select_rows(rows, getattr(args, "variant", None), getattr(args, "backend", None))
     from edgepipe.log import debug
     debug(f"[bench] measuring {', '.join(r['id'] for r in rows)}" + (f"; not measurable here: {'; '.join(skipped)}" if skipped else ""))
-    items, labeled = load_items(args.data, manifest["labels"]) if args.data else ([], False)
+    items, labeled = load_items(args.data, manifest.labels) if args.data else ([], False)
     if bf is not None:
         B.validate(bf, rows, args.data, labeled, args.budgets)
     out = Path(args.out) if args.out else model_dir / "bench"
 
-    pre = Preprocess.from_manifest(manifest["preprocess"])
+    pre = manifest.preprocess
     first = None
     if items:
         from edgepipe.runtime.evaluate import read_image
@@ -376,7 +370,7 @@ def main(args) -> int:
     add_accuracy_deltas(rows, args.min_class_images)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
-    reference, torch_timer, rate = measure_references(model_dir, manifest, rows, x1, args.warmup, args.iterations)
+    reference, torch_timer, rate = measure_references(manifest, rows, x1, args.warmup, args.iterations)
 
     def timer_for(of: str, row: dict):
         if of == "torch_eager":
@@ -400,7 +394,7 @@ def main(args) -> int:
         video = run_video(model_dir, args.video, next(r for r in rows if r["id"] == pick))
 
     report = {
-        "model": manifest["model"]["name"], "dir": str(model_dir),
+        "model": manifest.model.name, "dir": str(model_dir),
         "machine": dict(machine(), seconds=round(time.perf_counter() - t0, 1), **machine_details()),
         "data": {"path": args.data, "images": len(items), "labeled": labeled},
         "settings": {"warmup": args.warmup, "iterations": args.iterations, "budgets": args.budgets,

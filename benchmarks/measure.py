@@ -8,18 +8,15 @@ import numpy as np
 from tqdm import tqdm
 
 from edgepipe.benchmarks.latency import measure, measure_stable
-from edgepipe.runtime.evaluate import evaluate_items, score_items
+from edgepipe.runtime.evaluate import DecodedSet
 from edgepipe.runtime.model import Classifier
 
 
-def _labeled(items) -> bool:
-    return bool(items) and all(t >= 0 for _, t in items)
-
-
 def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
-                    precision: str, eval_items, recipe, compare, reference_count: int) -> dict:
+                    precision: str, evaluation: DecodedSet | None, recipe, compare, reference_count: int) -> dict:
     """``reference_count``: the first parity images are the reference set; the variant's result on them alone
-    (``reference_check``) is what `edgepipe verify` on a device must reproduce."""
+    (``reference_check``) is what `edgepipe verify` on a device must reproduce. ``evaluation``: data.evaluation,
+    decoded once for every variant."""
     clf = Classifier(out, variant=name)  # the deployable path: hash check, backend load, output check
     step = 16 if clf.dynamic_batch else 1
     logits = np.concatenate([clf.logits(parity_batch[i:i + step]) for i in range(0, len(parity_batch), step)])
@@ -28,20 +25,20 @@ def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names
     on_reference = compare(ref_logits[:n], logits[:n], parity_names[:n], precision)
     result = {"parity": parity, "backend_used": clf.backend_name,
               "reference_check": {k: on_reference[k] for k in ("n", "top1_agreement", "mean_abs", "rel_mean_abs", "max_abs", "ok")}}
-    if eval_items:
-        bar = tqdm(total=len(eval_items), desc=f"  eval {name}", leave=False, unit="img")
-        acc = evaluate_items(clf, eval_items, progress=bar.update)
+    if evaluation:
+        bar = tqdm(total=len(evaluation), desc=f"  eval {name}", leave=False, unit="img")
+        acc = evaluation.score(clf.logits, clf.preprocess, 8 if clf.dynamic_batch else 1, bar.update)
         bar.close()
         result["predictions"] = acc.pop("predictions")
-        result["accuracy"] = acc if _labeled(eval_items) else {"n": acc["n"]}
+        result["accuracy"] = dict(acc, variant=name, backend=clf.backend_name) if evaluation.labeled else {"n": acc["n"]}
     x = parity_batch[:1].copy()
     # the same stable percentiles as `edgepipe bench`: the serving choice compares these p90s
     result["latency_ms"] = measure_stable(lambda: clf.logits(x), recipe.bench.warmup, recipe.bench.iterations)
-    result["size_mb"] = round(sum((out / f["path"]).stat().st_size for f in clf.variant["files"]) / 1e6, 3)
+    result["size_mb"] = round(sum((out / f.path).stat().st_size for f in clf.variant.files) / 1e6, 3)
     return result
 
 
-def measure_torch(model, pre, eval_items, recipe) -> dict:
+def measure_torch(model, pre, evaluation: DecodedSet | None, recipe) -> dict:
     """PyTorch eager fp32: batch-1 latency and (when labeled data is given) accuracy, same preprocessing."""
     import torch
     model = model.eval()
@@ -49,33 +46,33 @@ def measure_torch(model, pre, eval_items, recipe) -> dict:
     with torch.inference_mode():
         latency = measure(lambda: model(x), recipe.bench.warmup, max(30, recipe.bench.iterations // 2))
     result = {"latency_ms": latency, "predictions": {}}
-    if not eval_items:
+    if not evaluation:
         return result
     def logits(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(batch)).numpy()
 
-    bar = tqdm(total=len(eval_items), desc="  eval pytorch", leave=False, unit="img")
-    acc = score_items(logits, pre, eval_items, batch_size=16, progress=bar.update)
+    bar = tqdm(total=len(evaluation), desc="  eval pytorch", leave=False, unit="img")
+    acc = evaluation.score(logits, pre, batch_size=16, progress=bar.update)
     bar.close()
     result["predictions"] = acc.pop("predictions")
-    if _labeled(eval_items):
+    if evaluation.labeled:
         result["accuracy"] = {k: acc[k] for k in ("top1", "top5", "n", "per_class_top1")}
     return result
 
 
-def measure_source_onnx(source, pre, eval_items, recipe) -> dict:
+def measure_source_onnx(source, pre, evaluation: DecodedSet | None, recipe) -> dict:
     """The reference when the model came as an ONNX file (compile.onnx_source.OnnxSource): that file in ONNX
     Runtime, with the same batch-1 latency and accuracy fields measure_torch gives."""
     x = pre(np.full((pre.crop, pre.crop, 3), 127, np.uint8))
     latency = measure(lambda: source.logits(x), recipe.bench.warmup, max(30, recipe.bench.iterations // 2))
     result = {"latency_ms": latency, "predictions": {}, "reference": f"source ONNX {Path(source.path).name} in ONNX Runtime"}
-    if not eval_items:
+    if not evaluation:
         return result
-    bar = tqdm(total=len(eval_items), desc="  eval source onnx", leave=False, unit="img")
-    acc = score_items(source.logits, pre, eval_items, batch_size=16, progress=bar.update)
+    bar = tqdm(total=len(evaluation), desc="  eval source onnx", leave=False, unit="img")
+    acc = evaluation.score(source.logits, pre, batch_size=16, progress=bar.update)
     bar.close()
     result["predictions"] = acc.pop("predictions")
-    if _labeled(eval_items):
+    if evaluation.labeled:
         result["accuracy"] = {k: acc[k] for k in ("top1", "top5", "n", "per_class_top1")}
     return result

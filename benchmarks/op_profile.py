@@ -18,7 +18,8 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import env_threads
-from edgepipe.runtime.manifest import load_manifest, verify_files
+from edgepipe.runtime.integrity import verify_files
+from edgepipe.runtime.manifest import Manifest
 
 # activations ONNX Runtime fuses into the Conv before them (when that Conv feeds nothing else)
 ACTIVATIONS = {"Clip", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}
@@ -120,10 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="default: EDGEPIPE_THREADS, as the backends use")
     args = ap.parse_args(argv)
     try:
-        manifest = load_manifest(Path(args.dir))
-        if args.variant not in manifest["variants"]:
-            raise UserError(f"no variant {args.variant!r} in {args.dir} (have: {', '.join(manifest['variants'])})")
-        files = verify_files(Path(args.dir), manifest["variants"][args.variant], args.variant)
+        manifest = Manifest.load(Path(args.dir))
+        if args.variant not in manifest.variants:
+            raise UserError(f"no variant {args.variant!r} in {args.dir} (have: {', '.join(manifest.variants)})")
+        files = verify_files(Path(args.dir), manifest.variants[args.variant].files, args.variant)
         onnx_file = next((f for f in files if f.suffix == ".onnx"), None)
         if onnx_file is None:
             raise UserError(f"variant {args.variant} has no .onnx file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
-from edgepipe.runtime.manifest import MANIFEST_NAME
+from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -15,23 +15,24 @@ def top1_agreement(pred: dict, ref_pred: dict) -> float | None:
     return sum(pred[k] == ref_pred[k] for k in common) / len(common) if common else None
 
 
-def report_rows(manifest: dict) -> list[dict]:
+def report_rows(manifest: Manifest) -> list[dict]:
     rows = []
-    for name, v in manifest["variants"].items():
-        lat = v.get("latency_ms") or {}
-        acc = v.get("accuracy") or {}
-        parity = v.get("parity") or {}
+    for name, v in manifest.variants.items():
+        lat = v.latency_ms or {}
+        acc = v.accuracy or {}
+        parity = v.parity or {}
         rows.append({
-            "name": name, "backend": v["backend"], "precision": v["precision"], "status": v.get("status"),
+            "name": name, "backend": v.backend, "precision": v.precision, "status": v.status,
+            "made_from": v.made_from, "quantization": v.quantization,
             "top1": acc.get("top1"), "top5": acc.get("top5"), "n": acc.get("n"),
-            "agreement_with_torch": v.get("agreement_with_torch"),
+            "agreement_with_torch": v.agreement_with_torch,
             "latency_ms": {k: lat.get(k) for k in ("p50", "p90", "p99")} if lat else None,
             "latency_iterations": lat.get("iterations"),
             "throughput_fps": round(1000.0 / lat["p50"], 2) if lat.get("p50") else None,
-            "macs": v.get("macs"), "size_mb": v.get("size_mb"),
+            "macs": v.macs, "size_mb": v.size_mb,
             "parity": {k: parity.get(k) for k in ("ok", "n", "max_abs", "mean_abs", "top1_agreement")} if parity else None,
             "flipped": parity.get("flipped", []),
-            "compile": v.get("compile", {}),
+            "compile": v.compile,
         })
     return rows
 
@@ -40,10 +41,10 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
-def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
+def _compile_notes(manifest: Manifest, rows: list[dict]) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
-    pruned = manifest["model"].get("pruned")
+    pruned = manifest.model.pruned
     if pruned:
         parts = [f"MACs {_fmt((pruned.get('base_macs') or 0) / 1e6, '.1f')} M -> {_fmt((pruned.get('macs') or 0) / 1e6, '.1f')} M"]
         if pruned.get("base_latency_ms"):
@@ -52,7 +53,7 @@ def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
         if pruned.get("val_top1") is not None:
             parts.append(f"validation top-1 after pruning {_fmt(pruned['val_top1'], '.4f')}")
         lines.append("- pruning: " + ", ".join(parts))
-    for onnx_name, exp in (manifest.get("export") or {}).items():
+    for onnx_name, exp in manifest.export.items():
         p = exp.get("parity_vs_pytorch") or {}
         lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.get('ok') else 'FAILED'}, max abs {_fmt(p.get('max_abs'), '.2e')}, "
                      f"mean abs {_fmt(p.get('mean_abs'), '.2e')}, top-1 agreement {_fmt(p.get('top1_agreement'), '.3f')} on {p.get('n', 0)} images")
@@ -71,20 +72,22 @@ def _compile_notes(manifest: dict, rows: list[dict]) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
-def training_summary(manifest: dict, rows: list[dict]) -> dict | None:
-    """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model)."""
-    src = manifest["model"].get("source") or {}
-    if "fine_tuned_on" not in src and not manifest["model"].get("pruned"):
+def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
+    """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model).
+    ``rows``: report_rows (name, backend, precision, made_from, quantization, top1)."""
+    src = model.source or {}
+    if "fine_tuned_on" not in src and not model.pruned:
         return None
-    top1 = {r["name"]: r["top1"] for r in rows}
-    pruned_fp32 = next((top1[n] for n in ("pruned-onnxruntime-fp32", "pruned-openvino-fp32") if top1.get(n) is not None), None)
-    int8 = {r["name"]: {"top1": r["top1"], "method": "qat" if r["name"].endswith("-qat") else "ptq",
+    pruned = [r for r in rows if r["made_from"] == "pruned"]
+    pruned_fp32 = next((r["top1"] for backend in ("onnxruntime", "openvino") for r in pruned
+                        if r["backend"] == backend and r["precision"] == "fp32" and r["top1"] is not None), None)
+    int8 = {r["name"]: {"top1": r["top1"], "method": r.get("quantization") or "ptq",
                         "drop_vs_pruned_fp32_pts": round((pruned_fp32 - r["top1"]) * 100, 2)
                         if pruned_fp32 is not None and r["top1"] is not None else None}
-            for r in rows if r["name"].startswith("pruned-") and r["precision"] == "int8"}
+            for r in pruned if r["precision"] == "int8"}
     keys = ("fine_tuned_on", "pretrained", "train_images", "epochs", "input_size", "images_per_s", "val_top1", "train_seconds")
     return {"fine_tune": {k: src.get(k) for k in keys} if "fine_tuned_on" in src else None,
-            "prune": manifest["model"].get("pruned"), "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
+            "prune": model.pruned, "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
 
 
 def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
@@ -112,29 +115,29 @@ def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
     return lines + [""]
 
 
-def write_reports(out: Path, recipe, manifest: dict, torch_ref: dict) -> dict:
+def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dict:
     rows = report_rows(manifest)
     ref_acc = (torch_ref.get("accuracy") or {})
     report = {
-        "recipe": recipe.name, "model": manifest["model"]["name"], "manifest": MANIFEST_NAME,
+        "recipe": recipe.name, "model": manifest.model.name, "manifest": MANIFEST_NAME,
         "variants": rows,
         "reference": {"torch_eager_ms": torch_ref["latency_ms"]["p50"], "torch_eager_latency_ms": torch_ref["latency_ms"],
                       "torch_top1": ref_acc.get("top1"), "torch_top5": ref_acc.get("top5"), "roofline_ms": None},
-        "defaults": manifest.get("defaults", {}), "default_variant": manifest.get("default_variant"),
-        "evaluation": recipe.data.evaluation, "versions": manifest["versions"],
-        "training": training_summary(manifest, rows),
+        "defaults": dict(manifest.defaults), "default_variant": manifest.default_variant,
+        "evaluation": recipe.data.evaluation, "versions": manifest.versions,
+        "training": training_summary(manifest.model, rows),
     }
     write_json(out / "report.json", report)
-    lines = [f"# edgepipe report — {recipe.name} ({manifest['model']['name']})", ""]
+    lines = [f"# edgepipe report — {recipe.name} ({manifest.model.name})", ""]
     lines.append(f"PyTorch eager fp32 reference: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
                  + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
     lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with PyTorch on the held-out check images)'}.")
-    checks = manifest.get("checks")
+    checks = manifest.checks
     if checks:
         kind = "real images" if checks["images"] == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
         lines.append(f"Checks (parity, agreement) rest on {checks['check_images']} held-out {kind} from "
                      f"{checks['heldout_source']}, never on the {checks['calibration_images']} calibration images; "
-                     f"{(manifest.get('reference_set') or {}).get('count', 0)} of them travel with the artifacts for "
+                     f"{manifest.reference_set.count if manifest.reference_set else 0} of them travel with the artifacts for "
                      "`edgepipe verify` on the device.")
     lines += ["", "| variant | status | top-1 | Δ vs torch (pts) | agree w/ torch | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -28,6 +28,18 @@ class Search:
 VALIDATION_KINDS = ("labels", "fp32 agreement")
 
 
+@dataclass(frozen=True)
+class AccuracyControl:
+    """What steers int8 accuracy control: held-out ``items`` ((1, 3, H, W) array, target class index), never a
+    calibration image; ``max_drop`` in top-1 points; ``kind`` "labels" (targets are true labels: the metric is
+    top-1) or "fp32 agreement" (targets are the fp32 model's own top-1: the metric is agreement, 1.0 for fp32,
+    so ``max_drop`` bounds the share of flipped predictions); ``what``: a line for the report."""
+    items: list
+    max_drop: float
+    kind: str = "labels"
+    what: str = ""
+
+
 def check_validation(calibration, validation, kind: str) -> dict:
     """The info entries that say what accuracy control rests on; refuses a set that shares images with the
     calibration set (a check on the images a model was calibrated on proves nothing)."""

@@ -211,7 +211,7 @@ def _shape_str(dims: list) -> str:
 
 def load_onnx_source(cfg) -> OnnxSource:
     """The recipe's model section (``model.onnx`` set) as an OnnxSource, checked before any work."""
-    from edgepipe.runtime.manifest import sha256_file
+    from edgepipe.runtime.integrity import sha256_file
     path = Path(cfg.onnx)
     info = inspect_onnx(path)
     crop = (cfg.preprocess.crop if cfg.preprocess is not None else None) or cfg.input_size

@@ -10,6 +10,7 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.compile.mixed_precision import AccuracyControl
 
 
 def _save(model, xml_path: Path, compress_to_fp16: bool) -> list[Path]:
@@ -35,19 +36,15 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
 OVERFLOW_FIX = {"portable": "enable", "vnni": "disable"}
 
 
-def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray],
-                  validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                  fast_bias_correction: bool = False, mixed_precision: bool = True, *, isa: str = "portable",
-                  validation_kind: str = "labels") -> tuple[list[Path], dict]:
-    """NNCF PTQ, or, when ``validation`` items ((1, 3, H, W) array, target class index) and ``max_drop``
-    (top-1 points) are given and ``mixed_precision`` is on, NNCF's accuracy-controlled PTQ: it ranks the
-    quantized layers by their effect on the validation metric and reverts the most sensitive to float until
-    the drop is within ``max_drop``. The layers left in float are read back from the graph and reported.
+def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray], cfg, *,
+                  control: AccuracyControl | None = None) -> tuple[list[Path], dict]:
+    """NNCF PTQ, or, given ``control`` (see AccuracyControl) and ``cfg.mixed_precision``, NNCF's
+    accuracy-controlled PTQ: it ranks the quantized layers by their effect on the control metric and reverts
+    the most sensitive to float until the drop is within ``control.max_drop``. The layers left in float are
+    read back from the graph and reported.
 
-    ``validation_kind``: "labels" (targets are true labels: the metric is top-1) or "fp32 agreement"
-    (targets are the fp32 model's own top-1: the metric is agreement, 1.0 for fp32, so ``max_drop`` bounds
-    the share of flipped predictions). The items must be held out from ``calibration``.
-    ``isa``: "portable" (7-bit weights, right on every x86 ISA) or "vnni" (8-bit, VNNI/AMX/Arm targets only).
+    ``cfg``: the recipe's stages.quantize (isa "portable": 7-bit weights, right on every x86 ISA; "vnni":
+    8-bit, VNNI/AMX/Arm targets only; fast_bias_correction; mixed_precision).
     ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
     Returns the written files and a dict describing what was done.
     """
@@ -57,6 +54,7 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     from edgepipe.compile.mixed_precision import check_validation
+    isa, fast_bias_correction = cfg.isa, cfg.fast_bias_correction
     if isa not in OVERFLOW_FIX:
         raise UserError(f"stages.quantize.isa {isa!r}: choose {' or '.join(OVERFLOW_FIX)}")
     logging.getLogger("nncf").setLevel(logging.WARNING)
@@ -72,9 +70,9 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
             "preset": "performance", "activations_range_estimator": "minmax", "isa": isa,
             "overflow_fix": OVERFLOW_FIX[isa], "weight_bits": 7 if isa == "portable" else 8}
-    if validation and max_drop is not None and mixed_precision:
-        info.update(check_validation(calibration, validation, validation_kind))
-        val = nncf.Dataset(list(validation), lambda item: item[0])
+    if control is not None and cfg.mixed_precision:
+        info.update(check_validation(calibration, control.items, control.kind))
+        val = nncf.Dataset(list(control.items), lambda item: item[0])
 
         def validate(compiled, items) -> float:
             out = compiled.output(0)
@@ -82,10 +80,10 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
             return float(np.mean(hits))
 
         model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=validate,
-                                                    max_drop=max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
+                                                    max_drop=control.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
                                                     advanced_quantization_parameters=advanced, **common)
         info["method"] = "nncf.quantize_with_accuracy_control"
-        info["max_drop_points"] = max_drop
+        info["max_drop_points"] = control.max_drop
     else:
         model = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
     info["float_layers"] = float_layers(model)

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.compile.mixed_precision import AccuracyControl
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # Activation range calibration (onnxruntime.quantization.CalibrationMethod name; Percentile also takes
@@ -194,17 +195,15 @@ def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.n
     return np.concatenate([sess.run(None, {name: arrays[i:i + step]})[0] for i in range(0, len(arrays), step)])
 
 
-def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg,
-                 validation: Sequence[tuple[np.ndarray, int]] | None = None, max_drop: float | None = None,
-                 ranking_images: int = 64, calibrate_method: str = CALIBRATE_METHOD, *, mode: str | None = None,
-                 validation_kind: str = "labels") -> dict:
+def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg, *,
+                 control: AccuracyControl | None = None, mode: str | None = None, ranking_images: int = 64,
+                 calibrate_method: str = CALIBRATE_METHOD) -> dict:
     """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
 
-    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. With ``validation`` items ((1, 3, H, W)
-    array, target class index), held out from ``calibration``, and ``max_drop`` (top-1 points) and
-    ``cfg.mixed_precision``, layers are kept in float, most sensitive first, until the drop against the fp32
-    ONNX is within ``max_drop``. ``validation_kind``: "labels" (true labels) or "fp32 agreement" (targets are
-    the fp32 model's own top-1). ``mode`` overrides ``cfg.qdq_mode`` (e.g. "s8s8" for a TensorRT source).
+    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. ``cfg``: the recipe's stages.quantize. Given
+    ``control`` (see AccuracyControl) and ``cfg.mixed_precision``, layers are kept in float, most sensitive
+    first, until the drop against the fp32 ONNX is within ``control.max_drop``. ``mode`` overrides
+    ``cfg.qdq_mode`` (e.g. "s8s8" for a TensorRT source).
     """
     from edgepipe.compile.mixed_precision import check_validation, search_float_layers
     from edgepipe.compile.qdq_check import check_qdq
@@ -223,13 +222,13 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
         info["quant_pre_process"] = q.preprocessed
         full = q.quantize(Path(tmp) / "int8.onnx")
         chosen = full
-        if validation and max_drop is not None and cfg.mixed_precision:
-            info.update(check_validation(calibration, validation, validation_kind))
-            x = np.concatenate([a for a, _ in validation]).astype(np.float32)
-            y = np.array([t for _, t in validation])
+        if control is not None and cfg.mixed_precision:
+            info.update(check_validation(calibration, control.items, control.kind))
+            x = np.concatenate([a for a, _ in control.items]).astype(np.float32)
+            y = np.array([t for _, t in control.items])
             bypass = FloatBypass(full, q.src)
             search = search_float_layers(
-                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=max_drop, labels=y, ranking_images=ranking_images,
+                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=control.max_drop, labels=y, ranking_images=ranking_images,
                 reference=run_logits(q.src, x), evaluate=lambda float_layers: run_logits(bypass.model_bytes(float_layers), x))
             info["mixed_precision"] = search.report
             info["float_layers"] = search.float_layers

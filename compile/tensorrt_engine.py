@@ -22,12 +22,14 @@ import importlib.util
 from pathlib import Path
 
 from edgepipe import UserError
-from edgepipe.atomic import write_bytes, write_json
-from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, layer_precisions, parse_batch,
-                                            profile_shapes, source_files, timing_cache_name, typing_mode, up_to_date)
-from edgepipe.runtime.backends.base import INSTALL_HINT
+from edgepipe.atomic import write_bytes
+from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, entry_record, layer_precisions,
+                                            parse_batch, profile_shapes, source_files, timing_cache_name, typing_mode,
+                                            up_to_date)
+from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import MANIFEST_NAME, file_entry, load_manifest
+from edgepipe.runtime.integrity import FileEntry
+from edgepipe.runtime.manifest import Manifest, Variant
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
 WEAK_TYPING_ONLY = ("set_precision_flags",)
@@ -35,7 +37,7 @@ WEAK_TYPING_ONLY = ("set_precision_flags",)
 
 def import_tensorrt():
     if importlib.util.find_spec("tensorrt") is None:
-        raise BackendUnavailable(f"TensorRT is not installed: {INSTALL_HINT['tensorrt']}")
+        raise BackendUnavailable(f"TensorRT is not installed: {BACKENDS['tensorrt'].install_hint}")
     import tensorrt as trt
     check_version(trt.__version__)
     return trt
@@ -115,14 +117,14 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source.path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT cannot parse {source.entry['path']}: {errors[:400]}")
+        raise UserError(f"TensorRT cannot parse {source.entry.path}: {errors[:400]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector's per-layer precisions
     if not strong:
         set_precision_flags(trt, config, precision)
     inp = network.get_input(0)
-    shapes = profile_shapes(tuple(inp.shape), batch, source.entry["path"])
+    shapes = profile_shapes(tuple(inp.shape), batch, source.entry.path)
     if shapes is not None:
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, *shapes)
@@ -130,7 +132,7 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     cache_state = load_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise UserError(f"TensorRT failed to build the {precision} engine from {source.entry['path']} (see the messages above); "
+        raise UserError(f"TensorRT failed to build the {precision} engine from {source.entry.path} (see the messages above); "
                         f"try a larger --workspace")
     write_bytes(engine_path, bytes(serialized))
     cache_state = save_timing_cache(config, cache_path, cache_state)
@@ -142,52 +144,51 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
 
 def main(args) -> int:
     root = Path(args.dir)
-    manifest = load_manifest(root)
+    manifest = Manifest.load(root)
     precision = args.precision
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
         raise UserError(f"--workspace {args.workspace}: give the builder workspace in MB, e.g. 1024")
     name = getattr(args, "variant", None) or f"tensorrt-{precision}"
     if name != f"tensorrt-{precision}":
-        v = manifest["variants"].get(name)
-        if not v or v.get("backend") != "tensorrt":
-            tensorrt = [n for n, x in manifest["variants"].items() if x.get("backend") == "tensorrt"]
+        v = manifest.variants.get(name)
+        if not v or v.backend != "tensorrt":
+            tensorrt = list(manifest.of_backend("tensorrt"))
             raise UserError(f"--variant {name}: not a TensorRT variant of {root}; TensorRT variants: {', '.join(tensorrt) or 'none'}")
-        if v.get("precision") != precision:
-            raise UserError(f"--variant {name} is {v.get('precision')}; pass --precision {v.get('precision')}")
+        if v.precision != precision:
+            raise UserError(f"--variant {name} is {v.precision}; pass --precision {v.precision}")
     trt, gpu = device_check()
     typing = typing_mode(check_version(trt.__version__), getattr(args, "typing", "auto"))
     source = choose_source(manifest, root, precision, typing, name)
     from edgepipe.runtime.backends.trt import engine_mismatch
-    existing = manifest["variants"].get(name, {})
+    existing = manifest.variants.get(name)
     engine_path = root / name / "model.engine"
-    if not args.rebuild and up_to_date(existing, engine_path, engine_mismatch(existing.get("tensorrt"), trt.__version__, gpu),
+    if not args.rebuild and up_to_date(existing, engine_path, engine_mismatch(existing and existing.tensorrt, trt.__version__, gpu),
                                        source, batch, typing):
         print(f"{name}: engine is up to date ({engine_path}); --rebuild forces a new build")
         return 0
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"])
-    print(f"building {name} ({typing}ly typed) from {source.entry['path']} (TensorRT {trt.__version__}, {gpu['gpu']}, "
+    print(f"building {name} ({typing}ly typed) from {source.entry.path} (TensorRT {trt.__version__}, {gpu['gpu']}, "
           f"batch {batch})", flush=True)
     built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
-    manifest = load_manifest(root)  # re-read: keep everything else as it is now
-    record = manifest["variants"].get(name, {})  # the pending-build record, or the engine built before
+    manifest = Manifest.load(root)  # re-read: keep everything else as it is now
+    record = manifest.variants.get(name)  # the pending-build record, or the engine built before
     sources = source_files(record)
-    sources.setdefault(typing, source.entry)
-    compile_info = dict(record.get("compile") or {}, source_variant=source.variant)
-    kept = {k: record[k] for k in ("reference_logits", "model_hash", "macs", "versions") if k in record}
-    manifest["variants"][name] = {
-        **kept, "backend": "tensorrt", "precision": precision, "format": "engine",
-        "files": [file_entry(root, engine_path)], "input_shape": built["input_shape"], "status": "ok",
-        "source_onnx_sha256": source.entry["sha256"], "compile": compile_info,
-        "tensorrt": {"version": trt.__version__, **gpu, "precision": precision, "typing": typing,
-                     "source_onnx": source.entry["path"], "source_onnx_sha256": source.entry["sha256"], "source_files": sources,
-                     "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
-                     "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,
-                     "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]},
-    }
-    manifest.setdefault("defaults", {})["tensorrt"] = name
-    write_json(root / MANIFEST_NAME, manifest)
+    sources.setdefault(typing, entry_record(source.entry))
+    old = record or Variant("tensorrt", precision, "engine", [], [])  # what is kept: origin, model, reference logits
+    manifest.variants[name] = Variant(
+        backend="tensorrt", precision=precision, format="engine", files=[FileEntry.of(root, engine_path)],
+        input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
+        compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
+        versions=old.versions, reference_logits=old.reference_logits, source_onnx_sha256=source.entry.sha256,
+        tensorrt={"version": trt.__version__, **gpu, "precision": precision, "typing": typing,
+                  "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
+                  "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
+                  "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,
+                  "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]})
+    manifest.defaults["tensorrt"] = name
+    manifest.dump(root)
     by = built["layers"].get("by_precision") or {}
     print(f"{name}: wrote {engine_path} and its manifest entry; layers by precision: "
           + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "not reported"), flush=True)

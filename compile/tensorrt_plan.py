@@ -11,6 +11,7 @@ Typing modes (NVIDIA's "strongly typed networks"):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import verify_files
+from edgepipe.runtime.integrity import FileEntry, verify_files
+from edgepipe.runtime.manifest import Manifest, Variant
 
 MIN_VERSION = (10, 3)        # JetPack 6.1 / 6.2
 NEWEST_MAJOR = 11            # newest release line checked against compile/tensorrt_api.json
@@ -26,8 +28,11 @@ STRONG_PREFERRED = (10, 12)  # weak typing deprecated from here
 WEAK_REMOVED = (11, 0)       # BuilderFlag.FP16 / INT8 gone
 TYPINGS = ("auto", "weak", "strong")
 PRECISIONS = ("fp16", "int8")
-# the ONNX Runtime variant an engine may be built from when the tensorrt target's own source is missing
-FALLBACK_VARIANT = {"int8": "onnxruntime-int8", "fp16": "onnxruntime-fp32"}
+# the ONNX Runtime variant (backend, precision) an engine may be built from when the tensorrt target's own
+# source is missing: one made from the same model, post-training quantized for int8
+FALLBACK_VARIANT = {"int8": ("onnxruntime", "int8"), "fp16": ("onnxruntime", "fp32")}
+# the fp32 ONNX `edgepipe run` exports of each model (keys of Manifest.export)
+EXPORTED_ONNX = {"base": "model.onnx", "pruned": "pruned-model.onnx"}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -97,21 +102,24 @@ def timing_cache_name(version: str, compute_capability: str) -> str:
 class Source:
     variant: str         # the variant whose record lists the ONNX (or "export" for the exported fp32 ONNX)
     path: Path
-    entry: dict          # the file's manifest entry {path, sha256, bytes}
+    entry: FileEntry     # the file's manifest entry
     typing: str
     qdq_check: dict | None
 
 
-def _entries_by_typing(record: dict) -> dict[str, dict]:
+def _entries_by_typing(record: Variant | None) -> dict[str, FileEntry]:
     """{typing: file entry} a tensorrt record offers: an engine's sidecar, or a pending-build record's ONNX."""
-    found = dict((record.get("tensorrt") or {}).get("source_files") or {})
-    onnx = [f for f in record.get("files", []) if f.get("path", "").endswith(".onnx")]
-    sources = (record.get("compile") or {}).get("sources") or {}
+    if record is None:
+        return {}
+    found = {typing: FileEntry(e["path"], e["sha256"], e.get("bytes"))
+             for typing, e in ((record.tensorrt or {}).get("source_files") or {}).items()}
+    onnx = [f for f in record.files if f.path.endswith(".onnx")]
+    sources = (record.compile or {}).get("sources") or {}
     for typing, rel in sources.items():
-        entry = next((f for f in onnx if f["path"] == rel), None)
+        entry = next((f for f in onnx if f.path == rel), None)
         if entry:
             found.setdefault(typing, entry)
-    if onnx and not sources and record.get("precision") == "int8":  # records written before the typing split
+    if onnx and not sources and record.precision == "int8":  # records written before the typing split
         found.setdefault("weak", onnx[0])
         found.setdefault("strong", onnx[0])
     elif onnx and not sources:
@@ -119,39 +127,48 @@ def _entries_by_typing(record: dict) -> dict[str, dict]:
     return found
 
 
-def _qdq_verdict(manifest: dict, entry: dict, record: dict) -> dict | None:
+def _qdq_verdict(manifest: Manifest, entry: FileEntry, record: Variant | None) -> dict | None:
     """The QDQ check stored with this file: in its own record, or in any variant that lists the same file."""
-    own = (record.get("compile") or {}).get("tensorrt_qdq_check") or (record.get("tensorrt") or {}).get("qdq_check")
-    if own:
-        return own
-    for v in manifest["variants"].values():
-        if any(f.get("sha256") == entry["sha256"] for f in v.get("files", [])):
-            check = (v.get("compile") or {}).get("tensorrt_qdq_check")
+    if record is not None:
+        own = (record.compile or {}).get("tensorrt_qdq_check") or (record.tensorrt or {}).get("qdq_check")
+        if own:
+            return own
+    for v in manifest.variants.values():
+        if any(f.sha256 == entry.sha256 for f in v.files):
+            check = (v.compile or {}).get("tensorrt_qdq_check")
             if check:
                 return check
     return None
 
 
-def choose_source(manifest: dict, root: Path, precision: str, typing: str, name: str | None = None) -> Source:
+def _fallback_variant(manifest: Manifest, made_from: str, precision: str) -> str | None:
+    """The ONNX Runtime variant of the same model an engine of ``precision`` may be built from (PTQ for int8)."""
+    backend, wanted = FALLBACK_VARIANT[precision]
+    return next((n for n, v in manifest.variants.items() if v.backend == backend and v.precision == wanted
+                 and v.made_from == made_from and v.quantization != "qat"), None)
+
+
+def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, name: str | None = None) -> Source:
     """The ONNX to build ``name`` (default tensorrt-<precision>) from, hash-checked; for int8 only a QDQ ONNX
     whose TensorRT check passed. Looks in the variant itself (pending-build record or an engine's sidecar),
-    then in the ONNX Runtime variant, then (fp16, weak typing) in the exported fp32 ONNX."""
+    then in the ONNX Runtime variant of the same model, then (fp16, weak typing) in the exported fp32 ONNX."""
     name = name or f"tensorrt-{precision}"
-    prefix = name[:name.index("tensorrt-")] if "tensorrt-" in name else ""  # "pruned-" variants have their own ONNX
-    record = manifest["variants"].get(name) or {}
-    candidates: list[tuple[str, dict, dict]] = []
+    record = manifest.variants.get(name)
+    made_from = record.made_from if record else "base"  # a pruned model's variants have their own ONNX
+    candidates: list[tuple[str, FileEntry, Variant | None]] = []
     entry = _entries_by_typing(record).get(typing)
     if entry:
         candidates.append((name, entry, record))
-    fallback = manifest["variants"].get(prefix + FALLBACK_VARIANT[precision])
+    fallback = _fallback_variant(manifest, made_from, precision)
     usable_fallback = precision == "int8" or typing == "weak"  # an fp32 ONNX is no strongly typed fp16 source
-    if fallback and usable_fallback and name == f"{prefix}tensorrt-{precision}":  # not for -qat variants
-        onnx = [f for f in fallback.get("files", []) if f["path"].endswith(".onnx")]
+    if fallback and usable_fallback and (record is None or record.quantization != "qat"):  # a QAT engine needs its own QDQ
+        onnx = [f for f in manifest.variants[fallback].files if f.path.endswith(".onnx")]
         if onnx:
-            candidates.append((prefix + FALLBACK_VARIANT[precision], onnx[0], fallback))
-    export = (manifest.get("export") or {}).get(f"{prefix}model.onnx")
+            candidates.append((fallback, onnx[0], manifest.variants[fallback]))
+    exported = EXPORTED_ONNX[made_from]
+    export = manifest.export.get(exported)
     if precision == "fp16" and typing == "weak" and export and export.get("sha256"):
-        candidates.append(("export", {"path": f"{prefix}model.onnx", "sha256": export["sha256"]}, {}))
+        candidates.append(("export", FileEntry(exported, export["sha256"]), None))
     if not candidates:
         if precision == "fp16" and typing == "strong":
             raise UserError(f"{root}: no fp16 ONNX for a strongly typed fp16 engine; add a target {{backend: tensorrt, precision: fp16}} "
@@ -159,26 +176,33 @@ def choose_source(manifest: dict, root: Path, precision: str, typing: str, name:
         raise UserError(f"{root}: no ONNX to build a {precision} engine from; add a target {{backend: tensorrt, precision: {precision}}} "
                         f"to the recipe and re-run `edgepipe run`")
     variant, entry, rec = candidates[0]
-    path = verify_files(root, {"files": [entry]}, variant)[0]
+    path = verify_files(root, [entry], variant)[0]
     check = None
     if precision == "int8":
         check = _qdq_verdict(manifest, entry, rec)
         if not check or not check.get("ok"):
             why = "; ".join((check or {}).get("errors", [])[:2]) or "no TensorRT QDQ check is recorded for it"
-            raise UserError(f"{entry['path']} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
+            raise UserError(f"{entry.path} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
                             f"{{backend: tensorrt, precision: int8}} and re-run `edgepipe run` (it ships an s8s8 QDQ ONNX)")
     return Source(variant, path, entry, typing, check)
 
 
-def source_files(record: dict) -> dict[str, dict]:
+def source_files(record: Variant | None) -> dict[str, dict]:
     """The {typing: file entry} to keep in an engine's sidecar, so --rebuild (either typing) finds its ONNX."""
-    return _entries_by_typing(record)
+    return {typing: entry_record(e) for typing, e in _entries_by_typing(record).items()}
 
 
-def up_to_date(existing: dict, engine_path: Path, mismatch: str | None, source: Source, batch, typing: str) -> bool:
-    side = existing.get("tensorrt") or {}
-    return (existing.get("format") == "engine" and existing.get("status") == "ok" and engine_path.is_file() and mismatch is None
-            and side.get("source_onnx_sha256") == source.entry["sha256"] and side.get("batch") == list(batch)
+def entry_record(entry: FileEntry) -> dict:
+    """A file entry as the sidecar stores it (plain JSON: the sidecar is a free-form dict of the variant)."""
+    return {k: v for k, v in dataclasses.asdict(entry).items() if v is not None}
+
+
+def up_to_date(existing: Variant | None, engine_path: Path, mismatch: str | None, source: Source, batch, typing: str) -> bool:
+    if existing is None:
+        return False
+    side = existing.tensorrt or {}
+    return (existing.format == "engine" and existing.status == "ok" and engine_path.is_file() and mismatch is None
+            and side.get("source_onnx_sha256") == source.entry.sha256 and side.get("batch") == list(batch)
             and side.get("typing", "weak") == typing)
 
 

@@ -16,17 +16,18 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.compile.mixed_precision import AccuracyControl
 
 FP16_MAX = 65504.0
 FP16_HEADROOM = 0.25  # a tensor may reach a quarter of fp16's range on calibration data; above, its layers stay fp32
 
 
-def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], quantize_cfg, validation=None,
-                max_drop: float | None = None) -> dict:
+def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], quantize_cfg, *,
+                control: AccuracyControl | None = None) -> dict:
     """The s8s8 QDQ ONNX for a TensorRT int8 engine; refuses (one line) a file the TensorRT check rejects."""
     from edgepipe.compile.qdq import quantize_qdq
     cfg = quantize_cfg.model_copy(update={"activation_symmetric": True})  # zero points 0, whatever the recipe says
-    info = quantize_qdq(onnx_path, dst, calibration, cfg, validation=validation, max_drop=max_drop, mode="s8s8")
+    info = quantize_qdq(onnx_path, dst, calibration, cfg, control=control, mode="s8s8")
     info["mode_reason"] = "TensorRT's explicit-quantization form (forced for a tensorrt int8 target, whatever the CPU)"
     check = info["tensorrt_qdq_check"]
     if not check["ok"]:

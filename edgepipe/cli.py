@@ -82,6 +82,12 @@ def backend_choices() -> list[str]:
     return ["auto", *BACKENDS]
 
 
+def tensorrt_precisions() -> list[str]:
+    """build-engine's choices: the precisions of the registered TensorRT compile targets."""
+    from edgepipe.compile import targets
+    return targets.precisions("tensorrt")
+
+
 def cmd_info(args) -> int:
     from edgepipe.info import describe, folder_info
     info = folder_info(args.dir)
@@ -151,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("build-engine", help="build a TensorRT engine on the Jetson / GPU host from the artifact's ONNX")
     t.add_argument("dir", help="artifact folder copied from the build host")
-    t.add_argument("--precision", choices=["fp16", "int8"], default="fp16",
+    t.add_argument("--precision", choices=tensorrt_precisions(), default="fp16",
                    help="fp16 from the fp16 ONNX (strong typing) or the fp32 ONNX (weak typing); int8 from the s8s8 QDQ ONNX "
                         "(explicit quantization, no calibrator)")
     t.add_argument("--typing", choices=["auto", "weak", "strong"], default="auto",

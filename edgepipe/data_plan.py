@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe import UserError
-from edgepipe.runtime.manifest import sha256_file
+from edgepipe.datasets import ResolvedData, resolve_data
+from edgepipe.runtime.integrity import sha256_file
 
 HOLD_OUT_EVERY = 5          # a calibration folder without data.evaluation: every 5th image is held out
 MIN_FOLDER_FOR_SPLIT = 10   # fewer images than this cannot spare any: held-out crops are generated instead
@@ -41,24 +42,28 @@ def _generated(out: Path, count: int, seed: int, folder: str) -> list[Path]:
     return sorted(generate_calibration_images(out / folder, count=count, seed=seed).glob("calib_*.jpg"))
 
 
-def calibration_source_images(recipe, out: Path) -> list[Path]:
+def calibration_source_images(recipe, out: Path, source: str) -> list[Path]:
+    """The images of ``source`` (data.calibration.source as a path, or "generated")."""
     from edgepipe.runtime.data import list_images
     cfg = recipe.data.calibration
-    paths = _generated(out, cfg.count, 0, "calibration") if cfg.source == "generated" else list_images(cfg.source)
+    paths = _generated(out, cfg.count, 0, "calibration") if source == "generated" else list_images(source)
     if not paths:
         raise UserError(f"data.calibration.source {cfg.source}: no images found; the int8 targets need calibration images")
     return paths
 
 
-def plan_data(recipe, out: Path, labels: list[str], eval_items: list | None) -> DataPlan:
+def plan_data(recipe, out: Path, labels: list[str], eval_items: list | None,
+              data: ResolvedData | None = None) -> DataPlan:
     """Split the recipe's data into calibration / check / control sets (see the module docstring).
-    ``eval_items``: data.evaluation as (path, class index or -1) pairs, already read."""
+    ``eval_items``: data.evaluation as (path, class index or -1) pairs, already read; ``data``: the recipe's
+    data as image files (default: :func:`edgepipe.datasets.resolve_data`, which writes referenced datasets)."""
     cfg = recipe.data
-    paths = calibration_source_images(recipe, out)
+    data = data or resolve_data(recipe, out)
+    paths = calibration_source_images(recipe, out, data.calibration_source)
     if eval_items:
         heldout = [(Path(p), t) for p, t in eval_items]
         source, kind = f"data.evaluation {cfg.evaluation}", "real"
-    elif cfg.calibration.source != "generated" and len(paths) >= MIN_FOLDER_FOR_SPLIT:
+    elif data.calibration_source != "generated" and len(paths) >= MIN_FOLDER_FOR_SPLIT:
         heldout = [(Path(p), -1) for p in paths[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY]]
         paths = [p for i, p in enumerate(paths) if (i + 1) % HOLD_OUT_EVERY]
         source, kind = f"every {HOLD_OUT_EVERY}th image of data.calibration.source", "real"

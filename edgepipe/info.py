@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, is_installed
-from edgepipe.runtime.manifest import load_manifest
+from edgepipe.runtime.manifest import Manifest
 
 
 def device_records(model_dir: Path) -> list:
@@ -26,7 +26,7 @@ def device_records(model_dir: Path) -> list:
     return list(records or [])
 
 
-def what_auto_serves(model_dir: Path, manifest: dict) -> dict:
+def what_auto_serves(model_dir: Path, manifest: Manifest) -> dict:
     """{variant, backend, reason}: what `--backend auto` without --variant would load on this machine."""
     try:
         try:
@@ -43,22 +43,18 @@ def what_auto_serves(model_dir: Path, manifest: dict) -> dict:
 
 def folder_info(model_dir) -> dict:
     model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
+    manifest = Manifest.load(model_dir)
     variants = []
-    for name, v in manifest["variants"].items():
-        latency = v.get("latency_ms") or {}
+    for name, v in manifest.variants.items():
         variants.append({
-            "name": name, "backend": v["backend"], "precision": v["precision"], "format": v["format"],
-            "status": v.get("status", "ok"),
-            "size_mb": round(sum(f.get("bytes", 0) for f in v.get("files", [])) / 1e6, 2),
-            "p90_ms": latency.get("p90"), "top1": (v.get("accuracy") or {}).get("top1"),
-            "agreement_with_torch": v.get("agreement_with_torch"),
+            "name": name, "backend": v.backend, "precision": v.precision, "format": v.format, "status": v.status,
+            "size_mb": round(sum(f.bytes or 0 for f in v.files) / 1e6, 2),
+            "p90_ms": v.p90_ms, "top1": v.top1, "agreement_with_torch": v.agreement_with_torch,
         })
     auto = what_auto_serves(model_dir, manifest)
-    m = manifest["model"]
-    return {"dir": str(model_dir), "model": m.get("name"), "classes": len(manifest["labels"]),
-            "input_shape": (manifest["variants"][variants[0]["name"]]["input_shape"] if variants else None),
-            "defaults": manifest.get("defaults") or {}, "variants": variants,
+    return {"dir": str(model_dir), "model": manifest.model.name, "classes": len(manifest.labels),
+            "input_shape": (manifest.variants[variants[0]["name"]].input_shape if variants else None),
+            "defaults": dict(manifest.defaults), "variants": variants,
             "installed_backends": [b for b in AUTO_ORDER if b in BACKENDS and is_installed(b)],
             "auto": auto, "device_records": device_records(model_dir)}
 

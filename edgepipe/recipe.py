@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import re
 import typing
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_
 from pydantic_core import PydanticCustomError
 
 from edgepipe import UserError
+from edgepipe.benchmarks.budgets import Budget
+from edgepipe.datasets import parse_reference
 
 
 class RecipeError(UserError):
@@ -73,7 +76,7 @@ class DataConfig(Section):
     heldout: int = 400                 # generated held-out crops (checks + accuracy control) when no real ones are given
     reference_images: int = 64         # of the checked images, how many travel with the artifacts for `edgepipe verify`
     on_bad_image: Literal["skip", "stop"] = "skip"   # unreadable images: skip and list them, or stop before work
-    # training data (stages.train): "fashion-mnist", an ImageFolder tree or a CSV
+    # training data (stages.train): a dataset name (edgepipe/datasets.py), an ImageFolder tree or a CSV
     train: Optional[str] = None
     val_split: float = 0.1
 
@@ -165,10 +168,39 @@ OV_DEVICE = re.compile(rf"{OV_HARDWARE}|AUTO(?::{OV_HARDWARE}(?:,{OV_HARDWARE})*
 
 
 class Target(Section):
-    backend: Literal["openvino", "onnxruntime", "tensorrt"]
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    """One variant to compile: a (backend, precision) registered in compile/targets (compile.targets.TARGETS)."""
+    backend: str
+    precision: str = "fp32"
     pruned: Optional[bool] = None      # None: build for every model the stages produce
     device: Optional[str] = None       # OpenVINO only: CPU, GPU, GPU.1, NPU, AUTO[:A,B], HETERO:A,B (where it runs)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v):
+        from edgepipe.compile import targets
+        if v not in targets.backends():
+            close = difflib.get_close_matches(v, targets.backends(), n=1)
+            raise PydanticCustomError("target_backend", "Input should be one of {known}{hint}",
+                                      {"known": ", ".join(targets.backends()), "hint": f" (did you mean {close[0]}?)" if close else ""})
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v):
+        from edgepipe.compile import targets
+        known = sorted({t.precision for t in targets.TARGETS.values()})
+        if v not in known:
+            raise PydanticCustomError("target_precision", "Input should be one of {known}", {"known": ", ".join(known)})
+        return v
+
+    @model_validator(mode="after")
+    def _registered(self):
+        from edgepipe.compile import targets
+        try:
+            targets.get(self.backend, self.precision)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("device")
     @classmethod
@@ -180,7 +212,8 @@ class Target(Section):
 
     @model_validator(mode="after")
     def _device_backend(self):
-        if self.device is not None and self.backend != "openvino":
+        from edgepipe.compile import targets
+        if self.device is not None and not targets.get(self.backend, self.precision).devices:
             raise ValueError(f"device: {self.device} is for OpenVINO targets; {self.backend} chooses its device itself")
         return self
 
@@ -189,24 +222,6 @@ class BenchConfig(Section):
     warmup: int = 10
     iterations: int = 100
     threads: Optional[int] = None
-
-
-class RatioBudget(Section):
-    of: str                                        # torch_eager | roofline | <variant> | <variant>@<backend>
-    ratio: float
-
-
-class Budget(Section):
-    variants: str = "*"                            # glob over variant names
-    backends: str = "*"                            # glob over the backend a variant runs on (bench)
-    top1_min: Optional[float] = None
-    top5_min: Optional[float] = None
-    top1_drop_max: Optional[float] = None          # points against the fp32 variant
-    per_class_drop_max: Optional[float] = None     # points, worst class
-    p90_ms_max: Optional[float] = None
-    p90_ratio_max: Optional[RatioBudget] = None    # {of: torch_eager | roofline | <variant>, ratio: 0.5}
-    throughput_fps_min: Optional[float] = None
-    agreement_min: Optional[float] = None          # top-1 agreement with the fp32 variant
 
 
 class Recipe(Section):
@@ -218,7 +233,7 @@ class Recipe(Section):
     export: ExportConfig = ExportConfig()
     targets: list[Target] = [Target(backend="onnxruntime"), Target(backend="openvino")]
     bench: BenchConfig = BenchConfig()
-    budgets: list[Budget] = []
+    budgets: list[Budget] = []     # the dataclasses of benchmarks/budgets.py: one schema for recipes and bench
     profiles: dict[str, dict] = {}
 
     @field_validator("targets")
@@ -232,8 +247,8 @@ class Recipe(Section):
 # ---------------------------------------------------------------- loading
 
 def _section_type(annotation) -> type | None:
-    """The Section class inside an annotation (Section, Optional[Section], list[Section])."""
-    if isinstance(annotation, type) and issubclass(annotation, Section):
+    """The Section (or dataclass) inside an annotation (Section, Optional[Section], list[Section])."""
+    if isinstance(annotation, type) and (issubclass(annotation, Section) or dataclasses.is_dataclass(annotation)):
         return annotation
     for arg in typing.get_args(annotation):
         found = _section_type(arg)
@@ -242,20 +257,27 @@ def _section_type(annotation) -> type | None:
     return None
 
 
-def _check_keys(data: Any, cls: type[Section], where: str) -> None:
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> annotation of a Section or of a dataclass (the budgets, shared with the device install)."""
+    if dataclasses.is_dataclass(cls):
+        return typing.get_type_hints(cls)
+    return {name: f.annotation for name, f in cls.model_fields.items()}
+
+
+def _check_keys(data: Any, cls: type, where: str) -> None:
     if isinstance(data, list):
         for i, item in enumerate(data):
             _check_keys(item, cls, f"{where}[{i}]")
         return
     if not isinstance(data, dict):
         return
-    fields = cls.model_fields
+    fields = _fields(cls)
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(fields)}"
             raise RecipeError(f"unknown key '{where + '.' if where else ''}{key}'{hint}")
-        sub = _section_type(fields[key].annotation)
+        sub = _section_type(fields[key])
         if sub is not None:
             _check_keys(value, sub, f"{where + '.' if where else ''}{key}")
 
@@ -405,25 +427,33 @@ def _profile_hint(profile: str, own: list[str]) -> str:
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
     """Relative paths are relative to the recipe's folder; every given file must exist now."""
-    def resolve(value: str | None, what: str, special=()) -> str | None:
-        if value is None or value in special or value == "fashion-mnist":
-            return value
-        if value.startswith("fashion-mnist:"):
-            if not re.fullmatch(r"fashion-mnist:(train|test)(:[1-9][0-9]*)?", value):
-                raise RecipeError(f"{what}: {value!r}: write fashion-mnist:test or fashion-mnist:train, optionally :COUNT")
-            return value
+    def path(value: str) -> Path:
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = (base / p) if (base / p).exists() or not Path(value).exists() else Path(value)
-        if not p.exists():
+        return p
+
+    def resolve(value: str | None, what: str, special=()) -> str | None:
+        if value is None or value in special:
+            return value
+        if not path(value).exists():
             raise RecipeError(f"{what}: {value} does not exist")
-        return str(p.resolve())
+        return str(path(value).resolve())
+
+    def resolve_data(value: str | None, what: str, special=(), split_required: bool = True) -> str | None:
+        """A path, or a dataset reference ("NAME:SPLIT[:COUNT]", see edgepipe/datasets.py) kept as written."""
+        try:
+            if value and parse_reference(value, what, split_required=split_required, path_exists=path(value).exists()):
+                return value
+        except UserError as exc:
+            raise RecipeError(str(exc)) from None
+        return resolve(value, what, special)
 
     for key in ("checkpoint", "onnx", "weights", "labels"):
         setattr(recipe.model, key, resolve(getattr(recipe.model, key), f"model.{key}"))
-    recipe.data.calibration.source = resolve(recipe.data.calibration.source, "data.calibration.source", ("generated",))
-    recipe.data.evaluation = resolve(recipe.data.evaluation, "data.evaluation")
-    recipe.data.train = resolve(recipe.data.train, "data.train", ("fashion-mnist",))
+    recipe.data.calibration.source = resolve_data(recipe.data.calibration.source, "data.calibration.source", ("generated",))
+    recipe.data.evaluation = resolve_data(recipe.data.evaluation, "data.evaluation")
+    recipe.data.train = resolve_data(recipe.data.train, "data.train", split_required=False)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -6,6 +6,7 @@ written atomically after the outputs, so an interrupted run never leaves a step 
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -18,7 +19,7 @@ from typing import Callable
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
-from edgepipe.runtime.manifest import file_entry, sha256_file
+from edgepipe.runtime.integrity import FileEntry, sha256_file
 
 TOOLS = ("edgepipe", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "torch-pruning",
          "onnxslim", "opencv-python-headless", "numpy")
@@ -56,6 +57,25 @@ def relative_files(out: Path, files) -> list[str]:
 
 def hash_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create the output folder and prove it is writable, before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgepipe-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}; choose a writable --out") from None
+    return out
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Temporary files of a killed run (atomic writes not yet renamed); never taken as outputs, so drop them."""
+    for part in out.rglob(".*.part*"):
+        if part.is_file():
+            part.unlink()
 
 
 class OutputLock:
@@ -128,7 +148,7 @@ class StepCache:
             return cached
         self.log(f"  {name}: running")
         result = fn()
-        entries = [file_entry(self.out, Path(p)) for p in files(result)]
+        entries = [dataclasses.asdict(FileEntry.of(self.out, Path(p))) for p in files(result)]
         write_json(self._record(name), {"key": key, "files": entries, "result": result})
         self.ran.append(name)
         return result

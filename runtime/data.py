@@ -70,11 +70,28 @@ def _from_folder(root: Path, labels: list[str] | None) -> list[tuple[Path, int]]
 
 def load_items(path: str | Path, labels: list[str] | None) -> tuple[list[tuple[Path, int]], bool]:
     """(items, labeled): a labeled CSV / ImageFolder gives (path, class index); any other image set gives
-    (path, -1), to compare predictions with a reference instead of scoring accuracy."""
-    try:
+    (path, -1), to compare predictions with a reference instead of scoring accuracy. A folder is an ImageFolder
+    tree when any of its sub-folders is named by a label (or a class index): then every sub-folder must be, so a
+    misspelt class folder is an error, never a silently unlabeled set."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist; give a CSV (file,class_index), an ImageFolder tree or images")
+    if _is_labeled(path, labels):
         return load_labeled(path, labels), True
-    except UserError:
-        return [(p, -1) for p in list_images(path)], False
+    return [(p, -1) for p in list_images(path)], False
+
+
+def _is_labeled(path: Path, labels: list[str] | None) -> bool:
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            return False
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                return "class_index" in (csv.DictReader(fh).fieldnames or [])
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a UTF-8 CSV file") from None
+    names = {n.lower() for n in labels or []}
+    return any(d.is_dir() and (d.name.lower() in names or d.name.isdigit()) for d in path.iterdir())
 
 
 def list_images(path: str | Path) -> list[Path]:

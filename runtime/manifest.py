@@ -1,72 +1,216 @@
-"""manifest.json: one per artifact folder. It lists every file with its sha256, the preprocessing, the
-labels, and each variant (backend, precision, input shape, tool versions, measured accuracy).
+"""manifest.json, typed: one per artifact folder, written by `edgepipe run` and `edgepipe build-engine`, read by
+the runtime, bench and verify. Every reader and writer goes through these dataclasses.
 
-The runtime trusts nothing it has not checked: a file whose hash differs is refused before it is loaded,
-and paths may not leave the artifact folder.
+    m = Manifest.load("out/default")          # validated: a damaged or hand-edited file is one ManifestError
+    v = m.variants["openvino-int8"]           # Variant: backend, precision, files (FileEntry), status, measurements
+    m.dump("out/default")                     # atomic
+
+The manifest lists every file with its sha256 (runtime/integrity.py checks them before anything loads), the
+preprocessing, the labels, each variant (what it was made from, how it was compiled, what was measured) and the
+reference set that `edgepipe verify` reproduces on the device. Unknown fields are refused with a close match.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import difflib
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepipe.runtime.errors import IntegrityError, ManifestError
+from edgepipe.runtime.errors import ManifestError
+from edgepipe.runtime.integrity import FileEntry
+from edgepipe.runtime.preprocess import Preprocess
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-REQUIRED_TOP = ("format_version", "model", "preprocess", "labels", "variants")
-REQUIRED_PREPROCESS = ("resize", "crop", "mean", "std", "color")
-REQUIRED_VARIANT = ("backend", "precision", "format", "files", "input_shape")
+FORMAT_VERSION = 2          # 2: typed variants that say what they were made from (made_from, quantization)
+STATUSES = ("ok", "unverified", "failed", "pending-build")
+MADE_FROM = ("base", "pruned")          # which model's fp32 ONNX a variant was compiled from
+QUANTIZATION = ("ptq", "qat")           # how an int8 variant got its scales (None for float variants)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class Variant:
+    """One deployable variant: a backend x precision compiled from one model, and what was measured on it."""
+    backend: str
+    precision: str
+    format: str
+    files: list[FileEntry]
+    input_shape: list[int]                      # N, C, H, W; -1 for a dynamic batch
+    status: str = "ok"                          # see STATUSES; only "ok" variants are served
+    made_from: str = "base"                     # see MADE_FROM
+    quantization: str | None = None             # see QUANTIZATION
+    compile: dict = field(default_factory=dict)  # how it was compiled (quantizer settings, layers kept in float, ...)
+    macs: int | None = None
+    source_onnx_sha256: str | None = None
+    model_hash: str | None = None
+    versions: dict = field(default_factory=dict)
+    device: str | None = None                   # OpenVINO device the runtime uses unless told otherwise
+    tensorrt: dict | None = None                # engine build facts (`edgepipe build-engine`)
+    # measured by `edgepipe run` through the runtime
+    parity: dict | None = None
+    reference_check: dict | None = None         # parity on the reference set alone: what verify reproduces
+    reference_logits: str | None = None         # key into Manifest.reference_set.logits
+    backend_used: str | None = None
+    latency_ms: dict | None = None
+    size_mb: float | None = None
+    accuracy: dict | None = None
+    predictions: dict | None = None
+    agreement_with_torch: float | None = None
+    budget: str | None = None                   # the recipe budget it breaks (then it is never served)
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, data, where: str = "variant") -> "Variant":
+        return _variant(data, where)
+
+    @property
+    def servable(self) -> bool:
+        return self.status == "ok" and self.budget is None
+
+    @property
+    def top1(self) -> float | None:
+        return (self.accuracy or {}).get("top1")
+
+    @property
+    def p90_ms(self) -> float | None:
+        return (self.latency_ms or {}).get("p90")
 
 
-def file_entry(root: Path, path: Path) -> dict:
-    """The manifest record of one file: path relative to the artifact folder, sha256, size."""
-    return {"path": Path(path).relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+@dataclass
+class ModelInfo:
+    name: str
+    num_classes: int
+    source: dict = field(default_factory=dict)   # where the weights came from (package, file + sha256, ONNX, ...)
+    recipe: str | None = None
+    build: dict = field(default_factory=dict)    # how bench rebuilds the PyTorch reference: pretrained, checkpoint, weights
+    pruned: dict | None = None                   # MACs / latency / accuracy before and after pruning
 
 
-def safe_join(root: Path, rel: str, what: str = "manifest path") -> Path:
-    """``root/rel``, refusing absolute paths, ``..`` and symlinks that resolve outside ``root``."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or Path(rel).drive:
-        raise ManifestError(f"{what} {rel!r} is absolute or empty; artifact paths must be relative to {root}")
-    if "\0" in rel:
-        raise ManifestError(f"{what} {rel!r} contains a NUL character")
-    root_real = root.resolve()
-    full = (root / rel)
-    try:
-        real = full.resolve()
-    except (OSError, RuntimeError) as exc:  # symlink loops
-        raise ManifestError(f"{what} {rel!r} cannot be resolved ({exc}); refusing it") from None
-    if real != root_real and root_real not in real.parents:
-        raise ManifestError(f"{what} {rel!r} resolves outside the artifact folder {root} (to {real}); refusing it")
-    return full
+@dataclass
+class ReferenceSet:
+    """Held-out images (uint8 NHWC crops) and the fp32 logits each variant is compared with, for verify."""
+    inputs: FileEntry
+    logits: dict[str, FileEntry]
+    names: list[str]
+    images: str                                  # "real" or "generated": the tolerance depends on it
+    count: int
+    layout: str = "NHWC uint8, resized and cropped, model colour order"
 
 
-def load_manifest(model_dir: str | os.PathLike) -> dict:
-    """Read and validate ``model_dir/manifest.json`` (structure only; hashes are checked per variant)."""
-    root = Path(model_dir)
-    path = root / MANIFEST_NAME
-    if not root.is_dir():
-        raise ManifestError(f"model folder {root} does not exist; pass the --out folder of `edgepipe run`")
-    if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {root}; pass the --out folder of `edgepipe run`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); re-run `edgepipe run` to rewrite it") from None
-    except RecursionError:
-        raise ManifestError(f"{path} is nested too deeply to be a manifest; re-run `edgepipe run` to rewrite it") from None
-    validate_manifest(data, path)
-    return data
+@dataclass
+class Manifest:
+    model: ModelInfo
+    preprocess: Preprocess
+    labels: list[str]
+    variants: dict[str, Variant]
+    input: dict = field(default_factory=dict)
+    output: dict = field(default_factory=lambda: {"name": "logits", "kind": "logits"})
+    versions: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)   # fp32 ONNX file -> its parity against the reference model
+    reference_set: ReferenceSet | None = None
+    checks: dict | None = None                   # what the check / calibration / control images were
+    defaults: dict[str, str] = field(default_factory=dict)   # backend -> the variant served on it
+    default_variant: str | None = None
+    reference: dict | None = None                # PyTorch eager latency and accuracy on the build host
+    format_version: int = FORMAT_VERSION
+
+    # ---------------------------------------------------------------- read / write
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "Manifest":
+        """Read and validate ``model_dir/manifest.json`` (structure only; hashes are checked per variant)."""
+        root = Path(model_dir)
+        path = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise ManifestError(f"model folder {root} does not exist; pass the --out folder of `edgepipe run`")
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST_NAME} in {root}; pass the --out folder of `edgepipe run`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path} is not valid JSON ({exc}); re-run `edgepipe run` to rewrite it") from None
+        except RecursionError:
+            raise ManifestError(f"{path} is nested too deeply to be a manifest; re-run `edgepipe run` to rewrite it") from None
+        return cls.from_dict(data, str(path))
+
+    def dump(self, model_dir: str | os.PathLike) -> Path:
+        from edgepipe.atomic import write_json
+        path = Path(model_dir) / MANIFEST_NAME
+        write_json(path, self.to_dict())
+        return path
+
+    def to_dict(self) -> dict:
+        data = _plain(self)
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected a JSON object at the top level")
+        _check_keys(cls, data, where)
+        if "format_version" not in data:
+            raise ManifestError(f"{where}: missing required field(s) format_version")
+        if data["format_version"] != FORMAT_VERSION:
+            raise ManifestError(f"{where}: format_version {data['format_version']!r} is not supported (expected {FORMAT_VERSION}); "
+                                f"re-run `edgepipe run` with the same recipe and --out to rewrite it")
+        labels = data["labels"]
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ManifestError(f"{where}: labels must be a non-empty list of strings")
+        variants = data["variants"]
+        if not isinstance(variants, dict) or not variants:
+            raise ManifestError(f"{where}: variants must be a non-empty object")
+        defaults = data.get("defaults") or {}
+        if not isinstance(defaults, dict) or not all(isinstance(x, str) for x in defaults.values()):
+            raise ManifestError(f"{where}: defaults must map backend names to variant names")
+        if not isinstance(data.get("default_variant"), (str, type(None))):
+            raise ManifestError(f"{where}: default_variant must be a variant name")
+        for key in ("input", "output", "versions", "export", "checks", "reference"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ManifestError(f"{where}: {key} must be an object")
+        model = data["model"]
+        if not isinstance(model, dict):
+            raise ManifestError(f"{where}: model must be an object")
+        _check_keys(ModelInfo, model, f"{where}: model")
+        return cls(
+            model=ModelInfo(**model), preprocess=_preprocess(data["preprocess"], where), labels=list(labels),
+            variants={name: _variant(v, f"{where}: variant {name!r}") for name, v in variants.items()},
+            input=data.get("input") or {}, output=data.get("output") or {}, versions=data.get("versions") or {},
+            export=data.get("export") or {}, reference_set=_reference_set(data.get("reference_set"), where),
+            checks=data.get("checks"), defaults=dict(defaults), default_variant=data.get("default_variant"),
+            reference=data.get("reference"), format_version=data["format_version"])
+
+    # ---------------------------------------------------------------- questions readers ask
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name``; an unknown name is one ManifestError with a close match."""
+        if name not in self.variants:
+            close = difflib.get_close_matches(name, list(self.variants), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ManifestError(f"no variant {name!r} in this manifest{hint}; available: {', '.join(self.variants)}")
+        return self.variants[name]
+
+    def of_backend(self, backend: str) -> dict[str, Variant]:
+        return {n: v for n, v in self.variants.items() if v.backend == backend}
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+def _check_keys(cls, data: dict, where: str) -> None:
+    """Every required field of ``cls`` present, and no field it does not have (with a close match)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)}")
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ManifestError(f"{where}: unknown field {key!r}{hint}; re-run `edgepipe run` to rewrite the manifest")
 
 
 def _is_number(x) -> bool:
@@ -77,20 +221,12 @@ def _is_size(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 16384
 
 
-def validate_manifest(data, where="manifest") -> None:
-    """Check structure and types, so a damaged or hand-edited manifest is one clear error, never a crash later."""
-    if not isinstance(data, dict):
-        raise ManifestError(f"{where}: expected a JSON object at the top level")
-    missing = [k for k in REQUIRED_TOP if k not in data]
-    if missing:
-        raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)}")
-    if data["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{where}: format_version {data['format_version']!r} is not supported (expected {FORMAT_VERSION})")
-    if not isinstance(data["model"], dict):
-        raise ManifestError(f"{where}: model must be an object")
-    pre = data["preprocess"]
-    if not isinstance(pre, dict) or [k for k in REQUIRED_PREPROCESS if k not in pre]:
-        raise ManifestError(f"{where}: preprocess must give {', '.join(REQUIRED_PREPROCESS)}")
+_PREPROCESS_FIELDS = ("resize", "crop", "mean", "std", "color")
+
+
+def _preprocess(pre, where: str) -> Preprocess:
+    if not isinstance(pre, dict) or [k for k in _PREPROCESS_FIELDS if k not in pre]:
+        raise ManifestError(f"{where}: preprocess must give {', '.join(_PREPROCESS_FIELDS)}")
     if not _is_size(pre["resize"]) or not _is_size(pre["crop"]):
         raise ManifestError(f"{where}: preprocess resize/crop must be positive pixel counts (got {pre['resize']!r}, {pre['crop']!r})")
     for key in ("mean", "std"):
@@ -100,151 +236,63 @@ def validate_manifest(data, where="manifest") -> None:
         raise ManifestError(f"{where}: preprocess std must be non-zero")
     if not isinstance(pre["color"], str) or pre["color"].upper() not in ("RGB", "BGR"):
         raise ManifestError(f"{where}: preprocess color must be RGB or BGR (got {pre['color']!r})")
-    labels = data["labels"]
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ManifestError(f"{where}: labels must be a non-empty list of strings")
-    variants = data["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise ManifestError(f"{where}: variants must be a non-empty object")
-    for name, v in variants.items():
-        _validate_variant(v, f"{where}: variant {name!r}")
-    defaults = data.get("defaults", {})
-    if not isinstance(defaults, dict) or not all(isinstance(x, str) for x in defaults.values()):
-        raise ManifestError(f"{where}: defaults must map backend names to variant names")
-    if not isinstance(data.get("default_variant", ""), (str, type(None))):
-        raise ManifestError(f"{where}: default_variant must be a variant name")
+    return Preprocess.from_manifest(pre)
 
 
-def _validate_variant(v, where: str) -> None:
+def _file(entry, where: str) -> FileEntry:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        raise ManifestError(f"{where} has a file entry without a path/sha256 string")
+    size = entry.get("bytes")
+    return FileEntry(entry["path"], entry["sha256"], size if isinstance(size, int) and not isinstance(size, bool) else None)
+
+
+def _variant(v, where: str) -> Variant:
     if not isinstance(v, dict):
         raise ManifestError(f"{where} must be an object")
-    miss = [k for k in REQUIRED_VARIANT if k not in v]
+    miss = [k for k in ("backend", "precision", "format", "files", "input_shape") if k not in v]
     if miss:
         raise ManifestError(f"{where} is missing {', '.join(miss)}")
-    for key in ("backend", "precision", "format", "status"):
+    _check_keys(Variant, v, where)
+    for key in ("backend", "precision", "format", "status", "made_from"):
         if not isinstance(v.get(key, ""), str):
             raise ManifestError(f"{where}: {key} must be a string (got {v[key]!r})")
+    if v.get("status", "ok") not in STATUSES:
+        raise ManifestError(f"{where}: status {v['status']!r} is not one of {', '.join(STATUSES)}")
+    if v.get("made_from", "base") not in MADE_FROM or v.get("quantization") not in (None, *QUANTIZATION):
+        raise ManifestError(f"{where}: made_from must be one of {', '.join(MADE_FROM)} and quantization one of "
+                            f"{', '.join(QUANTIZATION)} or null")
     shape = v["input_shape"]
     if not isinstance(shape, list) or len(shape) != 4 or not all(d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in shape):
         raise ManifestError(f"{where}: input_shape must be 4 integers (N, C, H, W; -1 for any), got {shape!r}")
     if not isinstance(v["files"], list) or not v["files"]:
         raise ManifestError(f"{where}: files must be a non-empty list")
-    for f in v["files"]:
-        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("sha256"), str):
-            raise ManifestError(f"{where} has a file entry without a path/sha256 string")
+    for key in ("compile", "versions", "tensorrt", "parity", "reference_check", "latency_ms", "accuracy", "predictions"):
+        if not isinstance(v.get(key) or {}, dict):
+            raise ManifestError(f"{where}: {key} must be an object")
+    return Variant(**{**v, "files": [_file(f, where) for f in v["files"]]})
 
 
-def verify_files(model_dir: str | os.PathLike, variant: dict, name: str = "") -> list[Path]:
-    """Check every file of a variant against its sha256; return their paths. Raises before anything loads."""
-    root = Path(model_dir)
-    paths = []
-    onnx_bytes = {}  # an .onnx file is read once: the bytes hashed are the bytes checked for external data
-    for entry in variant["files"]:
-        path = safe_join(root, entry["path"])
-        if not path.is_file():
-            raise IntegrityError(f"variant {name!r}: file {entry['path']} listed in the manifest is missing from {root}")
-        if path.suffix == ".onnx":
-            onnx_bytes[path] = path.read_bytes()  # protobuf caps an .onnx file at 2 GB; bigger weights are external
-            digest = hashlib.sha256(onnx_bytes[path]).hexdigest()
-        else:
-            digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise IntegrityError(
-                f"variant {name!r}: {entry['path']} has sha256 {digest[:12]}... but the manifest says "
-                f"{entry['sha256'][:12]}...; refusing to load a modified file (rebuild with `edgepipe run`)")
-        paths.append(path)
-    for path, data in onnx_bytes.items():
-        check_onnx_external_data(path, paths, data)
-    return paths
+def _reference_set(ref, where: str) -> ReferenceSet | None:
+    if ref is None:
+        return None
+    where = f"{where}: reference_set"
+    if not isinstance(ref, dict):
+        raise ManifestError(f"{where} must be an object")
+    _check_keys(ReferenceSet, ref, where)
+    if not isinstance(ref["logits"], dict) or not isinstance(ref["names"], list) or not _is_size(ref["count"]):
+        raise ManifestError(f"{where}: logits must be an object, names a list and count a positive number")
+    return ReferenceSet(**{**ref, "inputs": _file(ref["inputs"], where),
+                           "logits": {k: _file(e, where) for k, e in ref["logits"].items()}})
 
 
-# ---------------------------------------------------------------- ONNX external data
-# An ONNX file may point its weights at other files ("external data"). ONNX Runtime >= 1.2x and OpenVINO
-# 2025+ refuse locations outside the model's folder, older ones do not, and none of them checks the data
-# against the manifest. So before any backend sees an .onnx file we read every tensor's location ourselves
-# with a small protobuf wire-format walk (the runtime does not depend on the onnx package) and require each
-# to be a relative path inside the model's folder that the manifest lists (so its sha256 was checked).
-
-# message -> {field number: message type of that field}, for the fields that can hold a TensorProto
-_ONNX_TENSOR_PATHS = {
-    "model": {7: "graph", 20: "training", 25: "function"},
-    "training": {1: "graph", 2: "graph"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "function": {7: "node", 11: "attr"},
-    "node": {5: "attr"},
-    "attr": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-}
-_MAX_NESTING = 64
-
-
-def _wire_fields(buf: memoryview, what: str):
-    """Yield (field number, wire type, value) of one protobuf message; raise ManifestError if malformed."""
-    pos, end = 0, len(buf)
-
-    def varint() -> int:
-        nonlocal pos
-        result = shift = 0
-        while True:
-            if pos >= end or shift > 63:
-                raise ManifestError(f"{what} is not a valid ONNX file (malformed protobuf); rebuild it with `edgepipe run`")
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result
-
-    while pos < end:
-        tag = varint()
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 2:
-            size = varint()
-            if pos + size > end:
-                raise ManifestError(f"{what} is not a valid ONNX file (truncated); rebuild it with `edgepipe run`")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            value = None
-        else:
-            raise ManifestError(f"{what} is not a valid ONNX file (protobuf wire type {wire}); rebuild it with `edgepipe run`")
-        if pos > end or number == 0:
-            raise ManifestError(f"{what} is not a valid ONNX file (truncated); rebuild it with `edgepipe run`")
-        yield number, wire, value
-
-
-def onnx_external_locations(path: str | os.PathLike, data: bytes | None = None) -> list[str]:
-    """Every external-data location named by any tensor in an ONNX file (initializers, attributes, subgraphs);
-    ``data``: the file's bytes when the caller has read them already."""
-    path = Path(path)
-    found: list[str] = []
-
-    def walk(buf: memoryview, kind: str, depth: int) -> None:
-        if depth > _MAX_NESTING:
-            raise ManifestError(f"{path.name}: ONNX graphs nested more than {_MAX_NESTING} deep; refusing it")
-        for number, wire, value in _wire_fields(buf, path.name):
-            if kind == "tensor":
-                if number == 13 and wire == 2:  # external_data: StringStringEntryProto {key, value}
-                    entry = {n: bytes(v) for n, w, v in _wire_fields(value, path.name) if w == 2}
-                    if entry.get(1) == b"location":
-                        found.append(entry.get(2, b"").decode("utf-8", "replace"))
-            elif wire == 2 and number in _ONNX_TENSOR_PATHS[kind]:
-                walk(value, _ONNX_TENSOR_PATHS[kind][number], depth + 1)
-
-    data = path.read_bytes() if data is None else data
-    if not data:
-        raise ManifestError(f"{path.name} is empty, not an ONNX model; rebuild it with `edgepipe run`")
-    walk(memoryview(data), "model", 0)
-    return found
-
-
-def check_onnx_external_data(path: Path, verified: list[Path], data: bytes | None = None) -> None:
-    """Refuse external-data locations that are absolute, leave the model's folder, or were not hash-checked."""
-    allowed = {p.resolve() for p in verified}
-    for loc in onnx_external_locations(path, data):
-        real = safe_join(path.parent, loc, what=f"{path.name}: external data location").resolve()
-        if real not in allowed:
-            raise ManifestError(f"{path.name}: external data file {loc!r} is not listed in the manifest, so its "
-                                f"sha256 cannot be checked; refusing it")
+def _plain(obj):
+    """Dataclasses -> JSON-ready dicts, leaving out fields that are None (absent means not known)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, Preprocess):
+            return obj.to_dict()
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if getattr(obj, f.name) is not None}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

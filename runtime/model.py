@@ -9,12 +9,13 @@ import numpy as np
 
 from edgepipe.runtime.backends.base import create_backend
 from edgepipe.runtime.errors import ManifestError
-from edgepipe.runtime.manifest import load_manifest, verify_files
+from edgepipe.runtime.integrity import verify_files
+from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.serving import choose, choose_for_dir
 
 
-def choose_variant(manifest: dict, variant: str | None = None, backend: str = "auto",
+def choose_variant(manifest: Manifest, variant: str | None = None, backend: str = "auto",
                    model_dir: str | os.PathLike | None = None) -> tuple[str, str]:
     """(variant name, backend name) to serve here; see :mod:`edgepipe.runtime.serving` for the policy."""
     choice = choose_for_dir(model_dir, manifest, variant, backend) if model_dir else choose(manifest, variant, backend)
@@ -40,15 +41,15 @@ class Classifier:
 
     def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
         """Read the manifest, hash-check the variant's files, load and test them; touches nothing serving now."""
-        manifest = load_manifest(self.model_dir)
+        manifest = Manifest.load(self.model_dir)
         choice = choose_for_dir(self.model_dir, manifest, variant, backend, self._device)
         name, backend_name = choice.variant, choice.backend
-        spec = manifest["variants"][name]
-        files = verify_files(self.model_dir, spec, name)  # before anything is loaded
-        pre = Preprocess.from_manifest(manifest["preprocess"])
-        labels = list(manifest["labels"])
+        spec = manifest.variants[name]
+        files = verify_files(self.model_dir, spec.files, name)  # before anything is loaded
+        pre = manifest.preprocess
+        labels = list(manifest.labels)
         backend_obj = create_backend(backend_name)
-        backend_obj.load(files, dict(spec, model_dir=str(self.model_dir)), device=self._device)
+        backend_obj.load(files, spec, device=self._device)
         _check_outputs(backend_obj, pre, labels, name)
         return SimpleNamespace(manifest=manifest, choice=choice, variant_name=name, backend_name=backend_name, variant=spec,
                                files=files, labels=labels, preprocess=pre, backend=backend_obj)
@@ -67,7 +68,7 @@ class Classifier:
     choice = property(lambda self: self._active.choice)  # serving.Choice: why this variant, verified here or not
     variant_name = property(lambda self: self._active.variant_name)
     backend_name = property(lambda self: self._active.backend_name)
-    variant = property(lambda self: self._active.variant)
+    variant = property(lambda self: self._active.variant)  # the manifest's Variant
     files = property(lambda self: self._active.files)  # the variant's files, hash-checked when loaded
     labels = property(lambda self: self._active.labels)
     preprocess = property(lambda self: self._active.preprocess)
@@ -81,7 +82,7 @@ class Classifier:
     @property
     def dynamic_batch(self) -> bool:
         """Batches of any size? (an NPU compiles the model for batch 1 even when the variant's batch is dynamic)"""
-        shape = getattr(self._active.backend, "input_shape", None) or self.variant["input_shape"]
+        shape = getattr(self._active.backend, "input_shape", None) or self.variant.input_shape
         return shape[0] in (-1, None)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

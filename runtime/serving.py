@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
+from edgepipe.runtime.manifest import Manifest, Variant
 
 MIN_SPEEDUP = 0.10  # a less faithful variant is served only when its p90 is at least this much lower
 DEFAULT_MAX_DROP = 1.0  # top-1 points against the fp32 reference when the recipe sets none
@@ -23,13 +24,13 @@ PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}
 def _quality(r: dict) -> tuple:
     """Higher is more faithful to the fp32 model: higher precision, then unpruned, then measured top-1."""
     top1 = r.get("top1")
-    return (PRECISION_RANK.get(r.get("precision"), 0), not str(r.get("name", r["id"])).startswith("pruned-"),
+    return (PRECISION_RANK.get(r.get("precision"), 0), r.get("made_from", "base") != "pruned",
             -1.0 if top1 is None else top1)
 
 
 def fastest_per_backend(rows, eligible=lambda r: True, min_speedup: float = MIN_SPEEDUP) -> dict:
     """Per backend, among the rows ("id", "backend", "status", "p90_ms", optional "precision", "top1",
-    "name") with status ok that ``eligible`` accepts, the fastest p90 -- unless a more faithful
+    "made_from" (Variant.made_from)) with status ok that ``eligible`` accepts, the fastest p90 -- unless a more faithful
     row is within ``min_speedup`` of it: a speed-up inside measurement noise is not worth accuracy.
     None for a backend with no such row."""
     by_backend: dict = {}
@@ -48,31 +49,27 @@ def fastest_per_backend(rows, eligible=lambda r: True, min_speedup: float = MIN_
     return chosen
 
 
-def _top1(v: dict):
-    return (v.get("accuracy") or {}).get("top1")
-
-
-def within_accuracy(v: dict, reference_top1: float | None, max_drop: float) -> bool:
+def within_accuracy(v: Variant, reference_top1: float | None, max_drop: float) -> bool:
     """Top-1 within ``max_drop`` points of the fp32 reference when both are measured; else the checks' verdict."""
-    if reference_top1 is None or _top1(v) is None:
-        return bool((v.get("parity") or {}).get("ok"))
-    return (reference_top1 - _top1(v)) * 100 <= max_drop + 1e-9
+    if reference_top1 is None or v.top1 is None:
+        return bool((v.parity or {}).get("ok"))
+    return (reference_top1 - v.top1) * 100 <= max_drop + 1e-9
 
 
-def choose_defaults(manifest: dict, reference_top1: float | None = None, max_drop: float | None = None,
+def choose_defaults(manifest: Manifest, reference_top1: float | None = None, max_drop: float | None = None,
                     eligible=lambda name, v: True) -> None:
-    """Fill manifest["defaults"] (backend -> variant) and manifest["default_variant"] from the build host's
+    """Set manifest.defaults (backend -> variant) and manifest.default_variant from the build host's
     measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets."""
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
-    variants = manifest["variants"]
-    rows = [{"id": name, "name": name, "backend": v["backend"], "status": v.get("status"), "precision": v.get("precision"),
-             "top1": _top1(v), "p90_ms": (v.get("latency_ms") or {}).get("p90")} for name, v in variants.items()]
+    variants = manifest.variants
+    rows = [{"id": name, "backend": v.backend, "status": v.status, "precision": v.precision,
+             "made_from": v.made_from, "top1": v.top1, "p90_ms": v.p90_ms} for name, v in variants.items()]
     chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], reference_top1, max_drop)
                                  and eligible(r["id"], variants[r["id"]]))
     defaults = {backend: name for backend, name in chosen.items() if name}
-    manifest["defaults"] = defaults
-    ranked = sorted(defaults.values(), key=lambda n: variants[n]["latency_ms"]["p90"])
-    manifest["default_variant"] = ranked[0] if ranked else next(iter(variants))
+    manifest.defaults = defaults
+    ranked = sorted(defaults.values(), key=lambda n: variants[n].p90_ms)
+    manifest.default_variant = ranked[0] if ranked else next(iter(variants))
 
 
 # ---------------------------------------------------------------- on the device
@@ -85,15 +82,15 @@ class Choice:
     verified_here: bool | None   # True: passed `edgepipe verify` on this machine; None: not verified here
 
 
-def _runnable(v: dict, backend: str) -> bool:
-    return can_load(backend, v["format"]) and is_installed(backend)
+def _runnable(v: Variant, backend: str) -> bool:
+    return can_load(backend, v.format) and is_installed(backend)
 
 
-def choose(manifest: dict, variant: str | None = None, backend: str = "auto", record: dict | None = None,
+def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto", record: dict | None = None,
            device: str | None = None) -> Choice:
     """The variant and backend to serve here. ``record``: this machine's device record (see verify.py) or None.
     ``device``: an accelerator asked for by name (GPU, NPU, AUTO, ...) makes auto choose among OpenVINO variants."""
-    variants = manifest["variants"]
+    variants = manifest.variants
     if backend == "auto" and device and device.upper() != "CPU":
         backend = "openvino"
     if backend != "auto" and backend not in BACKENDS:
@@ -101,15 +98,15 @@ def choose(manifest: dict, variant: str | None = None, backend: str = "auto", re
     results = (record or {}).get("variants", {})
     if variant is not None:
         return _explicit(variants, variant, backend, results.get(variant))
-    usable = {n: v for n, v in variants.items() if v.get("status", "ok") == "ok"}
+    usable = {n: v for n, v in variants.items() if v.status == "ok"}
     if not usable:
         raise ManifestError("no variant in the manifest is verified (failed, unverified or pending-build); re-run "
                             "`edgepipe run` or pick one with --variant")
     failed_here = {n for n, r in results.items() if r.get("verdict") == "fail"}
     backends = AUTO_ORDER if backend == "auto" else (backend,)
 
-    passed = [{"id": n, "name": n, "backend": r["backend"], "status": "ok", "precision": variants[n].get("precision"),
-               "p90_ms": (r.get("latency_ms") or {}).get("p90")}
+    passed = [{"id": n, "backend": r["backend"], "status": "ok", "precision": variants[n].precision,
+               "made_from": variants[n].made_from, "p90_ms": (r.get("latency_ms") or {}).get("p90")}
               for n, r in results.items() if r.get("verdict") == "pass" and n in usable and r.get("backend") in backends
               and _runnable(variants[n], r["backend"])]
     if passed:
@@ -119,15 +116,15 @@ def choose(manifest: dict, variant: str | None = None, backend: str = "auto", re
                       f"(p90 {results[name]['latency_ms']['p90']:.2f} ms here)", True)
 
     candidates = [n for n in usable if n not in failed_here]
-    default = manifest.get("default_variant")
-    if default in candidates and variants[default]["backend"] in backends and _runnable(variants[default], variants[default]["backend"]):
-        return Choice(default, variants[default]["backend"], "the build host's measured default (not verified on this "
+    default = manifest.default_variant
+    if default in candidates and variants[default].backend in backends and _runnable(variants[default], variants[default].backend):
+        return Choice(default, variants[default].backend, "the build host's measured default (not verified on this "
                       "machine: run `edgepipe verify`)", None)
     for name in backends:
         if not is_installed(name):
             continue
-        per_backend = manifest.get("defaults", {}).get(name)
-        native = [n for n in candidates if variants[n]["backend"] == name]
+        per_backend = manifest.defaults.get(name)
+        native = [n for n in candidates if variants[n].backend == name]
         pick = per_backend if per_backend in native else (native[0] if native else None)
         if pick:
             why = "the build host's default for " if pick == per_backend else "the first verified variant for "
@@ -135,18 +132,18 @@ def choose(manifest: dict, variant: str | None = None, backend: str = "auto", re
     if default in candidates and backend != "auto" and _runnable(variants[default], backend):
         return Choice(default, backend, f"the build host's default, run on {backend}", None)
     wanted = "any of " + ", ".join(AUTO_ORDER) if backend == "auto" else backend
-    left = ", ".join(n + " [" + variants[n]["backend"] + "]" for n in candidates) or "none"
+    left = ", ".join(n + " [" + variants[n].backend + "]" for n in candidates) or "none"
     extra = f"; failed `edgepipe verify` here: {', '.join(sorted(failed_here))}" if failed_here else ""
     raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra})")
 
 
-def _explicit(variants: dict, variant: str, backend: str, result: dict | None) -> Choice:
+def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: dict | None) -> Choice:
     if variant not in variants:
         import difflib
         close = difflib.get_close_matches(variant, list(variants), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ManifestError(f"no variant {variant!r} in the manifest{hint}; available: {', '.join(variants)}")
-    fmt = variants[variant]["format"]
+    fmt = variants[variant].format
     verified = None if result is None else result.get("verdict") == "pass"
     why = "chosen with --variant" + ("" if verified is None else (", passed `edgepipe verify` here" if verified else
                                                                   ", FAILED `edgepipe verify` on this machine"))
@@ -154,7 +151,7 @@ def _explicit(variants: dict, variant: str, backend: str, result: dict | None) -
         if not can_load(backend, fmt):
             raise BackendUnavailable(f"backend {backend!r} cannot run variant {variant!r} (format {fmt})")
         return Choice(variant, backend, why, verified)
-    native = variants[variant]["backend"]
+    native = variants[variant].backend
     for name in [native] + [b for b in AUTO_ORDER if b != native]:
         if can_load(name, fmt) and is_installed(name):
             return Choice(variant, name, why, verified)
@@ -162,7 +159,7 @@ def _explicit(variants: dict, variant: str, backend: str, result: dict | None) -
                              f"install {native}: pip install 'edgepipe[{native}]'")
 
 
-def choose_for_dir(model_dir, manifest: dict, variant: str | None = None, backend: str = "auto",
+def choose_for_dir(model_dir, manifest: Manifest, variant: str | None = None, backend: str = "auto",
                    device: str | None = None) -> Choice:
     """:func:`choose` with this machine's device record from ``model_dir`` (when `edgepipe verify` wrote one)."""
     from edgepipe.runtime.verify import device_record_for_this_machine

@@ -1,6 +1,6 @@
 """`edgepipe verify DIR`: prove each variant on the machine it will run on, torch-free.
 
-The artifact folder carries a reference set (manifest["reference_set"]): held-out images, resized and
+The artifact folder carries a reference set (Manifest.reference_set): held-out images, resized and
 cropped as uint8, with the fp32 model's logits for them. On the device every variant this machine can run
 is fed those exact inputs and compared with the fp32 logits by per-precision tolerances; its batch-1 latency
 is measured here. The result is a device record, ``devices/<machine id>.json`` in the folder, that the
@@ -25,7 +25,8 @@ import numpy as np
 
 from edgepipe import UserError, __version__
 from edgepipe.runtime.errors import ManifestError
-from edgepipe.runtime.manifest import load_manifest, safe_join, sha256_file
+from edgepipe.runtime.integrity import safe_join, sha256_file
+from edgepipe.runtime.manifest import Manifest, Variant
 
 RECORD_DIR = "devices"
 RECORD_FORMAT = 1
@@ -151,32 +152,30 @@ def machine_id(facts: dict | None = None) -> str:
 
 # ---------------------------------------------------------------- the reference set
 
-def load_reference(model_dir: Path, manifest: dict) -> dict:
+def load_reference(model_dir: Path, manifest: Manifest) -> dict:
     """The folder's reference set, hash-checked: {"inputs": uint8 NHWC, "logits": {key: float32}, "names", "kind"}."""
-    ref = manifest.get("reference_set")
-    if not isinstance(ref, dict) or not isinstance(ref.get("inputs"), dict) or not isinstance(ref.get("logits"), dict):
+    ref = manifest.reference_set
+    if ref is None:
         raise ManifestError(f"{model_dir} has no reference set in its manifest (built by an older edgepipe); "
                             "re-run `edgepipe run` to add one")
-    entries = {"inputs": ref["inputs"], **{f"logits:{k}": e for k, e in ref["logits"].items()}}
+    entries = {"inputs": ref.inputs, **{f"logits:{k}": e for k, e in ref.logits.items()}}
     arrays = {}
     for key, entry in entries.items():
-        if not isinstance(entry, dict):
-            raise ManifestError(f"reference set entry {key} is not a file record; re-run `edgepipe run`")
-        path = safe_join(model_dir, entry.get("path", ""), "reference set path")
+        path = safe_join(model_dir, entry.path, "reference set path")
         if not path.is_file():
-            raise ManifestError(f"reference set file {entry.get('path')} is missing from {model_dir}; copy the whole folder")
-        if sha256_file(path) != entry.get("sha256"):
-            raise ManifestError(f"reference set file {entry['path']} does not match its sha256 in the manifest; "
+            raise ManifestError(f"reference set file {entry.path} is missing from {model_dir}; copy the whole folder")
+        if sha256_file(path) != entry.sha256:
+            raise ManifestError(f"reference set file {entry.path} does not match its sha256 in the manifest; "
                                 "re-copy the folder or re-run `edgepipe run`")
         try:
             arrays[key] = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise ManifestError(f"reference set file {entry['path']} cannot be read ({exc})") from None
+            raise ManifestError(f"reference set file {entry.path} cannot be read ({exc})") from None
     inputs = arrays.pop("inputs")
     logits = {k.split(":", 1)[1]: v.astype(np.float32) for k, v in arrays.items()}
     if inputs.dtype != np.uint8 or inputs.ndim != 4 or any(len(v) != len(inputs) for v in logits.values()):
         raise ManifestError("the reference set's inputs and logits do not match; re-run `edgepipe run`")
-    return {"inputs": inputs, "logits": logits, "names": list(ref.get("names") or []), "kind": ref.get("images", "generated")}
+    return {"inputs": inputs, "logits": logits, "names": list(ref.names or []), "kind": ref.images or "generated"}
 
 
 # ---------------------------------------------------------------- device records
@@ -198,11 +197,11 @@ def load_device_records(model_dir) -> list[dict]:
     return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
 
 
-def variant_fingerprint(variant: dict) -> str:
-    return hashlib.sha256("".join(f["sha256"] for f in variant["files"]).encode()).hexdigest()[:16]
+def variant_fingerprint(variant: Variant) -> str:
+    return hashlib.sha256("".join(f.sha256 for f in variant.files).encode()).hexdigest()[:16]
 
 
-def device_record_for_this_machine(model_dir: Path, manifest: dict) -> dict | None:
+def device_record_for_this_machine(model_dir: Path, manifest: Manifest) -> dict | None:
     """This machine's record, keeping only the results whose variant files are still the ones verified."""
     path = record_path(model_dir, machine_id())
     try:
@@ -211,7 +210,7 @@ def device_record_for_this_machine(model_dir: Path, manifest: dict) -> dict | No
         return None
     if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
         return None
-    variants = manifest["variants"]
+    variants = manifest.variants
     kept = {n: r for n, r in rec["variants"].items()
             if isinstance(r, dict) and n in variants and r.get("fingerprint") == variant_fingerprint(variants[n])
             and isinstance(r.get("backend"), str)
@@ -242,38 +241,38 @@ def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "aut
     x = clf.preprocess.normalize(ref["inputs"])
     step = 16 if clf.dynamic_batch else 1
     logits = np.concatenate([clf.logits(x[i:i + step]) for i in range(0, len(x), step)])
-    key = clf.variant.get("reference_logits", "")
+    v = clf.variant
+    key = v.reference_logits
     if key not in ref["logits"]:
         raise ManifestError(f"variant {name!r} names reference logits {key!r} that the reference set lacks; re-run `edgepipe run`")
-    host = clf.variant.get("reference_check") or {}
+    host = v.reference_check or {}
     drift = {}
-    if host.get("rel_mean_abs") is not None and clf.variant["precision"] != "fp32":
-        drift["max_rel_mean_abs"] = min(tolerance(clf.variant["precision"], ref["kind"])["max_rel_mean_abs"],
+    if host.get("rel_mean_abs") is not None and v.precision != "fp32":
+        drift["max_rel_mean_abs"] = min(tolerance(v.precision, ref["kind"])["max_rel_mean_abs"],
                                         host["rel_mean_abs"] * DRIFT_FACTOR + DRIFT_SLACK)
-    check = compare_logits(ref["logits"][key], logits, clf.variant["precision"], ref["kind"], ref["names"], **drift)
+    check = compare_logits(ref["logits"][key], logits, v.precision, ref["kind"], ref["names"], **drift)
     if drift:
         check["build_host_rel_mean_abs"] = host["rel_mean_abs"]
     one = np.ascontiguousarray(x[:1])
-    return {"backend": clf.backend_name, "device": device or clf.variant.get("device"),
-            "precision": clf.variant["precision"], "fingerprint": variant_fingerprint(clf.variant),
+    return {"backend": clf.backend_name, "device": device or v.device,
+            "precision": v.precision, "fingerprint": variant_fingerprint(v),
             "verdict": "pass" if check["ok"] else "fail", "check": check,
             "latency_ms": _latency(lambda: clf.logits(one), warmup, iterations)}
 
 
-def runnable_here(manifest: dict, backend: str = "auto") -> dict[str, str]:
+def runnable_here(manifest: Manifest, backend: str = "auto") -> dict[str, str]:
     """variant -> why it is skipped here ('' when it can run)."""
     from edgepipe.runtime.backends.base import can_load, is_installed
     out = {}
-    for name, v in manifest["variants"].items():
-        status = v.get("status", "ok")
-        if status not in ("ok", "failed"):
-            out[name] = f"status {status} (e.g. a TensorRT engine not built yet on this device)"
-        elif backend != "auto" and not can_load(backend, v["format"]):
-            out[name] = f"{backend} cannot run format {v['format']}"
+    for name, v in manifest.variants.items():
+        if v.status not in ("ok", "failed"):
+            out[name] = f"status {v.status} (e.g. a TensorRT engine not built yet on this device)"
+        elif backend != "auto" and not can_load(backend, v.format):
+            out[name] = f"{backend} cannot run format {v.format}"
         elif backend != "auto" and not is_installed(backend):
             out[name] = f"{backend} is not installed here"
-        elif backend == "auto" and not is_installed(v["backend"]):
-            out[name] = f"{v['backend']} is not installed here"
+        elif backend == "auto" and not is_installed(v.backend):
+            out[name] = f"{v.backend} is not installed here"
         else:
             out[name] = ""
     return out
@@ -284,16 +283,16 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
     """Verify ``variants`` (default: every variant this machine can run); write and return the device record.
     A previous record of this machine keeps the results of variants not verified this time."""
     model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
+    manifest = Manifest.load(model_dir)
     ref = load_reference(model_dir, manifest)
     skip = runnable_here(manifest, backend)
-    names = variants or list(manifest["variants"])
-    unknown = [n for n in names if n not in manifest["variants"]]
+    names = variants or list(manifest.variants)
+    unknown = [n for n in names if n not in manifest.variants]
     if unknown:
         import difflib
-        close = difflib.get_close_matches(unknown[0], list(manifest["variants"]), n=1)
+        close = difflib.get_close_matches(unknown[0], list(manifest.variants), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ManifestError(f"no variant {unknown[0]!r} in {model_dir}{hint}; available: {', '.join(manifest['variants'])}")
+        raise ManifestError(f"no variant {unknown[0]!r} in {model_dir}{hint}; available: {', '.join(manifest.variants)}")
     facts = machine_facts()
     mid = machine_id(facts)
     previous = device_record_for_this_machine(model_dir, manifest) or {}
@@ -305,7 +304,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
             log(f"  {name}: skipped ({skip[name]})")
             continue
         res = verify_variant(model_dir, name, ref, backend=backend, device=device, iterations=iterations)
-        if manifest["variants"][name].get("status") == "failed":
+        if manifest.variants[name].status == "failed":
             res["note"] = "failed its checks on the build host: never served automatically"
         results[name] = res
         c = res["check"]

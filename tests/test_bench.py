@@ -20,7 +20,7 @@ from edgepipe.benchmarks import budgets as B
 from edgepipe.benchmarks.bench import plan_rows, timer
 from edgepipe.benchmarks.pareto import pareto_front
 from edgepipe.cli import main as cli_main
-from edgepipe.runtime.manifest import load_manifest
+from edgepipe.runtime.manifest import Manifest, ModelInfo, Variant
 from edgepipe.runtime.model import Classifier
 
 FAST = ["--iterations", "10", "--warmup", "2"]
@@ -221,7 +221,7 @@ def test_interleaved_round_alternates_order():
 def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
     path = REPO / "examples" / "budgets.yaml"
     bf = B.load_budgets(path)
-    rows, _ = plan_rows(load_manifest(tiny_artifacts))  # same variant names as the default recipe
+    rows, _ = plan_rows(Manifest.load(tiny_artifacts))  # same variant names as the default recipe
     B.validate(bf, rows, data="val.csv", labeled=True, where=str(path))  # held-out labeled images (CI example)
     assert bf.budgets and all(B.checks_of(b) for b in bf.budgets)
     workflow = yaml.safe_load((REPO / "examples" / "ci" / "github-actions.yml").read_text())
@@ -250,12 +250,15 @@ def test_one_serving_rule_for_run_and_bench():
     assert best_per_target(near, [], have_budgets=False)["openvino"] == "ov-fp32"
     assert best_per_target([near[0], dict(near[1], p90_ms=1.5)], [], have_budgets=False)["openvino"] == "ov-int8"
 
-    manifest = {"variants": {r["id"]: {"backend": r["backend"], "precision": r["precision"], "status": r["status"], "latency_ms": {"p90": r["p90_ms"]},
-                                       "accuracy": {"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None}}
-                             for r in rows}}
+    from edgepipe.runtime.preprocess import Preprocess
+    variants = {r["id"]: Variant(backend=r["backend"], precision=r["precision"], format="onnx", files=[], input_shape=[1, 3, 8, 8],
+                                 status=r["status"], latency_ms={"p90": r["p90_ms"]},
+                                 accuracy={"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None})
+                for r in rows}
+    manifest = Manifest(model=ModelInfo(name="m", num_classes=2), preprocess=Preprocess(), labels=["a", "b"], variants=variants)
     choose_defaults(manifest, reference_top1=0.9)
-    assert manifest["defaults"] == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
-    assert manifest["default_variant"] == "ort-fp32"
+    assert manifest.defaults == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
+    assert manifest.default_variant == "ort-fp32"
 
 
 def test_time_by_layer_profile(tiny_artifacts):

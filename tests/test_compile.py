@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from edgepipe.compile.calibration import bundled_photos
 from edgepipe.compile.export import export_onnx
 from edgepipe.compile.parity import compare
+from edgepipe.compile.mixed_precision import AccuracyControl
 from edgepipe.compile.qdq import quantize_qdq, run_logits
 from edgepipe.compile.qdq_check import check_qdq
 from edgepipe.recipe import QuantizeStage
@@ -134,8 +135,8 @@ def test_default_int8_weights_fit_7_bits_so_no_x86_isa_saturates(small_onnx, sma
                     out.append(int(np.abs(node.get_data().astype(np.int32)).max()))
         return out
     calib = list(photos[:, None])
-    _, portable = quantize_int8(small_onnx[1], tmp_path / "portable.xml", calib)
-    _, vnni = quantize_int8(small_onnx[1], tmp_path / "vnni.xml", calib, isa="vnni")
+    _, portable = quantize_int8(small_onnx[1], tmp_path / "portable.xml", calib, QuantizeStage())
+    _, vnni = quantize_int8(small_onnx[1], tmp_path / "vnni.xml", calib, QuantizeStage(isa="vnni"))
     assert (portable["overflow_fix"], portable["weight_bits"], vnni["overflow_fix"], vnni["weight_bits"]) == ("enable", 7, "disable", 8)
     assert len(ov_weight_extremes(tmp_path / "portable.xml")) == 3  # 2 convs + the classifier (the depthwise is exact anyway)
     assert max(ov_weight_extremes(tmp_path / "portable.xml")) <= 64 < max(ov_weight_extremes(tmp_path / "vnni.xml"))
@@ -146,16 +147,15 @@ def test_accuracy_control_refuses_calibration_images_and_says_what_it_rests_on(s
     calib, held_out = list(photos[:4, None]), photos[4:, None]
     pseudo = run_logits(small_onnx[1], photos[4:]).argmax(1)
     with pytest.raises(UserError, match="also calibration images"):
-        quantize_qdq(small_onnx[1], tmp_path / "a.onnx", calib, QuantizeStage(), validation=[(calib[0], 0)], max_drop=1.0)
-    info = quantize_qdq(small_onnx[1], tmp_path / "b.onnx", calib, QuantizeStage(), validation=list(zip(held_out, pseudo)),
-                        max_drop=100.0, validation_kind="fp32 agreement")
+        quantize_qdq(small_onnx[1], tmp_path / "a.onnx", calib, QuantizeStage(), control=AccuracyControl([(calib[0], 0)], 1.0))
+    agreement = AccuracyControl(list(zip(held_out, pseudo)), 100.0, "fp32 agreement")
+    info = quantize_qdq(small_onnx[1], tmp_path / "b.onnx", calib, QuantizeStage(), control=agreement)
     assert info["validation_images"] == len(held_out) and info["validation_kind"] == "fp32 agreement"
     assert info["mixed_precision"]["fp32_top1"] == 1.0  # agreement of fp32 with its own top-1
     from edgepipe.compile.openvino_ir import quantize_int8
     with pytest.raises(UserError, match="also calibration images"):
-        quantize_int8(small_onnx[1], tmp_path / "a.xml", calib, validation=[(calib[0], 0)], max_drop=1.0)
-    _, info = quantize_int8(small_onnx[1], tmp_path / "b.xml", calib, validation=list(zip(held_out, pseudo)), max_drop=100.0,
-                            validation_kind="fp32 agreement")
+        quantize_int8(small_onnx[1], tmp_path / "a.xml", calib, QuantizeStage(), control=AccuracyControl([(calib[0], 0)], 1.0))
+    _, info = quantize_int8(small_onnx[1], tmp_path / "b.xml", calib, QuantizeStage(), control=agreement)
     assert info["method"] == "nncf.quantize_with_accuracy_control"
     assert (info["validation_images"], info["validation_kind"]) == (len(held_out), "fp32 agreement")
 
@@ -247,8 +247,8 @@ def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_p
     assert flips >= 2, f"plain int8 flips only {flips} of {len(val)}: the setting tests nothing"
     allowed = flips // 2
     dst = tmp_path / "mixed.onnx"
-    info = quantize_qdq(src, dst, calib, QuantizeStage(), validation=list(zip(val[:, None], pseudo)),
-                        max_drop=100.0 * allowed / len(val) + 1e-6, ranking_images=16, validation_kind="fp32 agreement")
+    control = AccuracyControl(list(zip(val[:, None], pseudo)), 100.0 * allowed / len(val) + 1e-6, "fp32 agreement")
+    info = quantize_qdq(src, dst, calib, QuantizeStage(), control=control, ranking_images=16)
     assert (info["validation_kind"], info["validation_images"]) == ("fp32 agreement", len(val))
     search = info["mixed_precision"]
     assert search["steps"][0]["drop_points"] > search["max_drop_points"]  # plain misses the target

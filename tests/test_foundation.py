@@ -16,7 +16,8 @@ import pytest
 
 from conftest import REPO, run_edgepipe
 from edgepipe.recipe import RecipeError, load_recipe, recipe_from_dict
-from edgepipe.runtime.manifest import load_manifest, sha256_file
+from edgepipe.runtime.integrity import sha256_file
+from edgepipe.runtime.manifest import Manifest
 
 
 # ------------------------------------------------------------------ recipes
@@ -68,18 +69,18 @@ def test_default_recipe_loads():
 # ------------------------------------------------------------------ artifacts + manifest
 
 def test_manifest_hashes_match_files(tiny_artifacts):
-    manifest = load_manifest(tiny_artifacts)
-    assert set(manifest["variants"]) == {"onnxruntime-fp32", "openvino-fp32", "openvino-int8"}
-    for name, variant in manifest["variants"].items():
-        assert variant["files"], name
-        for entry in variant["files"]:
-            assert sha256_file(tiny_artifacts / entry["path"]) == entry["sha256"]
-        assert variant["input_shape"][1:] == [3, 224, 224]
-        assert variant["versions"]["onnxruntime"] and variant["versions"]["openvino"]
-    assert manifest["preprocess"]["crop"] == 224 and len(manifest["labels"]) == 1000
+    manifest = Manifest.load(tiny_artifacts)
+    assert set(manifest.variants) == {"onnxruntime-fp32", "openvino-fp32", "openvino-int8"}
+    for name, variant in manifest.variants.items():
+        assert variant.files, name
+        for entry in variant.files:
+            assert sha256_file(tiny_artifacts / entry.path) == entry.sha256
+        assert variant.input_shape[1:] == [3, 224, 224]
+        assert variant.versions["onnxruntime"] and variant.versions["openvino"]
+    assert manifest.preprocess.crop == 224 and len(manifest.labels) == 1000
     assert (tiny_artifacts / "recipe.resolved.yaml").is_file()
     report = json.loads((tiny_artifacts / "report.json").read_text())
-    assert {v["name"] for v in report["variants"]} == set(manifest["variants"])
+    assert {v["name"] for v in report["variants"]} == set(manifest.variants)
     assert all(v["parity"]["n"] > 0 for v in report["variants"])
 
 
@@ -115,7 +116,7 @@ def test_eval_csv_fp32_reaches_reference_accuracy(tiny_artifacts, imagenet_sampl
 
 
 def test_eval_imagefolder_layout_matches_csv(tiny_artifacts, imagenet_sample, tmp_path):
-    labels = load_manifest(tiny_artifacts)["labels"]
+    labels = Manifest.load(tiny_artifacts).labels
     rows = list(csv.DictReader(open(imagenet_sample / "labels.csv")))[:40]
     tree = tmp_path / "tree"
     for row in rows:

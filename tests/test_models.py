@@ -279,6 +279,39 @@ def test_efficientnet_lite_1_and_2_come_from_their_packages_at_their_own_sizes()
         assert len(spec.labels) == 1000
 
 
+def test_efficientnet_lite_accuracy_is_not_below_the_published_order_on_real_images(imagenet_sample):
+    """Published ImageNet top-1: Lite0 75.1 < Lite1 76.7 < Lite2 77.6. On the 500-image sample these gaps are
+    within chance (about 30 images differ between two models), so the check is the one the sample can bear:
+    an exact two-sided McNemar test on the images one model gets right and the other misses must not say a
+    larger model is significantly worse. Wrong weights or preprocessing (e.g. ImageNet mean/std for Lite:
+    about 12 points lost) fail it."""
+    from math import comb
+
+    from edgepipe.runtime.data import load_labeled
+    from edgepipe.runtime.evaluate import read_image
+    from edgepipe.train.models import build_model
+    items = load_labeled(imagenet_sample / "labels.csv")
+    images = [read_image(p) for p, _ in items]
+    targets = np.array([t for _, t in items])
+    right = {}
+    torch.set_num_threads(2)
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        spec = build_model(name)
+        pre = Preprocess.from_manifest(spec.preprocess)
+        with torch.inference_mode():
+            top1 = np.concatenate([spec.model.eval()(torch.from_numpy(pre.batch(images[i:i + 50]))).argmax(1).numpy()
+                                   for i in range(0, len(images), 50)])
+        right[name] = top1 == targets
+
+    def mcnemar_p(smaller: str, larger: str) -> float:
+        gained, lost = int((right[larger] & ~right[smaller]).sum()), int((right[smaller] & ~right[larger]).sum())
+        n, k = gained + lost, min(gained, lost)
+        return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if lost > gained else 1.0
+    for smaller, larger in (("efficientnet_lite0", "efficientnet_lite1"), ("efficientnet_lite1", "efficientnet_lite2"),
+                            ("efficientnet_lite0", "efficientnet_lite2")):
+        assert mcnemar_p(smaller, larger) >= 0.05, (smaller, larger, {k: float(v.mean()) for k, v in right.items()})
+
+
 def test_models_command_lists_sources_sizes_and_offline_weights(tmp_path, monkeypatch):
     proc = run_edgepipe("models", "efficientnet_lite*", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_edgepipe
+from fuzz import KINDS, check, make_input, rehash
 from edgepipe import UserError
-from edgepipe.benchmarks.fuzz import KINDS, check, make_input, rehash
 from edgepipe.runtime.errors import InputMismatch, IntegrityError, ManifestError
-from edgepipe.runtime.manifest import load_manifest, onnx_external_locations, verify_files
+from edgepipe.runtime.integrity import onnx_external_locations, verify_files
+from edgepipe.runtime.manifest import FORMAT_VERSION, Manifest
 
 # A run small enough to start, interrupt and resume a few times: random-init MobileNetV3-Small, two targets.
 SMALL_RECIPE = """
@@ -152,7 +153,7 @@ def test_case01_tampered_model_refused_before_load(tiny_artifacts, tmp_path):
     flip_byte(onnx_file)  # inside the weights: still a loadable model, so only the hash check can catch it
     ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     with pytest.raises(IntegrityError, match="onnxruntime-fp32/model.onnx"):
-        verify_files(d, load_manifest(d)["variants"]["onnxruntime-fp32"], "onnxruntime-fp32")
+        verify_files(d, Manifest.load(d).variants["onnxruntime-fp32"].files, "onnxruntime-fp32")
     from edgepipe.runtime.model import Classifier
     with pytest.raises(IntegrityError, match="onnxruntime-fp32/model.onnx"):
         Classifier(d, variant="onnxruntime-fp32")
@@ -345,18 +346,20 @@ def _external_data_model(folder: Path, location: str, in_subgraph: bool = False)
 
 
 def _artifact_folder(root: Path, location: str, listed: list[str], in_subgraph: bool = False) -> Path:
-    from edgepipe.runtime.manifest import file_entry
+    from dataclasses import asdict
+
+    from edgepipe.runtime.integrity import FileEntry
     onnx_path = _external_data_model(root / "v", location, in_subgraph)
     weights = (np.arange(12, dtype=np.float32) / 10).tobytes()
     (root / "v" / "weights.bin").write_bytes(weights)
     (root.parent / "outside.bin").write_bytes(weights)
     if not (root / "v" / "link.bin").exists():
         (root / "v" / "link.bin").symlink_to(root.parent / "outside.bin")
-    manifest = {"format_version": 1, "model": {"name": "ext"}, "labels": ["a", "b", "c", "d"],
+    manifest = {"format_version": FORMAT_VERSION, "model": {"name": "ext", "num_classes": 4}, "labels": ["a", "b", "c", "d"],
                 "preprocess": {"resize": 8, "crop": 8, "mean": [0.5] * 3, "std": [0.25] * 3, "color": "RGB"},
                 "variants": {"ort": {"backend": "onnxruntime", "precision": "fp32", "format": "onnx",
                                      "input_shape": [-1, 3, 8, 8],
-                                     "files": [file_entry(root, onnx_path)] + [file_entry(root, root / "v" / f) for f in listed]}}}
+                                     "files": [asdict(FileEntry.of(root, p)) for p in [onnx_path] + [root / "v" / f for f in listed]]}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -380,7 +383,7 @@ def test_case04_onnx_external_data_escaping_folder_refused(tmp_path, location, l
     expected = [e.value for t in _get_all_tensors(proto) if uses_external_data(t) for e in t.external_data if e.key == "location"]
     assert onnx_external_locations(onnx_path) == expected == [location]
     with pytest.raises(ManifestError, match=refusal):  # by edgepipe, before any backend sees the file
-        verify_files(d, load_manifest(d)["variants"]["ort"], "ort")
+        verify_files(d, Manifest.load(d).variants["ort"].files, "ort")
     for backend in ("onnxruntime", "openvino"):
         with pytest.raises(ManifestError, match=refusal):
             Classifier(d, variant="ort", backend=backend)
@@ -534,10 +537,10 @@ def test_case09_interrupted_run_resumes_from_last_completed_step(interrupted_run
     assert len(r["after_kill"]) > len(r["after_sigint"]) >= 1
     out = r["out"]
     assert list(out.rglob("*.part*")) == []  # leftovers of the SIGKILLed run are cleaned up
-    manifest = load_manifest(out)
-    for name, variant in manifest["variants"].items():
-        assert variant["status"] == "ok", name
-        verify_files(out, variant, name)
+    manifest = Manifest.load(out)
+    for name, variant in manifest.variants.items():
+        assert variant.status == "ok", name
+        verify_files(out, variant.files, name)
         assert Classifier(out, variant=name).classify(np.zeros((64, 64, 3), np.uint8))
 
 
@@ -638,7 +641,7 @@ def test_case12_eval_skips_and_lists_bad_images(tiny_artifacts, tmp_path):
 
 
 def test_case12_calibration_skips_or_stops(tmp_path, capsys):
-    from edgepipe.pipeline import load_arrays
+    from edgepipe.run_data import load_arrays
     from edgepipe.runtime.preprocess import Preprocess
     good = tmp_path / "good.jpg"
     cv2.imwrite(str(good), np.full((64, 80, 3), 90, np.uint8))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -25,6 +26,8 @@ from edgepipe.runtime.backends import trt as trt_backend
 from edgepipe.runtime.backends.base import _importable, is_installed
 from edgepipe.runtime.backends.trt import CudaError, batch_chunks, cuda_call
 from edgepipe.runtime.errors import BackendUnavailable, IntegrityError
+from edgepipe.runtime.integrity import FileEntry
+from edgepipe.runtime.manifest import Manifest
 
 from conftest import REPO, run_edgepipe
 
@@ -253,31 +256,40 @@ def test_tensorrt_fp16_target_ships_an_fp16_onnx_that_runs(trt_run):
 
 
 def test_source_choice_on_the_real_manifest(trt_run):
-    manifest = json.loads((trt_run / "manifest.json").read_text())
-    assert choose_source(manifest, trt_run, "int8", "strong").entry["path"] == "tensorrt-int8/model.onnx"
+    manifest = Manifest.load(trt_run)
+    assert choose_source(manifest, trt_run, "int8", "strong").entry.path == "tensorrt-int8/model.onnx"
     assert choose_source(manifest, trt_run, "int8", "weak").qdq_check["ok"]
-    assert choose_source(manifest, trt_run, "fp16", "strong").entry["path"] == "tensorrt-fp16/model.fp16.onnx"
-    assert choose_source(manifest, trt_run, "fp16", "weak").entry["path"] == "model.onnx"
+    assert choose_source(manifest, trt_run, "fp16", "strong").entry.path == "tensorrt-fp16/model.fp16.onnx"
+    assert choose_source(manifest, trt_run, "fp16", "weak").entry.path == "model.onnx"
     # --rebuild: the variant is now an engine record (its ONNX only in the sidecar) and there is no onnxruntime-fp32
     rebuilt = copy.deepcopy(manifest)
-    pending = rebuilt["variants"]["tensorrt-fp16"]
-    rebuilt["variants"]["tensorrt-fp16"] = dict(pending, format="engine", files=[{"path": "tensorrt-fp16/model.engine", "sha256": "0"}],
-                                                compile={}, tensorrt={"source_files": source_files(pending)})
-    del rebuilt["variants"]["onnxruntime-fp32"]
+    pending = rebuilt.variants["tensorrt-fp16"]
+    engine = dataclasses.replace(pending, format="engine", files=[FileEntry("tensorrt-fp16/model.engine", "0")],
+                                 compile={}, tensorrt={"source_files": source_files(pending)})
+    rebuilt.variants["tensorrt-fp16"] = engine
+    del rebuilt.variants["onnxruntime-fp32"]
     for typing, path in (("weak", "model.onnx"), ("strong", "tensorrt-fp16/model.fp16.onnx")):
-        assert choose_source(rebuilt, trt_run, "fp16", typing).entry["path"] == path
+        assert choose_source(rebuilt, trt_run, "fp16", typing).entry.path == path
+    # the fallback ONNX Runtime variant is the one made from the same model, whatever the names
+    pruned = copy.deepcopy(manifest)
+    pruned.variants["smaller-engine"] = dataclasses.replace(engine, made_from="pruned", tensorrt={})
+    pruned.variants["smaller-ort"] = dataclasses.replace(pruned.variants["onnxruntime-fp32"], made_from="pruned")
+    assert choose_source(pruned, trt_run, "fp16", "weak", "smaller-engine").variant == "smaller-ort"
+    pruned.variants["unpruned-engine"] = dataclasses.replace(engine, tensorrt={})
+    assert choose_source(pruned, trt_run, "fp16", "weak", "unpruned-engine").variant == "onnxruntime-fp32"
     # refusals: a QDQ source whose TensorRT check failed, no fp16 ONNX for strong typing, a modified file
     failed = copy.deepcopy(manifest)
-    failed["variants"]["tensorrt-int8"]["compile"]["tensorrt_qdq_check"] = {"ok": False, "errors": ["zero point type uint8, TensorRT needs int8"]}
+    failed.variants["tensorrt-int8"].compile["tensorrt_qdq_check"] = {"ok": False, "errors": ["zero point type uint8, TensorRT needs int8"]}
     with pytest.raises(UserError, match="uint8"):
         choose_source(failed, trt_run, "int8", "strong")
     no_fp16 = copy.deepcopy(manifest)
-    del no_fp16["variants"]["tensorrt-fp16"]
+    del no_fp16.variants["tensorrt-fp16"]
     with pytest.raises(UserError, match="--typing weak"):
         choose_source(no_fp16, trt_run, "fp16", "strong")
     assert choose_source(no_fp16, trt_run, "fp16", "weak").variant == "onnxruntime-fp32"
     tampered = copy.deepcopy(manifest)
-    tampered["variants"]["tensorrt-int8"]["files"][0]["sha256"] = "0" * 64
+    files = tampered.variants["tensorrt-int8"].files
+    files[0] = dataclasses.replace(files[0], sha256="0" * 64)
     with pytest.raises(IntegrityError):
         choose_source(tampered, trt_run, "int8", "strong")
 

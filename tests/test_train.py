@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgepipe import UserError
+from edgepipe import UserError, datasets
 from edgepipe.recipe import PruneStage, TrainStage
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.train import data as tdata
 from edgepipe.train.finetune import fit, load_training_state
 
-pytestmark = pytest.mark.skipif(not (tdata.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+pytestmark = pytest.mark.skipif(not (datasets.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                                 reason="dataset-fashion-mnist is not installed")
 
 LITE = dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, color="RGB")
@@ -59,12 +59,13 @@ def tiny_sets(n: int = 32, size: int = 16):
 # ---------------------------------------------------------------- data
 
 def test_fashion_mnist_from_debian_idx_files(tmp_path):
-    images, labels = tdata.load_fashion_mnist("test")
+    fashion = datasets.get_dataset("fashion-mnist")
+    images, labels = fashion.load("test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels, minlength=10).tolist() == [1000] * 10
-    assert tdata.FASHION_MNIST_LABELS[9] == "Ankle boot" and len(tdata.FASHION_MNIST_LABELS) == 10
+    assert fashion.labels[9] == "Ankle boot" and len(fashion.labels) == 10
 
-    csv_path = tdata.materialize_fashion_mnist("fashion-mnist:test:20", tmp_path)
+    csv_path = datasets.materialize(datasets.parse_reference("fashion-mnist:test:20", "data.evaluation"), tmp_path)
     from edgepipe.runtime.data import load_labeled
     from edgepipe.runtime.evaluate import read_image
     items = load_labeled(csv_path)
@@ -75,9 +76,53 @@ def test_fashion_mnist_from_debian_idx_files(tmp_path):
     data = tdata.load_train_data("fashion-mnist", pre(32), val_split=0.1, max_train=64, max_val=16)
     x, y, i = data.train[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10 and len(data.train) == 64 and len(data.val) == 16
-    assert data.labels == tdata.FASHION_MNIST_LABELS
+    assert data.labels == list(fashion.labels)
     with pytest.raises(UserError, match="fashion-mnist:test"):
-        tdata.parse_fashion_mnist_ref("fashion-mnist:validation")
+        datasets.parse_reference("fashion-mnist:validation", "data.evaluation")
+
+
+def test_dataset_references_resolve_to_files_without_changing_the_recipe(tmp_path):
+    from edgepipe.recipe import RecipeError, dump_recipe, load_recipe
+    from edgepipe.runtime.data import load_labeled
+    from edgepipe.train.stage import preprocess_at
+    fm = Path(__file__).parent.parent / "recipes" / "fashion-mnist.yaml"
+    recipe = load_recipe(fm, "quick", ["data.evaluation=fashion-mnist:test:30"])
+    before = dump_recipe(recipe)
+    resolved = datasets.resolve_data(recipe, tmp_path)
+    assert dump_recipe(recipe) == before  # the resolved recipe is never rewritten
+    assert len(load_labeled(resolved.evaluation)) == 30 and len(load_labeled(resolved.calibration_source)) == 200
+    assert Path(resolved.evaluation).is_relative_to(tmp_path / "data")
+    for bad, hint in [("fashion-mnst:test", "did you mean fashion-mnist:test?"), ("fashion-mnist", "fashion-mnist:test or"),
+                      ("fashion-mnist:test:0", "at least 1")]:
+        with pytest.raises(RecipeError, match=hint):
+            load_recipe(fm, "quick", [f"data.evaluation={bad}"])
+    # 28 px items fill the frame: no centre crop at another input size; an image folder keeps the model's ratio
+    lite = {"resize": 256, "crop": 224}
+    assert preprocess_at(lite, 64, "fashion-mnist")["resize"] == 64
+    assert preprocess_at(lite, 64, str(tmp_path))["resize"] == 73
+
+
+def test_a_registered_dataset_is_one_function(tmp_path):
+    from edgepipe.runtime.data import load_labeled
+    (tmp_path / "toy").mkdir()
+    np.save(tmp_path / "toy" / "images.npy", np.random.default_rng(0).integers(0, 255, (12, 9, 11, 3), dtype=np.uint8))
+
+    @datasets.register_dataset("toy-set", root=tmp_path / "toy", splits=("train", "val"), labels=("a", "b", "c"))
+    def toy(split: str, root: Path):
+        images = np.load(root / "images.npy")
+        return images, np.arange(len(images), dtype=np.int64) % 3
+    try:
+        ref = datasets.parse_reference("toy-set:val:5", "data.evaluation")
+        assert (ref.split, ref.count, str(ref)) == ("val", 5, "toy-set:val:5")
+        items = load_labeled(datasets.materialize(ref, tmp_path / "out"))
+        assert [t for _, t in items] == [0, 1, 2, 0, 1]
+        data = tdata.load_train_data("toy-set", pre(8), val_split=0.25)
+        assert data.labels == ["a", "b", "c"] and len(data.train) == 9 and len(data.val) == 3
+        assert [f for f, _, _ in tdata.data_fingerprint("toy-set")] == [str(tmp_path / "toy" / "images.npy"), __file__]
+        with pytest.raises(UserError, match="did you mean toy-set:val"):
+            datasets.parse_reference("toy-sett:val", "data.evaluation")
+    finally:
+        datasets._DATASETS.pop("toy-set")
 
 
 def _write_folder(root: Path) -> Path:
@@ -364,17 +409,23 @@ def test_resume_flag_sets_the_recipe(tmp_path):
 
 def test_report_training_section_compares_ptq_and_qat_against_pruned_fp32():
     from edgepipe.benchmarks.report import _training_lines, training_summary
-    manifest = {"model": {"source": {"fine_tuned_on": "fashion-mnist", "pretrained": False, "train_images": 100,
-                                     "epochs": 1.0, "input_size": 64, "images_per_s": 50.0, "val_top1": 0.5},
-                          "pruned": {"macs_reduction": 0.5, "speedup": 1.6, "backend": "onnxruntime",
-                                     "distill_alpha": 0.7, "global_pruning": False}}}
-    rows = [{"name": "pruned-onnxruntime-fp32", "precision": "fp32", "top1": 0.90},
-            {"name": "pruned-openvino-int8", "precision": "int8", "top1": 0.895},
-            {"name": "pruned-openvino-int8-qat", "precision": "int8", "top1": 0.88}]
-    summary = training_summary(manifest, rows)
+    from edgepipe.runtime.manifest import ModelInfo
+    model = ModelInfo(name="m", num_classes=10,
+                      source={"fine_tuned_on": "fashion-mnist", "pretrained": False, "train_images": 100,
+                              "epochs": 1.0, "input_size": 64, "images_per_s": 50.0, "val_top1": 0.5},
+                      pruned={"macs_reduction": 0.5, "speedup": 1.6, "backend": "onnxruntime",
+                              "distill_alpha": 0.7, "global_pruning": False})
+    pruned = {"made_from": "pruned"}
+    rows = [{"name": "pruned-onnxruntime-fp32", "backend": "onnxruntime", "precision": "fp32", "quantization": None, "top1": 0.90, **pruned},
+            {"name": "pruned-openvino-int8", "backend": "openvino", "precision": "int8", "quantization": "ptq", "top1": 0.895, **pruned},
+            {"name": "pruned-openvino-int8-qat", "backend": "openvino", "precision": "int8", "quantization": "qat", "top1": 0.88, **pruned},
+            {"name": "openvino-int8", "backend": "openvino", "precision": "int8", "quantization": "ptq", "top1": 0.7,
+             "made_from": "base"}]  # not made from the pruned model: not in the pruned summary
+    summary = training_summary(model, rows)
+    assert set(summary["pruned_int8"]) == {"pruned-openvino-int8", "pruned-openvino-int8-qat"}
     assert summary["pruned_int8"]["pruned-openvino-int8"] == {"top1": 0.895, "method": "ptq", "drop_vs_pruned_fp32_pts": 0.5}
     assert summary["pruned_int8"]["pruned-openvino-int8-qat"]["method"] == "qat"
     text = "\n".join(_training_lines(summary, {"openvino": "pruned-openvino-int8"}))
     assert "random initialisation" in text and "knowledge distillation" in text and "per-layer" in text
     assert "pruned-openvino-int8 (PTQ): top-1 0.8950, 0.50 pts below pruned fp32 (0.9000) — served" in text
-    assert training_summary({"model": {"source": {}}}, rows) is None
+    assert training_summary(ModelInfo(name="m", num_classes=10), rows) is None

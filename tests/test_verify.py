@@ -92,10 +92,11 @@ def _break_ort_fp32(folder: Path) -> str:
     import onnx
     from onnx import numpy_helper
 
-    from edgepipe.runtime.manifest import file_entry
-    manifest = json.loads((folder / "manifest.json").read_text())
+    from edgepipe.runtime.integrity import FileEntry
+    from edgepipe.runtime.manifest import Manifest
+    manifest = Manifest.load(folder)
     name = "onnxruntime-fp32"
-    path = folder / manifest["variants"][name]["files"][0]["path"]
+    path = folder / manifest.variants[name].files[0].path
     model = onnx.load(str(path))
     big = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
     w = numpy_helper.to_array(big)
@@ -103,10 +104,10 @@ def _break_ort_fp32(folder: Path) -> str:
     big.CopyFrom(numpy_helper.from_array(noisy, big.name))
     path.unlink()  # the copy may share its inode with the fixture's file (hard links): write a new file
     onnx.save(model, str(path))
-    manifest["variants"][name]["files"] = [file_entry(folder, path)]
-    manifest["default_variant"] = name
-    manifest["defaults"]["onnxruntime"] = name
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifest.variants[name].files = [FileEntry.of(folder, path)]
+    manifest.default_variant = name
+    manifest.defaults["onnxruntime"] = name
+    manifest.dump(folder)
     return name
 
 
@@ -143,9 +144,9 @@ def test_a_device_record_of_another_machine_is_ignored(folder):
     # a record of this machine whose variant files have changed since is ignored for that variant
     assert run_edgepipe("verify", folder, "--iterations", "5").returncode == 0
     _break_ort_fp32(folder)
-    from edgepipe.runtime.manifest import load_manifest
+    from edgepipe.runtime.manifest import Manifest
     from edgepipe.runtime.verify import device_record_for_this_machine
-    kept = device_record_for_this_machine(folder, load_manifest(folder))
+    kept = device_record_for_this_machine(folder, Manifest.load(folder))
     assert "onnxruntime-fp32" not in kept["variants"] and kept["variants"]
 
 
@@ -165,11 +166,12 @@ def test_recipe_budgets_decide_what_run_serves(tiny_artifacts):
     pipeline applies to its own measurements, here on the tiny run's real manifest)."""
     from edgepipe.pipeline import budget_failures
     from edgepipe.recipe import recipe_from_dict
+    from edgepipe.runtime.manifest import Manifest
     from edgepipe.runtime.serving import choose_defaults
-    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    served = manifest["default_variant"]
+    manifest = Manifest.load(tiny_artifacts)
+    served = manifest.default_variant
     recipe = recipe_from_dict({"budgets": [{"variants": served, "p90_ms_max": 1e-6}, {"agreement_min": 0.0}]})
     over = budget_failures(manifest, recipe, {})
     assert set(over) == {served} and "p90_ms_max" in over[served]
     choose_defaults(manifest, None, eligible=lambda name, v: name not in over)
-    assert served not in manifest["defaults"].values() and manifest["default_variant"] != served
+    assert served not in manifest.defaults.values() and manifest.default_variant != served

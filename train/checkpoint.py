@@ -8,7 +8,7 @@ import torch
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
-from edgepipe.runtime.manifest import sha256_file
+from edgepipe.runtime.integrity import sha256_file
 
 
 def load_state_dict(path: str | Path) -> tuple[dict, str]:

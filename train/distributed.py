@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -103,9 +104,8 @@ def main(argv=None) -> int:
     import argparse
 
     from edgepipe import UserError
-    from edgepipe.pipeline import prepare_out_dir
     from edgepipe.recipe import load_recipe
-    from edgepipe.steps import StepCache
+    from edgepipe.steps import StepCache, prepare_out_dir
     from edgepipe.train.models import build_from_config
     from edgepipe.train.stage import prune_stage, train_stage
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.profile, args.set + (["stages.train.resume=true"] if args.resume else []))
-        out = prepare_out_dir(__import__("pathlib").Path(args.out))
+        out = prepare_out_dir(Path(args.out))
         # the process group does not exist yet (fit creates it), so torchrun's RANK tells who logs
         cache = StepCache(out, print if int(os.environ.get("RANK", "0")) == 0 else (lambda m: None))
         torch.manual_seed(0)

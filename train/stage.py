@@ -2,19 +2,18 @@
 the same model, recipe section, data and code reuses the saved weights instead of training again.
 
 Outputs: train/model.safetensors (+ a per-configuration epoch checkpoint for --resume), prune/pruned.*
-(see train/prune.py), {prefix}qat/model.qdq.onnx, and the QAT variants "{prefix}{backend}-int8-qat".
+(see train/prune.py) and {prefix}qat/model.qdq.onnx, which the "-int8-qat" variants are compiled from.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from edgepipe import UserError
-from edgepipe.steps import code_hash, hash_key, relative_files, tool_versions
+from edgepipe.steps import code_hash, hash_key, tool_versions
 from edgepipe.train.models import ModelSpec
 
 
@@ -28,12 +27,13 @@ def train_code_hash() -> str:
 
 
 def preprocess_at(preprocess: dict, size: int, source: str | None) -> dict:
-    """A model's preprocessing at another input size: the same resize/crop ratio, except for Fashion-MNIST
-    whose 28 px items fill the frame (no crop)."""
+    """A model's preprocessing at another input size: the same resize/crop ratio, except for training data
+    whose items fill the frame (a dataset registered with fills_frame, e.g. 28 px Fashion-MNIST: no crop)."""
+    from edgepipe.datasets import fills_frame
     pre = dict(preprocess)
     ratio = pre["resize"] / pre["crop"]
     pre["crop"] = size
-    pre["resize"] = size if source == "fashion-mnist" else int(round(size * ratio))
+    pre["resize"] = size if fills_frame(source) else int(round(size * ratio))
     return pre
 
 
@@ -65,11 +65,13 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     from safetensors.torch import load_file, save_file
 
     from edgepipe.atomic import atomic_path
+    from edgepipe.datasets import dataset_names
     from edgepipe.train import distributed
     from edgepipe.train.finetune import fit, seed_everything
     from edgepipe.train.models import build_model, head_module, replace_head
     if not recipe.data.train:
-        raise UserError("stages.train is enabled but data.train is not set; give fashion-mnist, an ImageFolder tree or a CSV")
+        raise UserError("stages.train is enabled but data.train is not set; give a dataset "
+                        f"({', '.join(dataset_names())}), an ImageFolder tree or a CSV")
     cfg = recipe.stages.train
     size = cfg.input_size or recipe.model.input_size or spec.preprocess["crop"]
     pre = preprocess_at(spec.preprocess, size, recipe.data.train)
@@ -112,7 +114,7 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 
 def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     """Prune ``spec`` to the recipe's MACs / latency targets with fine-tuning; variants get prefix "pruned-"."""
-    from edgepipe.pipeline import model_hash
+    from edgepipe.train.models import model_hash
     from edgepipe.train import distributed
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
@@ -169,18 +171,18 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 
 # ---------------------------------------------------------------- quantization-aware training
 
-def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> tuple[dict, np.ndarray]:
-    """QAT of ``spec`` -> QDQ ONNX -> one "-int8-qat" variant per int8 target of this model.
+def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
+    """QAT of ``spec`` -> a QDQ ONNX the "-int8-qat" variants are compiled from (compile/targets, quantization
+    "qat"). None when the recipe has no int8 target for this model.
 
-    Returns (variant records for the manifest, reference logits of the QAT model on ``parity_batch``)."""
-    from edgepipe.pipeline import model_hash
-    from edgepipe.runtime.manifest import sha256_file
-    from edgepipe.train.finetune import evaluate, fit
+    Returns {"onnx": QDQ path, "info": what QAT did, "logits": the QAT model on ``parity_batch`` (the variants'
+    parity reference), "key": the step's cache key}."""
     from edgepipe.compile.qdq_check import check_qdq
+    from edgepipe.train.models import model_hash
+    from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.qat import calibrate, export_qdq, prepare_qat
-    targets = [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]
-    if not targets:
-        return {}, None
+    if not [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]:
+        return None
     if not recipe.data.train:
         raise UserError("stages.quantize.method qat needs training data: set data.train (or use method: ptq)")
     q = recipe.stages.quantize
@@ -216,32 +218,5 @@ def qat_variants(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_
                 "epochs": q.qat_epochs, "lr": q.qat_lr}
 
     info = cache.run(f"{prefix}qat", key, run, files=lambda r: [qdq, ref_file])
-    variants = {}
-    qdq_sha = sha256_file(qdq)
-    for target in targets:
-        name = f"{prefix}{target.backend}-int8-qat"
-        rec = cache.run(f"compile-{name}", hash_key(key, target.model_dump(), tool_versions()),
-                        lambda target=target, name=name: _qat_target(target, name, qdq, out, info),
-                        files=lambda r: [out / f for f in r["files"]])
-        variants[name] = dict(rec, source_onnx_sha256=qdq_sha)
-    return variants, np.load(ref_file)
-
-
-def _qat_target(target, name: str, qdq: Path, out: Path, info: dict) -> dict:
-    vdir = Path(out) / name
-    vdir.mkdir(parents=True, exist_ok=True)
-    status, fmt = "ok", "onnx"
-    if target.backend == "openvino":
-        from edgepipe.compile import openvino_ir
-        files, fmt = openvino_ir.convert(qdq, vdir / "model.xml", "fp32"), "ir"  # Q/DQ become int8 FakeQuantize
-    else:
-        dst = vdir / "model.onnx"
-        shutil.copyfile(qdq, dst)
-        files = [dst]
-        if target.backend == "tensorrt":
-            status, fmt = "pending-build", "engine"
-    compile_info = {"method": "qat (torch.ao fake-quant, symmetric int8, per-channel weights)", **info}
-    if target.backend == "tensorrt":
-        compile_info["engine"] = "build on the device with `edgepipe build-engine DIR --precision int8`"
-    return {"backend": target.backend, "precision": "int8", "format": fmt, "files": relative_files(out, files),
-            "compile": compile_info, "status": status}
+    info = {"method": "qat (torch.ao fake-quant, symmetric int8, per-channel weights)", **info}
+    return {"onnx": qdq, "info": info, "logits": np.load(ref_file), "key": key}

@@ -8,47 +8,61 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from edgepipe.runtime.errors import BackendUnavailable, InputMismatch
 
-# backend name -> (module, class, python package that must be importable, formats it can load)
-BACKENDS = {
-    "tensorrt": ("edgepipe.runtime.backends.trt", "TensorRTBackend", "tensorrt", ("engine",)),
-    "openvino": ("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx")),
-    "onnxruntime": ("edgepipe.runtime.backends.ort", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
+if TYPE_CHECKING:
+    from edgepipe.runtime.manifest import Variant
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """How to create one runtime backend: its module and class (imported only when used, so a device needs
+    only the library it runs), the Python package it needs, the variant formats it loads, and what to install."""
+    module: str
+    cls: str
+    package: str
+    formats: tuple[str, ...]
+    install_hint: str
+    extra_packages: tuple[tuple[str, ...], ...] = ()   # more packages it needs (any one of each tuple)
+    extra_hint: str = ""
+
+
+# The one map of runtime backends; CLI choices come from it. Its order is `--backend auto`'s preference on a
+# device: TensorRT, then OpenVINO, then ONNX Runtime. Adding a backend = a module with a class that follows
+# the Backend protocol below, and its entry here.
+BACKENDS: dict[str, BackendInfo] = {
+    "tensorrt": BackendInfo(
+        "edgepipe.runtime.backends.trt", "TensorRTBackend", "tensorrt", ("engine",),
+        "TensorRT comes with JetPack on a Jetson; on an x86 GPU host: pip install tensorrt (NVIDIA's index)",
+        extra_packages=(("cuda.bindings", "cuda.cudart"),),  # TensorRT moves memory with cuda-python
+        extra_hint="pip install 'cuda-python>=12.6,<13' (JetPack 6: 'cuda-python>=12.6,<12.7')"),
+    "openvino": BackendInfo("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx"),
+                            "pip install 'edgepipe[openvino]'"),
+    "onnxruntime": BackendInfo("edgepipe.runtime.backends.ort", "OnnxRuntimeBackend", "onnxruntime", ("onnx",),
+                               "pip install 'edgepipe[onnxruntime]' (or onnxruntime-gpu)"),
 }
+AUTO_ORDER = tuple(BACKENDS)
+
+
 def env_threads() -> int:
     """CPU threads for inference from EDGEPIPE_THREADS; 0 (unset or empty): the library's own default."""
     return int(os.environ.get("EDGEPIPE_THREADS", "0") or 0)
 
 
-# `--backend auto` preference on a device: TensorRT, then OpenVINO, then ONNX Runtime.
-AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
-INSTALL_HINT = {
-    "tensorrt": "TensorRT comes with JetPack on a Jetson; on an x86 GPU host: pip install tensorrt (NVIDIA's index)",
-    "openvino": "pip install 'edgepipe[openvino]'",
-    "onnxruntime": "pip install 'edgepipe[onnxruntime]' (or onnxruntime-gpu)",
-}
-
-
 class Backend(Protocol):
     name: str
 
-    def load(self, files: list[Path], variant: dict, *, device: str | None = None) -> None:
+    def load(self, files: list[Path], variant: Variant, *, device: str | None = None) -> None:
         """Load the variant's model files (already hash-checked). ``device``: where to run, in the backend's
         own terms (OpenVINO: CPU, GPU, NPU, AUTO, HETERO:...); None = the backend's default. A backend
         that cannot place the model on ``device`` raises a UserError saying so."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, num_classes) float32 logits."""
-
-
-# more Python packages a backend needs besides its own (any one of each tuple): TensorRT moves memory with cuda-python
-EXTRA_PACKAGES = {"tensorrt": (("cuda.bindings", "cuda.cudart"),)}
-EXTRA_HINT = {"tensorrt": "pip install 'cuda-python>=12.6,<13' (JetPack 6: 'cuda-python>=12.6,<12.7')"}
 
 
 def _importable(module: str) -> bool:
@@ -60,9 +74,10 @@ def _importable(module: str) -> bool:
 
 def missing_package(name: str) -> str | None:
     """The first Python package backend ``name`` needs that is not installed here, or None."""
-    if not _importable(BACKENDS[name][2]):
-        return BACKENDS[name][2]
-    return next((alts[0] for alts in EXTRA_PACKAGES.get(name, ()) if not any(_importable(m) for m in alts)), None)
+    info = BACKENDS[name]
+    if not _importable(info.package):
+        return info.package
+    return next((alts[0] for alts in info.extra_packages if not any(_importable(m) for m in alts)), None)
 
 
 def is_installed(name: str) -> bool:
@@ -70,18 +85,18 @@ def is_installed(name: str) -> bool:
 
 
 def can_load(name: str, fmt: str) -> bool:
-    return name in BACKENDS and fmt in BACKENDS[name][3]
+    return name in BACKENDS and fmt in BACKENDS[name].formats
 
 
 def create_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
-    module, cls, package, _ = BACKENDS[name]
+    info = BACKENDS[name]
     missing = missing_package(name)
     if missing is not None:
-        hint = INSTALL_HINT[name] if missing == package else EXTRA_HINT[name]
+        hint = info.install_hint if missing == info.package else info.extra_hint
         raise BackendUnavailable(f"backend {name!r} needs the Python package {missing!r}, which is not installed: {hint}")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(info.module), info.cls)()
 
 
 def check_input(batch: np.ndarray, expected: list | tuple) -> np.ndarray:

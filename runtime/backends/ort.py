@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from edgepipe.runtime.backends.base import check_input, env_threads
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
+from edgepipe.runtime.manifest import Variant
 
 DEVICES = {None: ("CUDAExecutionProvider", "CPUExecutionProvider"), "CPU": ("CPUExecutionProvider",)}
 
@@ -20,7 +21,7 @@ DEVICES = {None: ("CUDAExecutionProvider", "CPUExecutionProvider"), "CPU": ("CPU
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def load(self, files: list[Path], variant: dict, *, device: str | None = None) -> None:
+    def load(self, files: list[Path], variant: Variant, *, device: str | None = None) -> None:
         """``device``: None (CUDA where onnxruntime-gpu has it, else CPU) or CPU."""
         key = device.upper() if device else None
         if key not in DEVICES:

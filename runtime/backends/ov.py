@@ -23,6 +23,7 @@ import openvino as ov
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import check_input, env_threads
 from edgepipe.runtime.errors import ManifestError
+from edgepipe.runtime.manifest import Variant
 
 DEFAULT_DEVICE = "CPU"
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI")
@@ -57,11 +58,11 @@ def check_device(device: str | None, core: ov.Core | None = None) -> str:
     return text
 
 
-def recorded_device(variant: dict, core: ov.Core) -> str:
-    """No --device given: EDGEPIPE_OV_DEVICE, else the device the recipe's target named (variant["device"]),
+def recorded_device(variant: Variant, core: ov.Core) -> str:
+    """No --device given: EDGEPIPE_OV_DEVICE, else the device the recipe's target named (variant.device),
     else CPU. A recorded device this machine lacks (the build host has no NPU, say) falls back to CPU with
     one line on stderr: the variant still runs; an explicit --device is never replaced."""
-    wanted = os.environ.get("EDGEPIPE_OV_DEVICE") or variant.get("device") or DEFAULT_DEVICE
+    wanted = os.environ.get("EDGEPIPE_OV_DEVICE") or variant.device or DEFAULT_DEVICE
     try:
         return check_device(wanted, core)
     except DeviceUnavailable:
@@ -97,14 +98,14 @@ def cache_dir(device: str) -> str | None:
     return str(folder.expanduser())
 
 
-def compile_config(device: str, variant: dict, hint: str) -> dict:
+def compile_config(device: str, variant: Variant, hint: str) -> dict:
     """Properties for compile_model. Per-hardware settings go through DEVICE_PROPERTIES on virtual devices."""
     config: dict = {"PERFORMANCE_HINT": hint}
     per_device: dict = {}
     # OpenVINO's CPU plugin silently runs fp32 models in bf16 where the CPU has it (and the GPU in f16); an
     # fp32 variant must compute in fp32 (measured on CPU: max logit error 0.1 in bf16, 6e-6 in f32).
     # The NPU computes in fp16 whatever is asked.
-    if variant.get("precision") == "fp32":
+    if variant.precision == "fp32":
         per_device["CPU"] = {"INFERENCE_PRECISION_HINT": "f32"}
         per_device["GPU"] = {"INFERENCE_PRECISION_HINT": "f32"}
     threads = env_threads()
@@ -126,7 +127,7 @@ def compile_config(device: str, variant: dict, hint: str) -> dict:
 class OpenVINOBackend:
     name = "openvino"
 
-    def load(self, files: list[Path], variant: dict, *, device: str | None = None, hint: str | None = None) -> None:
+    def load(self, files: list[Path], variant: Variant, *, device: str | None = None, hint: str | None = None) -> None:
         """``device``: an OpenVINO device (see `check_device`; default CPU); ``hint``: LATENCY (default) or
         THROUGHPUT."""
         model = next((f for f in files if f.suffix == ".xml"), None) or next((f for f in files if f.suffix == ".onnx"), None)

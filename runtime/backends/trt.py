@@ -1,7 +1,7 @@
 """TensorRT backend (engines built on the device by `edgepipe build-engine`), TensorRT 10.3 - 11.x Python API.
 
 An engine is only valid for the TensorRT version and GPU it was built with. The manifest's sidecar
-(variant["tensorrt"]) records both; a mismatch is refused *before* the engine is deserialized, with the
+(Variant.tensorrt) records both; a mismatch is refused *before* the engine is deserialized, with the
 command that rebuilds it. Device and pinned host memory go through cuda-python (``cuda.bindings.runtime``,
 or ``cuda.cudart`` before 12.6), as in NVIDIA's samples; a CUDA error is one line saying how to fix it.
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from edgepipe.runtime.backends.base import check_input
 from edgepipe.runtime.errors import BackendUnavailable, InputMismatch, ManifestError
+from edgepipe.runtime.manifest import Variant
 
 # JetPack 6.1/6.2 ship CUDA 12.6; cuda-python 13 needs a CUDA 13 driver
 CUDA_PYTHON_PIN = "cuda-python>=12.6,<13"
@@ -124,7 +125,7 @@ def io_dtype(dtype, tensor: str) -> np.dtype:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def load(self, files: list[Path], variant: dict, *, device: str | None = None) -> None:
+    def load(self, files: list[Path], variant: Variant, *, device: str | None = None) -> None:
         if device not in (None, "", "GPU", "gpu"):
             raise BackendUnavailable(f"--device {device} is an OpenVINO device; TensorRT runs on the GPU it was built for "
                                      "(drop --device or use --backend openvino)")
@@ -133,11 +134,11 @@ class TensorRTBackend:
         if engine_path is None:
             raise ManifestError("variant has no .engine file; build it on this device: edgepipe build-engine DIR --precision fp16")
         self.rt = cudart()
-        why = engine_mismatch(variant.get("tensorrt"), trt.__version__, gpu_info())
+        why = engine_mismatch(variant.tensorrt, trt.__version__, gpu_info())
         if why:  # never deserialize an engine built for another TensorRT / GPU
-            precision = (variant.get("tensorrt") or {}).get("precision", variant.get("precision", "fp16"))
+            precision = (variant.tensorrt or {}).get("precision", variant.precision)
             raise ManifestError(f"TensorRT engine {engine_path.name} cannot be served here: {why}; rebuild it with "
-                                f"`edgepipe build-engine {variant.get('model_dir', 'DIR')} --precision {precision} --rebuild`")
+                                f"`edgepipe build-engine {engine_path.parent.parent} --precision {precision} --rebuild`")
         runtime = trt.Runtime(trt_logger(trt))
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:

@@ -1,6 +1,6 @@
 """Camera pipeline throughput vs engine-only throughput of the same variant, measured in one run.
 
-    python benchmarks/camera_throughput.py --model /tmp/cam-default [--variant V] [--device D] [--frames 300]
+    python benchmarks/studies/camera_throughput.py --model /tmp/cam-default [--variant V] [--device D] [--frames 300]
         [--output [--output-encoder auto|ffmpeg|opencv]]
 
 Engine-only: the variant's infer() called back to back on one preprocessed tensor (batch 1).
@@ -28,7 +28,7 @@ import cv2
 from edgepipe.atomic import write_json
 from edgepipe.runtime.model import Classifier
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TARGET_RATIO = 0.85
 
 

@@ -1,6 +1,6 @@
 """What the runtime adds to the engine: `Classifier.logits` against OpenVINO's own `benchmark_app` on the same IR.
 
-    python benchmarks/runtime_overhead.py --model /tmp/cam-default [--variant V ...] [--device CPU] [--rounds 3]
+    python benchmarks/studies/runtime_overhead.py --model /tmp/cam-default [--variant V ...] [--device CPU] [--rounds 3]
 
 For each OpenVINO variant: batch-1 latency of `Classifier.logits` (hash-checked variant, the runtime's
 compile settings, input checks, logits copied out) and `benchmark_app -hint latency` on the same .xml
@@ -76,11 +76,11 @@ def runtime_latency(clf: Classifier, x: np.ndarray, seconds: float) -> dict:
 def measure_variant(model: str, name: str, device: str, rounds: int, seconds: float, static: bool = True) -> dict:
     clf = Classifier(model, variant=name, backend="openvino", device=device)
     xml = next(f for f in clf.files if f.suffix == ".xml")
-    shape = [1 if d in (-1, None) else d for d in clf.variant["input_shape"]]
+    shape = [1 if d in (-1, None) else d for d in clf.variant.input_shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ours, theirs = [], []
     for _ in range(rounds):
-        theirs.append(benchmark_app_latency(xml, clf.backend.device, shape, clf.variant["precision"], seconds, static))
+        theirs.append(benchmark_app_latency(xml, clf.backend.device, shape, clf.variant.precision, seconds, static))
         ours.append(runtime_latency(clf, x, seconds))
 
     def ratio(key: str) -> float:
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("EDGEPIPE_OV_HINT", "LATENCY")
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds must be >= 1 and --seconds > 0")
-    from edgepipe.runtime.manifest import load_manifest
-    manifest = load_manifest(args.model)
-    names = args.variant or [n for n, v in manifest["variants"].items() if v["backend"] == "openvino" and v.get("status", "ok") == "ok"]
+    from edgepipe.runtime.manifest import Manifest
+    manifest = Manifest.load(args.model)
+    names = args.variant or [n for n, v in manifest.of_backend("openvino").items() if v.status == "ok"]
     results = [measure_variant(args.model, n, args.device, args.rounds, args.seconds, not args.data_shape) for n in names]
     print(f"{'variant':<22} {'device':<8} {'runtime ms':>10} {'benchmark_app ms':>17} {'ratio':>6} {'ratio of minima':>16}"
           f"   (target <= {TARGET_RATIO})")

@@ -5,7 +5,7 @@ rows; fold "odd" swaps the halves. Every image is held out exactly once, so the 
 of them (500 on the bundled sample) instead of on one noisy half. With ``--calibration generated`` there is
 one run instead: the default recipe's generated crops calibrate, and every image of the sample is held out.
 
-    .venv/bin/python -m edgepipe.benchmarks.int8_accuracy [--sample DIR] [--out DIR] [--max-drop none|0.5] [--folds even odd]
+    .venv/bin/python benchmarks/studies/int8_accuracy.py [--sample DIR] [--out DIR] [--max-drop none|0.5] [--folds even odd]
         [--calibration folds|generated] [--isa portable|vnni] [--qdq-mode auto|s8s8|s8s8_reduce_range|u8s8_reduce_range]
 
 Prints per fold and pooled: top-1 per variant, drop against onnxruntime-fp32 in points, layers kept in float,
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 TARGETS = ("[{backend: onnxruntime, precision: fp32}, {backend: openvino, precision: fp32}, "
            "{backend: openvino, precision: int8}, {backend: onnxruntime, precision: int8}]")

@@ -1,6 +1,6 @@
 """Fuzz edgepipe's loaders: every random or damaged input must give a clean result or a one-line error.
 
-    python benchmarks/fuzz.py --model ARTIFACT_DIR --seconds 300 [--kinds recipe,manifest,image,video,model]
+    python tests/fuzz.py --model ARTIFACT_DIR --seconds 300 [--kinds recipe,manifest,image,video,model]
 
 Kinds and the real code each goes through:
 
@@ -110,7 +110,8 @@ def mutate_tree(rng: random.Random, obj):
 
 def rehash(model_dir: Path) -> None:
     """Rewrite every file entry's sha256/bytes in manifest.json to the files as they are now."""
-    from edgepipe.runtime.manifest import MANIFEST_NAME, sha256_file
+    from edgepipe.runtime.integrity import sha256_file
+    from edgepipe.runtime.manifest import MANIFEST_NAME
     path = Path(model_dir) / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     for variant in manifest["variants"].values():
@@ -129,15 +130,17 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _usable_variants(manifest: dict) -> list[str]:
-    return [n for n, v in manifest["variants"].items() if v.get("status", "ok") == "ok"]
+def _usable_variants(template: Path) -> dict:
+    """The template's servable variants (name -> Variant), read through the typed manifest."""
+    from edgepipe.runtime.manifest import Manifest
+    return {n: v for n, v in Manifest.load(template).variants.items() if v.status == "ok"}
 
 
 def make_input(kind: str, rng: random.Random, work: Path, template: Path, video: Path | None = None,
                safe: bool = True) -> tuple[Path, str | None]:
     """Write one fuzzed input of ``kind`` under ``work`` (an empty folder); return (target, variant) for check()."""
     work.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((template / "manifest.json").read_text())
+    manifest = json.loads((template / "manifest.json").read_text())  # raw JSON: what gets damaged on purpose
     if kind == "recipe":
         import yaml
         style = rng.random()
@@ -150,9 +153,9 @@ def make_input(kind: str, rng: random.Random, work: Path, template: Path, video:
         (work / "recipe.yaml").write_bytes(data)
         return work / "recipe.yaml", None
     if kind == "manifest":
-        for name in _usable_variants(manifest):
-            for entry in manifest["variants"][name]["files"]:
-                _link(template / entry["path"], work / entry["path"])
+        for variant in _usable_variants(template).values():
+            for entry in variant.files:
+                _link(template / entry.path, work / entry.path)
         style = rng.random()
         if style < 0.2:
             data = random_bytes(rng)
@@ -179,7 +182,7 @@ def make_input(kind: str, rng: random.Random, work: Path, template: Path, video:
         (work / "video.mp4").write_bytes(data)
         return work / "video.mp4", None
     if kind == "model":
-        name = rng.choice(_usable_variants(manifest))
+        name = rng.choice(list(_usable_variants(template)))
         manifest["variants"] = {name: manifest["variants"][name]}
         manifest.pop("defaults", None)
         manifest["default_variant"] = name

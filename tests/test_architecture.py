@@ -1,0 +1,111 @@
+"""The ground every backend, device and model stands on: the typed manifest, the compile-target registry, the
+runtime backend map, one budget schema, and a resolved recipe that is never changed after it is written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from edgepipe import UserError
+from edgepipe.compile import targets
+from edgepipe.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS
+from edgepipe.runtime.errors import ManifestError
+from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, Variant
+
+
+def test_manifest_round_trips_through_its_dataclasses(tiny_artifacts):
+    on_disk = json.loads((tiny_artifacts / MANIFEST_NAME).read_text())
+    m = Manifest.load(tiny_artifacts)
+    assert m.to_dict() == on_disk  # every field the writers put there is a typed field
+    assert isinstance(m.variants["openvino-int8"], Variant)
+    assert {(v.made_from, v.quantization) for v in m.variants.values()} == {("base", None), ("base", "ptq")}
+    assert set(m.reference_set.logits) == {v.reference_logits for v in m.variants.values()}
+
+
+def test_manifest_refuses_unknown_fields_with_a_close_match(tiny_artifacts, tmp_path):
+    data = json.loads((tiny_artifacts / MANIFEST_NAME).read_text())
+    data["variants"]["openvino-int8"]["precison"] = "int8"
+    with pytest.raises(ManifestError, match=r"unknown field 'precison' \(did you mean precision\?\)"):
+        Manifest.from_dict(data)
+    data = json.loads((tiny_artifacts / MANIFEST_NAME).read_text())
+    data["variants"]["openvino-int8"]["made_from"] = "distilled"
+    with pytest.raises(ManifestError, match="made_from must be one of base, pruned"):
+        Manifest.from_dict(data)
+    with pytest.raises(ManifestError, match="did you mean openvino-int8"):
+        Manifest.from_dict(json.loads((tiny_artifacts / MANIFEST_NAME).read_text())).variant("openvino-int9")
+
+
+def test_every_registered_target_has_a_runtime_backend():
+    assert {t.backend for t in targets.TARGETS.values()} <= set(BACKENDS)
+    assert set(AUTO_ORDER) == set(BACKENDS)
+
+
+def test_a_registered_target_compiles_to_a_variant_the_runtime_checks(tiny_artifacts, tmp_path):
+    """Adding a target is one decorated function: here an ONNX Runtime fp16-named copy, registered for the test."""
+    from edgepipe.runtime.integrity import verify_files
+
+    @targets.register("onnxruntime", "fp16-test")
+    def copy_target(job: targets.CompileJob) -> targets.Compiled:
+        dst = job.folder / "model.onnx"
+        dst.write_bytes(job.onnx.read_bytes())
+        return targets.Compiled([dst], "onnx", {"note": "a copy"})
+    try:
+        job = targets.CompileJob(tiny_artifacts / "model.onnx", tmp_path / "onnxruntime-fp16-test", [], None)
+        v = targets.get("onnxruntime", "fp16-test").compile(job, tmp_path, made_from="base", input_shape=[-1, 3, 224, 224])
+        assert (v.backend, v.precision, v.format, v.status, v.compile) == ("onnxruntime", "fp16-test", "onnx", "ok", {"note": "a copy"})
+        assert [f.path for f in v.files] == ["onnxruntime-fp16-test/model.onnx"]
+        assert verify_files(tmp_path, v.files, "onnxruntime-fp16-test") == [tmp_path / "onnxruntime-fp16-test" / "model.onnx"]
+        assert Variant.from_dict(v.to_dict()) == v
+        with pytest.raises(ValueError, match="registered twice"):
+            targets.register("onnxruntime", "fp16-test")(copy_target)
+    finally:
+        targets.TARGETS.pop(("onnxruntime", "fp16-test", None))
+
+
+def test_recipe_targets_are_checked_against_the_registry():
+    assert Recipe.model_validate({"targets": [{"backend": "openvino", "precision": "fp16"}]}).targets[0].precision == "fp16"
+    with pytest.raises(Exception, match="did you mean openvino"):
+        Recipe.model_validate({"targets": [{"backend": "openvno"}]})
+    with pytest.raises(Exception, match="onnxruntime variants are fp32, int8"):
+        Recipe.model_validate({"targets": [{"backend": "onnxruntime", "precision": "fp16"}]})
+    with pytest.raises(UserError, match="tensorrt variants are fp16, int8"):
+        targets.get("tensorrt", "fp32")
+
+
+def test_recipe_budgets_use_the_bench_schema_and_reject_unknown_keys(tmp_path):
+    from edgepipe.benchmarks.budgets import Budget
+    path = tmp_path / "r.yaml"
+    path.write_text("budgets:\n  - {variants: '*int8*', agreement_min: 0.9}\n")
+    assert load_recipe(path).budgets == [Budget(variants="*int8*", agreement_min=0.9)]
+    path.write_text("budgets:\n  - {agreemnt_min: 0.9}\n")
+    with pytest.raises(RecipeError, match="did you mean 'agreement_min'"):
+        load_recipe(path)
+
+
+def test_resolved_recipe_is_written_once_and_is_what_ran(tiny_artifacts, tiny_recipe):
+    """recipe.resolved.yaml is the recipe with every default settled: loading it again gives the same recipe."""
+    resolved = (tiny_artifacts / "recipe.resolved.yaml").read_text()
+    assert resolved == dump_recipe(load_recipe(tiny_recipe))
+    assert yaml.safe_load(resolved)["data"]["evaluation"] is None
+
+
+def test_a_misspelt_class_folder_is_an_error_not_an_unlabeled_set(imagenet_sample, tmp_path):
+    from edgepipe.runtime.data import load_items
+    labels = [f"class{i}" for i in range(3)]
+    image = next(imagenet_sample.glob("*.JPEG"))
+    for folder in ("class0", "class1"):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "set" / folder / "a.jpg")
+    items, labeled = load_items(tmp_path / "set", labels)
+    assert labeled and sorted(t for _, t in items) == [0, 1]
+    (tmp_path / "set" / "clas2").mkdir()
+    shutil.copy(image, tmp_path / "set" / "clas2" / "a.jpg")
+    with pytest.raises(UserError, match="'clas2' is not a label name of this model \\(did you mean 'class2'\\?\\)"):
+        load_items(tmp_path / "set", labels)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(image, loose / "frame.jpg")
+    assert load_items(loose, labels) == ([(loose / "frame.jpg", -1)], False)
