@@ -106,7 +106,7 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     ``device``: the OpenVINO device for OpenVINO rows (None: the variant's, else CPU)."""
     from edgepipe.runtime.evaluate import evaluate_items
     clf = Classifier(model_dir, variant=row["name"], backend=row["backend"],
-                     device=device if row["backend"] == "openvino" else None)
+                     device=device if BACKENDS[row["backend"]].devices else None)
     row["device"] = clf.device
     if items:
         acc = evaluate_items(clf, items)
@@ -292,7 +292,7 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
         stats = Path(tmp) / "stats.json"
         cmd = [sys.executable, str(camera), "--model", str(model_dir), "--source", str(video), "--stats", str(stats),
                "--variant", row["name"], "--backend", row["backend"]]
-        if row.get("device") and row["backend"] == "openvino":
+        if row.get("device") and BACKENDS[row["backend"]].devices:
             cmd += ["--device", row["device"]]
         log(f"[video] {' '.join(cmd[1:])}")
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
 from edgepipe.runtime.manifest import Manifest, Variant
 
@@ -89,10 +89,11 @@ def _runnable(v: Variant, backend: str) -> bool:
 def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto", record: dict | None = None,
            device: str | None = None) -> Choice:
     """The variant and backend to serve here. ``record``: this machine's device record (see verify.py) or None.
-    ``device``: an accelerator asked for by name (GPU, NPU, AUTO, ...) makes auto choose among OpenVINO variants."""
+    ``device``: an accelerator asked for by name (GPU, NPU, AUTO, ...) makes auto choose among the variants of
+    the backend that runs on named devices (OpenVINO)."""
     variants = manifest.variants
     if backend == "auto" and device and device.upper() != "CPU":
-        backend = "openvino"
+        backend = DEVICE_BACKENDS[0]
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
     results = (record or {}).get("variants", {})

@@ -6,7 +6,7 @@ registry, `edgepipe run` compiles every variant through it, and the variant's ma
 Add a compile target: a function in one of this package's modules (or a new module imported at the end of
 this file), decorated like
 
-    @register("openvino", "fp16", devices=True)
+    @register("openvino", "fp16")
     def openvino_fp16(job: CompileJob) -> Compiled: ...
 
 The runtime that serves the result is registered separately (runtime/backends/__init__.py, BACKENDS).
@@ -46,11 +46,12 @@ class CompileTarget:
     precision: str
     quantization: str | None      # None (float), "ptq" or "qat"
     build: Callable[[CompileJob], Compiled]
-    devices: bool                 # the recipe may name the device it runs on (OpenVINO: CPU, GPU, NPU, ...)
 
     @property
-    def key(self) -> tuple:
-        return (self.backend, self.precision, self.quantization)
+    def devices(self) -> bool:
+        """May the recipe name the device the variant runs on (OpenVINO: CPU, GPU, NPU, ...)? Its runtime backend says."""
+        from edgepipe.runtime.backends.base import BACKENDS
+        return BACKENDS[self.backend].devices
 
     def compile(self, job: CompileJob, root: Path, *, made_from: str, input_shape: list[int], **record) -> Variant:
         """Run the target and return the variant's manifest record, file paths relative to ``root``."""
@@ -65,7 +66,7 @@ class CompileTarget:
 TARGETS: dict[tuple, CompileTarget] = {}
 
 
-def register(backend: str, precision: str, *, quantization: str | None = None, devices: bool = False):
+def register(backend: str, precision: str, *, quantization: str | None = None):
     """Decorator: register ``fn(job) -> Compiled`` as the (backend, precision, quantization) compile target.
     int8 targets default to post-training quantization ("ptq")."""
     quantization = quantization or ("ptq" if precision == "int8" else None)
@@ -74,7 +75,7 @@ def register(backend: str, precision: str, *, quantization: str | None = None, d
         key = (backend, precision, quantization)
         if key in TARGETS:
             raise ValueError(f"compile target {key} is registered twice")
-        TARGETS[key] = CompileTarget(backend, precision, quantization, fn, devices)
+        TARGETS[key] = CompileTarget(backend, precision, quantization, fn)
         return fn
     return add
 

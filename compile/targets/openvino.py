@@ -9,17 +9,17 @@ def _convert(job: CompileJob, precision: str) -> Compiled:
     return Compiled(openvino_ir.convert(job.onnx, job.folder / "model.xml", precision), "ir")
 
 
-@register("openvino", "fp32", devices=True)
+@register("openvino", "fp32")
 def openvino_fp32(job: CompileJob) -> Compiled:
     return _convert(job, "fp32")
 
 
-@register("openvino", "fp16", devices=True)
+@register("openvino", "fp16")
 def openvino_fp16(job: CompileJob) -> Compiled:
     return _convert(job, "fp16")
 
 
-@register("openvino", "int8", devices=True)
+@register("openvino", "int8")
 def openvino_int8(job: CompileJob) -> Compiled:
     from edgepipe.compile import openvino_ir
     control = job.control()
@@ -27,7 +27,7 @@ def openvino_int8(job: CompileJob) -> Compiled:
     return Compiled(files, "ir", dict(info, validation=control.what if control else None))
 
 
-@register("openvino", "int8", quantization="qat", devices=True)
+@register("openvino", "int8", quantization="qat")
 def openvino_int8_qat(job: CompileJob) -> Compiled:
     """The QAT model's QDQ ONNX: OpenVINO turns its Q/DQ pairs into int8 FakeQuantize."""
     return _convert(job, "fp32")

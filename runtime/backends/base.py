@@ -29,6 +29,7 @@ class BackendInfo:
     install_hint: str
     extra_packages: tuple[tuple[str, ...], ...] = ()   # more packages it needs (any one of each tuple)
     extra_hint: str = ""
+    devices: bool = False    # runs on named devices (--device GPU / NPU / AUTO / ...); the others choose their own
 
 
 # The one map of runtime backends; CLI choices come from it. Its order is `--backend auto`'s preference on a
@@ -41,11 +42,12 @@ BACKENDS: dict[str, BackendInfo] = {
         extra_packages=(("cuda.bindings", "cuda.cudart"),),  # TensorRT moves memory with cuda-python
         extra_hint="pip install 'cuda-python>=12.6,<13' (JetPack 6: 'cuda-python>=12.6,<12.7')"),
     "openvino": BackendInfo("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx"),
-                            "pip install 'edgepipe[openvino]'"),
+                            "pip install 'edgepipe[openvino]'", devices=True),
     "onnxruntime": BackendInfo("edgepipe.runtime.backends.ort", "OnnxRuntimeBackend", "onnxruntime", ("onnx",),
                                "pip install 'edgepipe[onnxruntime]' (or onnxruntime-gpu)"),
 }
 AUTO_ORDER = tuple(BACKENDS)
+DEVICE_BACKENDS = tuple(name for name, info in BACKENDS.items() if info.devices)
 
 
 def env_threads() -> int:
