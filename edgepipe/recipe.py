@@ -102,6 +102,7 @@ class TrainStage(Section):
     input_size: Optional[PositiveInt] = None  # train at this size (default: model.input_size, else the model's own)
     freeze_backbone_epochs: int = 0
     head_lr_scale: float = 1.0         # the new classifier head learns at this multiple of lr
+    augment: bool = True               # random flip + shift of training images (off pays in a single pass: docs/train.md)
     resume: bool = False               # continue from the last epoch checkpoint (`edgepipe run --resume`)
 
 

@@ -99,10 +99,10 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     results = (record or {}).get("variants", {})
     if variant is not None:
         return _explicit(variants, variant, backend, results.get(variant))
-    usable = {n: v for n, v in variants.items() if v.status == "ok"}
+    usable = {n: v for n, v in variants.items() if v.servable}
     if not usable:
-        raise ManifestError("no variant in the manifest is verified (failed, unverified or pending-build); re-run "
-                            "`edgepipe run` or pick one with --variant")
+        raise ManifestError("no variant in the manifest is verified and within the recipe's budgets (failed, "
+                            "unverified, pending-build or over budget); re-run `edgepipe run` or pick one with --variant")
     failed_here = {n for n, r in results.items() if r.get("verdict") == "fail"}
     backends = AUTO_ORDER if backend == "auto" else (backend,)
 

@@ -128,20 +128,20 @@ def _split(n: int, val_split: float, seed: int, max_train: int | None, max_val: 
 
 
 def load_train_data(source: str, pre: Preprocess, val_split: float = 0.1, seed: int = 0,
-                    max_train: int | None = None, max_val: int | None = None) -> TrainData:
+                    max_train: int | None = None, max_val: int | None = None, augment: bool = True) -> TrainData:
     """Train/val split of the training data (a dataset reference or a path), seeded; subsets with ``max_train`` /
-    ``max_val``."""
+    ``max_val``; ``augment`` flips and shifts the training images."""
     ref = parse_reference(source, "data.train", split_required=False, path_exists=Path(source).exists())
     if ref:
         images, targets = ref.load()
         labels = list(ref.dataset.labels)
         tr, va = _split(len(images), val_split, seed, max_train, max_val)
-        return TrainData(ImageSet(images[tr], targets[tr], pre, augment=True, seed=seed),
+        return TrainData(ImageSet(images[tr], targets[tr], pre, augment=augment, seed=seed),
                          ImageSet(images[va], targets[va], pre), labels, source)
     paths, targets, labels = list_training_images(source)
     targets = np.asarray(targets)
     tr, va = _split(len(paths), val_split, seed, max_train, max_val)
-    return TrainData(ImageSet([paths[i] for i in tr], targets[tr], pre, augment=True, seed=seed),
+    return TrainData(ImageSet([paths[i] for i in tr], targets[tr], pre, augment=augment, seed=seed),
                      ImageSet([paths[i] for i in va], targets[va], pre), labels, source)
 
 

@@ -42,7 +42,7 @@ def _data(recipe, pre: dict):
     from edgepipe.train.data import load_train_data
     cfg = recipe.stages.train
     return load_train_data(recipe.data.train, Preprocess.from_manifest(pre), recipe.data.val_split, cfg.seed,
-                           cfg.max_train_images, cfg.max_val_images)
+                           cfg.max_train_images, cfg.max_val_images, cfg.augment)
 
 
 def _data_key(recipe) -> list:
