@@ -77,6 +77,12 @@ def test_fashion_mnist_from_debian_idx_files(tmp_path):
     x, y, i = data.train[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10 and len(data.train) == 64 and len(data.val) == 16
     assert data.labels == list(fashion.labels)
+    # stages.train.augment: false trains on exactly the validation-style tensors; true flips/shifts some of them
+    plain = tdata.load_train_data("fashion-mnist", pre(32), val_split=0.1, max_train=64, max_val=16, augment=False)
+    reference = [pre(32).batch([np.repeat(images_i[:, :, None], 3, 2)])[0] for images_i in
+                 fashion.load("train")[0][[int(j) for j in tdata._split(60000, 0.1, 0, 64, 16)[0][:8]]]]
+    assert all(np.array_equal(plain.train[k][0].numpy(), reference[k]) for k in range(8))
+    assert not all(np.array_equal(data.train[k][0].numpy(), reference[k]) for k in range(8))
     with pytest.raises(UserError, match="fashion-mnist:test"):
         datasets.parse_reference("fashion-mnist:validation", "data.evaluation")
 
