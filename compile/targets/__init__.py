@@ -9,7 +9,7 @@ this file), decorated like
     @register("openvino", "fp16")
     def openvino_fp16(job: CompileJob) -> Compiled: ...
 
-The runtime that serves the result is registered separately (runtime/backends/__init__.py, BACKENDS).
+The runtime that serves the result is registered separately (runtime/backends/base.py, BACKENDS).
 """
 from __future__ import annotations
 
