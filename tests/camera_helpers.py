@@ -193,3 +193,29 @@ def http_stream(video: Path, port: int, loop: bool = True) -> subprocess.Popen:
 
 def rtsp_available() -> bool:
     return shutil.which("rtsp-server-perl") is not None and shutil.which("ffmpeg") is not None
+
+
+GST_RTSP_SERVER = Path(__file__).resolve().parent / "gst_rtsp_server.py"
+SYSTEM_PYTHON = "/usr/bin/python3"   # GStreamer's Python bindings are a Debian package, not in the venv
+
+
+def gst_rtsp_available() -> bool:
+    """GStreamer's RTSP server with x264 (make setup installs them on Debian; see the Makefile's APT_PACKAGES)."""
+    check = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+             "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+             "assert all(Gst.ElementFactory.find(e) for e in ('x264enc', 'rtph264pay', 'videotestsrc'))")
+    try:
+        return subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def start_gst_rtsp(port: int, keyframe_s: float, transport: str = "tcp") -> subprocess.Popen:
+    """tests/gst_rtsp_server.py on 127.0.0.1:port, returned once it listens."""
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(GST_RTSP_SERVER), str(port), "--keyframe-s", str(keyframe_s),
+                             "--transport", transport], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "listening":
+        proc.kill()
+        raise RuntimeError(f"GStreamer RTSP server did not start: {proc.stderr.read()[-500:]}")
+    return proc
+

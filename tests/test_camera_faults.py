@@ -12,12 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, http_stream,
-                            live_camera_input, make_video, needs_ffmpeg, read_jsonl, rtsp_available, run_camera,
-                            start_camera, stop_process, summary_of, wait_for_lines)
+from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, gst_rtsp_available,
+                            http_stream, live_camera_input, make_video, needs_ffmpeg, read_jsonl, rtsp_available,
+                            run_camera, start_camera, start_gst_rtsp, stop_process, summary_of, wait_for_lines)
 
 FAST_RETRY = ["--backoff", "0.2", "--open-timeout", "2", "--read-timeout", "1.5"]
 needs_rtsp = pytest.mark.skipif(not rtsp_available(), reason="needs rtsp-server-perl and ffmpeg")
+needs_gst_rtsp = pytest.mark.skipif(not gst_rtsp_available(), reason="needs GStreamer's RTSP server (make setup)")
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +332,33 @@ def test_long_gop_stream_first_frame_waits_for_the_keyframe_without_reconnecting
     assert hasty_proc.returncode == 3, hasty_proc.stderr[-2000:]
     assert "connected, but no frame within --first-frame-timeout 3 s" in hasty_proc.stderr
     assert summary_of(hasty_proc)["frames"] == 0
+
+
+@needs_gst_rtsp
+def test_rtsp_over_tcp_long_gop_first_frame_without_reconnecting(tiny_artifacts, tmp_path):
+    """RTSP over TCP (interleaved RTP): GStreamer's RTSP server refuses UDP here, so frames prove TCP. A camera
+    with a keyframe every 20 s is joined mid-GOP (another client started the shared stream 3 s before): the
+    first frame comes within one keyframe interval plus 5 s, with no reconnect although the stall watchdog
+    is 1.5 s."""
+    keyframe_s = 20
+    server = start_gst_rtsp(free_port(), keyframe_s, "tcp")
+    url = f"rtsp://127.0.0.1:{server.args[2]}/cam"
+    try:
+        early = start_camera(tiny_artifacts, url, "--rtsp-transport", "tcp", "--max-frames", 100000)
+        time.sleep(3.0)
+        jsonl = tmp_path / "tcp.jsonl"
+        late = start_camera(tiny_artifacts, url, "--rtsp-transport", "tcp", "--read-timeout", 1.5,
+                            "--first-frame-timeout", keyframe_s + 10, "--max-reconnects", 0, "--max-frames", 5,
+                            "--jsonl", jsonl)
+        proc = finish(late, timeout=120)
+    finally:
+        stop_process(locals().get("late"))
+        stop_process(locals().get("early"))
+        stop_process(server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clean_stderr(proc)
+    summary = summary_of(proc)
+    assert summary["frames"] == 5 == len(read_jsonl(jsonl)) and summary["reconnects"] == 0
+    assert "reconnecting" not in proc.stderr
+    assert 1.5 < summary["first_frame_s"] <= keyframe_s + 5
+

@@ -1,0 +1,57 @@
+"""A live RTSP camera served by GStreamer's RTSP server (Debian: gir1.2-gst-rtsp-server-1.0, python3-gi,
+gstreamer1.0-plugins-{good,bad,ugly}), for tests of RTSP over TCP, which rtsp-server-perl cannot serve.
+
+    /usr/bin/python3 tests/gst_rtsp_server.py PORT [--keyframe-s 25] [--fps 10] [--transport tcp|udp|any]
+
+Serves rtsp://127.0.0.1:PORT/cam: a live test pattern, H.264 with a keyframe every --keyframe-s seconds and none
+in between, one shared stream for every client (joining mid-GOP waits for the next keyframe, as with a real
+camera). --transport tcp refuses RTP over UDP, so a client that gets frames proves it used TCP. Prints
+"listening" once clients can connect. Binds 127.0.0.1 only. Runs with the system Python (the GStreamer
+bindings are a Debian package, not in the virtual environment).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtsp", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
+
+TRANSPORTS = {"tcp": GstRtsp.RTSPLowerTrans.TCP, "udp": GstRtsp.RTSPLowerTrans.UDP,
+              "any": GstRtsp.RTSPLowerTrans.TCP | GstRtsp.RTSPLowerTrans.UDP}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("port", type=int)
+    p.add_argument("--keyframe-s", type=float, default=25.0)
+    p.add_argument("--fps", type=int, default=10)
+    p.add_argument("--transport", choices=sorted(TRANSPORTS), default="tcp")
+    args = p.parse_args()
+    Gst.init(None)
+    gop = int(round(args.fps * args.keyframe_s))
+    factory = GstRtspServer.RTSPMediaFactory()
+    factory.set_launch(
+        f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate={args.fps}/1 "
+        f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} "
+        f"! video/x-h264,profile=baseline ! rtph264pay name=pay0 pt=96 config-interval=-1 )")
+    factory.set_shared(True)
+    factory.set_protocols(TRANSPORTS[args.transport])
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    server.get_mount_points().add_factory("/cam", factory)
+    if server.attach(None) == 0:
+        print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)
+        return 1
+    print("listening", flush=True)
+    GLib.MainLoop().run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
