@@ -35,9 +35,8 @@ class Crops:
     def __call__(self, path) -> np.ndarray | None:
         key = str(path)
         if key not in self._crops:
-            from edgepipe.runtime.evaluate import read_image
-            img = read_image(path)
-            self._crops[key] = None if img is None else self.pre.crops([img])[0]
+            from edgepipe.runtime.evaluate import read_crop
+            self._crops[key] = read_crop(path, self.pre)
         return self._crops[key]
 
 
@@ -90,17 +89,10 @@ def load_crops(paths: list[Path], pre: Preprocess, on_bad: str = "skip",
                crops: Crops | None = None) -> tuple[np.ndarray, list[str]]:
     """Resized and cropped uint8 images (N, crop, crop, 3), see Preprocess.crops; unreadable ones are skipped
     and listed (``on_bad="skip"``) or stop the run. ``crops``: the run's crop cache."""
-    crops = crops or Crops(pre)
-    images, names, bad = [], [], []
-    for p in paths:
-        crop = crops(p)
-        if crop is None:
-            bad.append(str(p))
-            continue
-        images.append(crop)
-        names.append(Path(p).name)
-    report_bad_images(bad, len(paths), on_bad)
-    return (np.stack(images) if images else np.zeros((0, pre.crop, pre.crop, 3), np.uint8)), names
+    from edgepipe.runtime.evaluate import DecodedSet
+    decoded = DecodedSet.decode([(p, -1) for p in paths], pre, crops)
+    report_bad_images(decoded.skipped, len(paths), on_bad)
+    return decoded.crops, decoded.names
 
 
 def load_arrays(paths: list[Path], pre: Preprocess, on_bad: str = "skip",

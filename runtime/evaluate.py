@@ -29,6 +29,12 @@ def read_image(path) -> np.ndarray | None:
     return img
 
 
+def read_crop(path, preprocess) -> np.ndarray | None:
+    """One image file resized and cropped (uint8, see Preprocess.crops), or None when it cannot be read."""
+    img = read_image(path)
+    return None if img is None else preprocess.crops([img])[0]
+
+
 def evaluate(clf: Classifier, data_path, batch_size: int = 8, progress=None) -> dict:
     return evaluate_items(clf, load_labeled(data_path, clf.labels), batch_size, progress, where=data_path)
 
@@ -66,11 +72,8 @@ class DecodedSet:
 
     @classmethod
     def decode(cls, items, preprocess, crop_of=None) -> "DecodedSet":
-        """``crop_of(path) -> uint8 crop or None``: where the crops come from (default: read and cut each file)."""
-        def read_crop(path):
-            img = read_image(path)
-            return None if img is None else preprocess.crops([img])[0]
-        crop_of = crop_of or read_crop
+        """``crop_of(path) -> uint8 crop or None``: where the crops come from (default: read_crop of each file)."""
+        crop_of = crop_of or (lambda path: read_crop(path, preprocess))
         frames, targets, names, skipped = [], [], [], []
         for path, target in items:
             crop = crop_of(path)

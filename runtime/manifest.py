@@ -249,9 +249,6 @@ def _file(entry, where: str) -> FileEntry:
 def _variant(v, where: str) -> Variant:
     if not isinstance(v, dict):
         raise ManifestError(f"{where} must be an object")
-    miss = [k for k in ("backend", "precision", "format", "files", "input_shape") if k not in v]
-    if miss:
-        raise ManifestError(f"{where} is missing {', '.join(miss)}")
     _check_keys(Variant, v, where)
     for key in ("backend", "precision", "format", "status", "made_from"):
         if not isinstance(v.get(key, ""), str):

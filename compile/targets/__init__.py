@@ -53,14 +53,13 @@ class CompileTarget:
         from edgepipe.runtime.backends.base import BACKENDS
         return BACKENDS[self.backend].devices
 
-    def compile(self, job: CompileJob, root: Path, *, made_from: str, input_shape: list[int], **record) -> Variant:
+    def compile(self, job: CompileJob, root: Path, *, made_from: str, input_shape: list[int]) -> Variant:
         """Run the target and return the variant's manifest record, file paths relative to ``root``."""
         job.folder.mkdir(parents=True, exist_ok=True)
         done = self.build(job)
         return Variant(backend=self.backend, precision=self.precision, format=done.format,
                        files=[FileEntry.of(root, f) for f in done.files], input_shape=list(input_shape),
-                       status=done.status, made_from=made_from, quantization=self.quantization, compile=done.info,
-                       **record)
+                       status=done.status, made_from=made_from, quantization=self.quantization, compile=done.info)
 
 
 TARGETS: dict[tuple, CompileTarget] = {}
