@@ -22,6 +22,7 @@ from edgepipe.helptext import ENVIRONMENT, HelpFormatter
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
+from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
 from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
 from edgepipe.runtime.stream import Channel, Options, Pipeline
 
@@ -45,9 +46,13 @@ def parse_args(argv=None):
                                     "else CPU); one that is absent here is an error listing the devices OpenVINO sees")
     p.add_argument("--jsonl", help="write one JSON line per frame here")
     p.add_argument("--output", help="write an annotated video here: .mp4/.mkv as H.264 through ffmpeg when it is "
-                                    "installed (plays in browsers), else OpenCV's mp4v; .avi as MJPG")
+                                    "installed (plays in browsers), else OpenCV's mp4v; .avi as MJPG. "
+                                    "rtsp://HOST:PORT/PATH: publish it live (H.264 through ffmpeg) to that RTSP "
+                                    "server, e.g. MediaMTX, and watch it there with VLC or ffplay")
     p.add_argument("--output-encoder", choices=["auto", "ffmpeg", "opencv"], default="auto",
-                   help="auto: ffmpeg's H.264 when ffmpeg is installed, else OpenCV")
+                   help="auto: ffmpeg's H.264 when ffmpeg is installed, else OpenCV (files only)")
+    p.add_argument("--output-transport", choices=RTSP_TRANSPORTS,
+                   help="how an rtsp:// --output sends RTP to its server (default tcp; udp for servers without TCP)")
     p.add_argument("--serve-mjpeg", type=int, metavar="PORT",
                    help="serve the annotated frames as MJPEG over HTTP (watch at http://HOST:PORT/ in a browser)")
     p.add_argument("--serve-host", default="127.0.0.1",
@@ -91,6 +96,10 @@ def parse_args(argv=None):
         p.error("--input-width, --input-height and --input-rate must be > 0")
     if args.serve_mjpeg is not None and not 0 <= args.serve_mjpeg <= 65535:
         p.error("--serve-mjpeg is a TCP port (1-65535; 0 picks a free one)")
+    if args.output and is_rtsp_url(args.output) and args.output_encoder == "opencv":
+        p.error("an rtsp:// --output is published through ffmpeg; --output-encoder opencv only writes files")
+    if args.output_transport and not (args.output and is_rtsp_url(args.output)):
+        p.error("--output-transport applies to an rtsp:// --output only")
     return args
 
 
@@ -166,15 +175,20 @@ def main(argv=None) -> int:
     set_rtsp_transport(args.rtsp_transport)
     if args.display:
         check_display()
+    rtsp = None
+    if args.output and is_rtsp_url(args.output):
+        rtsp = RtspOutput(args.output, args.output_transport or "tcp", log=lambda message: log(f"camera.py: {message}"))
     mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host) if args.serve_mjpeg is not None else None
     try:
-        return serve(args, spec, mjpeg)
+        return serve(args, spec, mjpeg, rtsp)
     finally:
         if mjpeg is not None:
             mjpeg.close()
+        if rtsp is not None:
+            rtsp.close()         # already closed with the other outputs, unless the model failed to load
 
 
-def serve(args, spec, mjpeg: MjpegServer | None) -> int:
+def serve(args, spec, mjpeg: MjpegServer | None, rtsp: RtspOutput | None) -> int:
     clf = start_classifier(args)
     if mjpeg is not None:
         log(f"camera.py: watch the annotated stream at {mjpeg.url}")
@@ -183,11 +197,17 @@ def serve(args, spec, mjpeg: MjpegServer | None) -> int:
                    first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
     display = Channel(1, latest=True) if args.display else None
     pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
-    outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl, video=args.output,
-                      fps_hint=lambda: pipeline.capture.fps, top_k=args.top_k, smooth=args.smooth,
-                      max_frames=args.max_frames, display=display, encoder=args.output_encoder, mjpeg=mjpeg)
+    outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl,
+                      video=None if rtsp else args.output, fps_hint=lambda: pipeline.capture.fps, top_k=args.top_k,
+                      smooth=args.smooth, max_frames=args.max_frames, display=display, encoder=args.output_encoder,
+                      mjpeg=mjpeg, rtsp=rtsp)
     extra = {"variant": clf.variant_name, "backend": clf.backend_name, "device": clf.device, "source": spec.describe(),
              "live": opts.live}
+
+    def summary(**state) -> dict:
+        output = {"rtsp_output": rtsp.stats()} if rtsp is not None else {}
+        return dict(pipeline.summary(outputs.frames), **state, **output, **extra)
+
     signals = Signals(pipeline)
     next_stats = [time.monotonic() + args.stats_interval]
 
@@ -200,7 +220,7 @@ def serve(args, spec, mjpeg: MjpegServer | None) -> int:
                 pipeline.stop.set()
         if args.stats and time.monotonic() >= next_stats[0]:
             next_stats[0] = time.monotonic() + args.stats_interval
-            write_json(args.stats, dict(pipeline.summary(outputs.frames), running=True, **extra))
+            write_json(args.stats, summary(running=True))
 
     try:
         pipeline.start(outputs)
@@ -211,15 +231,15 @@ def serve(args, spec, mjpeg: MjpegServer | None) -> int:
             cv2.destroyAllWindows()
     stuck = pipeline.capture.wait_readers()
     signals.restore()
-    summary = dict(pipeline.summary(outputs.frames), **extra)
+    final = summary()
     cap = pipeline.capture
-    summary["stopped_by"] = ("error" if pipeline.errors else "gave-up" if cap.gave_up else "signal" if signals.count
-                             else "max-frames" if args.max_frames and outputs.frames >= args.max_frames else "end")
+    final["stopped_by"] = ("error" if pipeline.errors else "gave-up" if cap.gave_up else "signal" if signals.count
+                           else "max-frames" if args.max_frames and outputs.frames >= args.max_frames else "end")
     if cap.gave_up:
-        summary["gave_up"] = cap.gave_up
+        final["gave_up"] = cap.gave_up
     if args.stats:
-        write_json(args.stats, summary)
-    print(json.dumps(summary), flush=True)
+        write_json(args.stats, final)
+    print(json.dumps(final), flush=True)
     code = exit_status(pipeline)
     if stuck:
         # a read is still blocked inside OpenCV; Python would abort when that thread returns during shutdown

@@ -1,12 +1,13 @@
 """The output stage of the camera pipeline: logits -> label (top-k, optional smoothing) -> JSONL line,
-annotated video (H.264 through ffmpeg, or OpenCV's mp4v), window, MJPEG over HTTP. Runs on one thread, in
-frame order."""
+annotated video (H.264 through ffmpeg, or OpenCV's mp4v), RTSP stream (rtsp_output.py), window, MJPEG over
+HTTP. Runs on one thread, in frame order."""
 from __future__ import annotations
 
 import collections
 import contextlib
 import json
 import queue
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -21,6 +23,9 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
 from edgepipe.runtime.model import softmax
+
+if TYPE_CHECKING:
+    from edgepipe.runtime.rtsp_output import RtspOutput
 
 
 class Smoother:
@@ -105,21 +110,65 @@ class VideoFile:
             self._atomic.__exit__(None, None, None)   # rename onto the target
 
 
+class FfmpegEncoder:
+    """One ffmpeg process: raw BGR frames on stdin -> H.264 (libx264, yuv420p) -> ``output`` (encoder and muxer
+    options, then the target). ``timing``: the input's timestamps (a constant rate, or the wall clock).
+    It runs in a session of its own, so a Ctrl-C in the terminal reaches camera.py only, which then ends the
+    stream in order; its stderr is kept for the line that says why it stopped. ``encoded`` is set once its
+    progress report counts a frame written out: the target was opened (an RTSP server accepted the stream)."""
+
+    def __init__(self, width: int, height: int, timing: list[str], output: list[str]):
+        even = [] if width % 2 == 0 and height % 2 == 0 else ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+        cmd = ["ffmpeg", "-v", "error", "-progress", "pipe:1", "-y", *timing, "-f", "rawvideo", "-pix_fmt", "bgr24",
+               "-s", f"{width}x{height}", "-i", "-", "-an", *even, "-c:v", "libx264", "-pix_fmt", "yuv420p", *output]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)
+        self.encoded = threading.Event()
+        threading.Thread(target=self._read_progress, name="ffmpeg-progress", daemon=True).start()
+
+    def _read_progress(self) -> None:
+        """``-progress`` blocks (frame=N ... every half second) until ffmpeg exits."""
+        for line in self.proc.stdout:
+            if line.startswith(b"frame=") and line[6:].strip() not in (b"", b"0"):
+                self.encoded.set()
+
+    def write(self, image: np.ndarray) -> None:
+        """Blocks while ffmpeg is busy; OSError (BrokenPipeError) once it has exited."""
+        self.proc.stdin.write(memoryview(np.ascontiguousarray(image)).cast("B"))
+
+    def finish(self, timeout: float | None = None) -> int:
+        """End of input: ffmpeg writes what it holds and exits; its exit code (killed after ``timeout`` s)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+
+    def reason(self) -> str:
+        """ffmpeg's first error line (the cause; later lines are consequences), without its "[tcp @ 0x..]" prefix."""
+        self.log.seek(0)
+        lines = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return re.sub(r"^\[[^]]* @ 0x[0-9a-f]+\]\s*", "", lines[0])[:300] if lines else "no message"
+
+
 class FfmpegWriter:
-    """BGR frames -> ``ffmpeg -f rawvideo -i - -c:v libx264`` (yuv420p, +faststart: plays in browsers).
-    A thread feeds the pipe from a short queue, so the output stage only hands frames over; when the
-    encoder falls behind by the whole queue, the caller waits (a video file gets every frame)."""
+    """A video file as H.264 (+faststart: plays in browsers). A thread feeds the encoder from a short queue, so
+    the output stage only hands frames over; when the encoder falls behind by the whole queue, the caller
+    waits (a video file gets every frame)."""
 
     QUEUE = 8
 
     def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast"):
-        even = [] if width % 2 == 0 and height % 2 == 0 else ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
-        cmd = ["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{width}x{height}",
-               "-r", f"{fps:g}", "-i", "-", "-an", *even, "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
-               "-movflags", "+faststart", str(path)]
         self.path = path
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.encoder = FfmpegEncoder(width, height, ["-r", f"{fps:g}"],
+                                     ["-preset", preset, "-movflags", "+faststart", str(path)])
         self.queue: queue.Queue = queue.Queue(self.QUEUE)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._feed, name="video-encoder-feed", daemon=True)
@@ -130,28 +179,21 @@ class FfmpegWriter:
             if self.error:
                 continue                     # keep draining so the producer never blocks on a dead encoder
             try:
-                self.proc.stdin.write(memoryview(np.ascontiguousarray(image)).cast("B"))
-            except (BrokenPipeError, OSError) as exc:
+                self.encoder.write(image)
+            except OSError as exc:
                 self.error = f"ffmpeg stopped taking frames ({exc.strerror or exc})"
 
     def write(self, image: np.ndarray) -> None:
         if self.error:
-            raise UserError(f"cannot write {self.path.name}: {self.error}: {self._stderr()}")
+            raise UserError(f"cannot write {self.path.name}: {self.error}: {self.encoder.reason()}")
         self.queue.put(image)
 
     def release(self) -> None:
         self.queue.put(None)
         self.thread.join()
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        code = self.proc.wait()
+        code = self.encoder.finish()
         if code != 0 or self.error:
-            raise UserError(f"ffmpeg could not encode the video (exit {code}): {self._stderr()}")
-
-    def _stderr(self) -> str:
-        self.log.seek(0)
-        lines = self.log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1][:300] if lines else "no message"
+            raise UserError(f"ffmpeg could not encode the video (exit {code}): {self.encoder.reason()}")
 
 
 def annotate(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -284,11 +326,12 @@ class MjpegServer:
 
 
 class Outputs:
-    """Called once per classified frame, in order: postprocess, then JSONL / video / window / MJPEG."""
+    """Called once per classified frame, in order: postprocess, then JSONL / video / RTSP / window / MJPEG.
+    Closes the video and the RTSP output it is given."""
 
     def __init__(self, labels: list[str], stats, stop, *, jsonl: str | None = None, video: str | None = None,
                  fps_hint=lambda: 0.0, top_k: int = 1, smooth: float = 0.0, max_frames: int = 0, display=None,
-                 encoder: str = "auto", mjpeg: MjpegServer | None = None):
+                 encoder: str = "auto", mjpeg: MjpegServer | None = None, rtsp: RtspOutput | None = None):
         self.labels, self.stats, self.stop = labels, stats, stop
         self.top_k = max(1, min(int(top_k), len(labels)))
         self.smoother = Smoother(smooth)
@@ -301,6 +344,7 @@ class Outputs:
         self.encoder = encoder
         self.video: VideoFile | None = None
         self.mjpeg = mjpeg
+        self.rtsp = rtsp
 
     def __call__(self, frame) -> None:
         if self.max_frames and self.frames >= self.max_frames:
@@ -319,12 +363,14 @@ class Outputs:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
         fps = self.rate.tick()
-        if self.video_path or self.display is not None or self.mjpeg is not None:
+        if self.video_path or self.display is not None or self.mjpeg is not None or self.rtsp is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])
             if self.video_path:
                 if self.video is None:
                     self.video = VideoFile(self.video_path, self.fps_hint(), self.encoder)
                 self.video.write(image)
+            if self.rtsp is not None:
+                self.rtsp.write(image)
             if self.display is not None:
                 self.display.put(image)
             if self.mjpeg is not None:
@@ -337,6 +383,8 @@ class Outputs:
 
     def close(self) -> None:
         try:
+            if self.rtsp is not None:
+                self.rtsp.close()
             if self.video is not None:
                 self.video.close()
         finally:

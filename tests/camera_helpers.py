@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -142,9 +143,10 @@ def live_camera_input(fps: int = 10, keyframe_s: float = 25.0, size: str = "320x
 
 class RtspServer:
     """Debian's rtsp-server-perl on free loopback ports, fed by ffmpeg pushing a looped video (`-f rtsp`), or
-    with ``live`` (ffmpeg input + encoder options, see `live_camera_input`) a stream encoded as it is sent.
-    Clients read rtsp://127.0.0.1:{client_port}/cam over UDP (rtsp-server-perl has no RTSP-over-TCP).
-    stop()/start() simulate a camera reboot."""
+    with ``live`` (ffmpeg input + encoder options, see `live_camera_input`) a stream encoded as it is sent, or
+    with neither, by whoever publishes to ``source_url(path)`` (camera.py's rtsp:// --output).
+    Clients read rtsp://127.0.0.1:{client_port}/cam over UDP (rtsp-server-perl has no RTSP-over-TCP, and relays
+    only what was published over UDP). stop()/start() simulate a camera (or server) reboot on the same ports."""
 
     def __init__(self, video: Path | None, workdir: Path, live: list[str] | None = None):
         self.video, self.workdir, self.live = video, workdir, live
@@ -153,7 +155,13 @@ class RtspServer:
 
     @property
     def url(self) -> str:
-        return f"rtsp://127.0.0.1:{self.client_port}/cam"
+        return self.client_url("cam")
+
+    def client_url(self, path: str) -> str:
+        return f"rtsp://127.0.0.1:{self.client_port}/{path}"
+
+    def source_url(self, path: str) -> str:
+        return f"rtsp://127.0.0.1:{self.source_port}/{path}"
 
     def start(self) -> "RtspServer":
         self.server = subprocess.Popen(["rtsp-server-perl", "--clientport", str(self.client_port),
@@ -161,6 +169,8 @@ class RtspServer:
                                         "--rtp_start_port", str(free_udp_pair())],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         self._wait_listening(self.source_port)
+        if self.video is None and self.live is None:
+            return self
         source = self.live or ["-stream_loop", "-1", "-i", str(self.video), "-c", "copy"]
         self.pusher = subprocess.Popen(["ffmpeg", "-v", "error", "-re", *source, "-f", "rtsp",
                                         f"rtsp://127.0.0.1:{self.source_port}/cam"],
@@ -183,6 +193,33 @@ class RtspServer:
         self.pusher = self.server = None
 
 
+def read_rtsp_frames(url: str, count: int, timeout: float = 30) -> list:
+    """Up to ``count`` frames decoded by OpenCV from ``url`` over UDP, as a viewer would see them; reopened until
+    the stream is there (404 until someone publishes), [] when none came within ``timeout`` seconds."""
+    import cv2
+    frames, deadline = [], time.monotonic() + timeout
+    while not frames and time.monotonic() < deadline:
+        before = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS")
+        os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;udp"     # read by OpenCV at open
+        try:
+            cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000,
+                                                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000])
+        finally:
+            if before is None:
+                del os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]       # the cameras started later keep their default
+            else:
+                os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = before
+        while cap.isOpened() and len(frames) < count and time.monotonic() < deadline:
+            ok, image = cap.read()
+            if not ok:
+                break
+            frames.append(image)
+        cap.release()
+        if not frames:
+            time.sleep(0.3)
+    return frames
+
+
 def http_stream(video: Path, port: int, loop: bool = True) -> subprocess.Popen:
     """ffmpeg serving `video` as MPEG-TS over HTTP (`-listen 1`: one client)."""
     loop_args = ["-stream_loop", "-1"] if loop else []
@@ -199,11 +236,12 @@ GST_RTSP_SERVER = Path(__file__).resolve().parent / "gst_rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"   # GStreamer's Python bindings are a Debian package, not in the venv
 
 
-def gst_rtsp_available() -> bool:
-    """GStreamer's RTSP server with x264 (make setup installs them on Debian; see the Makefile's APT_PACKAGES)."""
+def gst_rtsp_available(elements=("x264enc", "rtph264pay", "videotestsrc")) -> bool:
+    """GStreamer's RTSP server with these elements (by default those of tests/gst_rtsp_server.py; make setup
+    installs them on Debian, see the Makefile's APT_PACKAGES)."""
     check = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-             "assert all(Gst.ElementFactory.find(e) for e in ('x264enc', 'rtph264pay', 'videotestsrc'))")
+             f"assert all(Gst.ElementFactory.find(e) for e in {tuple(elements)!r})")
     try:
         return subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -219,3 +257,14 @@ def start_gst_rtsp(port: int, keyframe_s: float, transport: str = "tcp") -> subp
         raise RuntimeError(f"GStreamer RTSP server did not start: {proc.stderr.read()[-500:]}")
     return proc
 
+
+def start_gst_rtsp_recorder(port: int, out: Path, transport: str = "tcp") -> subprocess.Popen:
+    """tests/gst_rtsp_record_server.py: takes a stream published to rtsp://127.0.0.1:port/out into ``out``
+    (MPEG-TS); returned once it listens."""
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(GST_RTSP_SERVER.with_name("gst_rtsp_record_server.py")), str(port),
+                             str(out), "--transport", transport],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "listening":
+        proc.kill()
+        raise RuntimeError(f"GStreamer RTSP recorder did not start: {proc.stderr.read()[-500:]}")
+    return proc
