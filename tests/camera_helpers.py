@@ -259,10 +259,9 @@ def start_gst_rtsp(port: int, keyframe_s: float, transport: str = "tcp") -> subp
 
 
 def start_gst_rtsp_recorder(port: int, out: Path, transport: str = "tcp") -> subprocess.Popen:
-    """tests/gst_rtsp_record_server.py: takes a stream published to rtsp://127.0.0.1:port/out into ``out``
+    """tests/gst_rtsp_server.py --record: takes a stream published to rtsp://127.0.0.1:port/out into ``out``
     (MPEG-TS); returned once it listens."""
-    proc = subprocess.Popen([SYSTEM_PYTHON, str(GST_RTSP_SERVER.with_name("gst_rtsp_record_server.py")), str(port),
-                             str(out), "--transport", transport],
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(GST_RTSP_SERVER), str(port), "--record", str(out), "--transport", transport],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "listening":
         proc.kill()
