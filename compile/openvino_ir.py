@@ -30,10 +30,12 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
     return _save(model, Path(xml_path), compress_to_fp16=(precision == "fp16"))
 
 
-# stages.quantize.isa -> NNCF OverflowFix. portable: every Convolution/MatMul weight in 7 bits, so u8 x s8
-# pairs never saturate the 16-bit sums of SSE4.2/AVX2/AVX-512 without VNNI (VPMADDUBSW); NNCF's own default
-# (first layer only) leaves the rest exposed. vnni: full 8 bits (VNNI/AMX sum in 32 bits). docs/compile.md.
-OVERFLOW_FIX = {"portable": "enable", "vnni": "disable"}
+# stages.quantize.isa -> NNCF OverflowFix. u8 x s8 pairs must never saturate the 16-bit sums of SSE4.2/AVX2/
+# AVX-512 without VNNI (VPMADDUBSW). portable: 8-bit codes, then each output channel's step widened just enough
+# for its calibrated activation maxima (compile/weight_ranges.py). portable-7bit: every Convolution/MatMul
+# weight in 7 bits, safe for any input. vnni: full 8 bits (VNNI/AMX sum in 32 bits). NNCF's own default (first
+# layer only) leaves the rest exposed. docs/compile.md.
+OVERFLOW_FIX = {"portable": "disable", "portable-7bit": "enable", "vnni": "disable"}
 
 
 def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray], cfg, *,
@@ -43,8 +45,9 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     the most sensitive to float until the drop is within ``control.max_drop``. The layers left in float are
     read back from the graph and reported.
 
-    ``cfg``: the recipe's stages.quantize (isa "portable": 7-bit weights, right on every x86 ISA; "vnni":
-    8-bit, VNNI/AMX/Arm targets only; fast_bias_correction; mixed_precision).
+    ``cfg``: the recipe's stages.quantize (isa "portable": weight steps bounded per channel, right on every x86
+    ISA; "portable-7bit": 7-bit weights, right for any input; "vnni": 8-bit, VNNI/AMX/Arm targets only;
+    fast_bias_correction; mixed_precision).
     ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
     Returns the written files and a dict describing what was done.
     """
@@ -69,7 +72,7 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
                                               overflow_fix=OverflowFix(OVERFLOW_FIX[isa]))
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
             "preset": "performance", "activations_range_estimator": "minmax", "isa": isa,
-            "overflow_fix": OVERFLOW_FIX[isa], "weight_bits": 7 if isa == "portable" else 8}
+            "overflow_fix": OVERFLOW_FIX[isa], "weight_bits": 7 if isa == "portable-7bit" else 8}
     if control is not None and cfg.mixed_precision:
         info.update(check_validation(calibration, control.items, control.kind))
         val = nncf.Dataset(list(control.items), lambda item: item[0])
@@ -86,6 +89,9 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
         info["max_drop_points"] = control.max_drop
     else:
         model = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
+    if isa == "portable":
+        from edgepipe.compile.weight_ranges import bound_weight_ranges
+        info.update(bound_weight_ranges(model, calibration, fp32_model=ov.convert_model(str(onnx_path))))
     info["float_layers"] = float_layers(model)
     return _save(model, Path(xml_path), compress_to_fp16=False), info
 

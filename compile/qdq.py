@@ -33,6 +33,7 @@ from edgepipe.compile.qdq_check import FLOAT_LAYERS_KEY  # metadata_props entry:
 MODES = {"s8s8": ("QInt8", False), "s8s8_reduce_range": ("QInt8", True), "u8s8_reduce_range": ("QUInt8", True)}
 AUTO_MODE = {  # stages.quantize.isa -> (mode, why)
     "portable": ("s8s8_reduce_range", "isa portable: 7-bit weights, right on every x86 ISA (no VPMADDUBSW saturation) and TensorRT"),
+    "portable-7bit": ("s8s8_reduce_range", "isa portable-7bit: 7-bit weights, right on every x86 ISA for any input, and TensorRT"),
     "vnni": ("s8s8", "isa vnni: 8-bit weights, right on VNNI/AMX x86, Arm and TensorRT (saturates on x86 without VNNI)")}
 
 

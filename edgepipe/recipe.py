@@ -139,10 +139,12 @@ class QuantizeStage(Section):
     activation_symmetric: bool = True  # QDQ for TensorRT: symmetric activations (zero point 0)
     # auto: s8s8_reduce_range (isa portable) or s8s8 (isa vnni); all but u8s8_reduce_range are TensorRT's form
     qdq_mode: Literal["s8s8", "s8s8_reduce_range", "u8s8_reduce_range", "auto"] = "auto"
-    # CPUs the int8 artifacts must be right on. portable: 7-bit weights (NNCF overflow fix, ORT reduce_range,
-    # QAT; depthwise convs keep 8), exact on SSE4.2/AVX2/AVX-512 without VNNI too. vnni: 8-bit weights, only for
-    # a known VNNI/AMX (or Arm) target; without VNNI their u8 x s8 sums saturate (docs/compile.md)
-    isa: Literal["portable", "vnni"] = "portable"
+    # CPUs the int8 artifacts must be right on. portable: OpenVINO weight steps bounded per channel so that no
+    # u8 x s8 pair reaches 2^15 at the calibrated activation maxima (compile/weight_ranges.py); ORT reduce_range
+    # and QAT 7-bit; depthwise convs keep 8: right on SSE4.2/AVX2/AVX-512 without VNNI too. portable-7bit:
+    # 7-bit weights everywhere, safe for any input. vnni: 8-bit weights, only for a known VNNI/AMX (or Arm)
+    # target; without VNNI their u8 x s8 sums saturate (docs/compile.md)
+    isa: Literal["portable", "portable-7bit", "vnni"] = "portable"
 
 
 class StagesConfig(Section):

@@ -110,12 +110,15 @@ def int8_weight_extremes(path) -> dict[str, list[int]]:
     return out
 
 
-def test_default_int8_weights_fit_7_bits_so_no_x86_isa_saturates(small_onnx, small_qdq, photos, tmp_path):
+def test_default_int8_weights_cannot_saturate_on_any_x86_isa(small_onnx, small_qdq, photos, tmp_path):
     """Without VNNI (SSE4.2/AVX2/AVX-512BW) u8 x s8 pairs are summed in saturating 16 bits: 255 * 64 * 2 fits,
-    255 * 127 * 2 does not. The defaults (isa portable) keep the weights of both int8 paths within 7 bits
-    (depthwise convolutions, summed one product at a time, keep 8); isa vnni / qdq_mode s8s8 use all 8."""
+    255 * 127 * 2 does not. The QDQ default keeps weights within 7 bits (depthwise convolutions, summed one
+    product at a time, keep 8). The OpenVINO default (isa portable) keeps 8-bit codes where they fit: every
+    output channel's step is widened until any two of its products at the calibrated activation maxima fit
+    (with headroom); portable-7bit uses 7 bits everywhere; vnni all 8 bits, which would saturate."""
     import openvino as ov
     from edgepipe.compile.openvino_ir import quantize_int8
+    from edgepipe.compile.weight_ranges import LIMIT, activation_statistics, channel_codes, int8_layers, worst_pair
     dst, info = small_qdq
     assert info["mode"] == "s8s8_reduce_range" and info["weight_bits"] == 7
     portable = int8_weight_extremes(dst)
@@ -124,22 +127,26 @@ def test_default_int8_weights_fit_7_bits_so_no_x86_isa_saturates(small_onnx, sma
     assert quantize_qdq(small_onnx[1], full, list(photos[:, None]), QuantizeStage(), mode="s8s8")["weight_bits"] == 8
     assert max(int8_weight_extremes(full)["other"]) > 64
 
-    def ov_weight_extremes(xml):  # int8 constants feeding (non-depthwise) Convolution / MatMul weights
-        out = []
-        for op in ov.Core().read_model(str(xml)).get_ordered_ops():
-            if op.get_type_name() in ("Convolution", "MatMul"):
-                node = op.input_value(1).get_node()
-                while node.get_input_size() > 0:
-                    node = node.input_value(0).get_node()
-                if node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8:
-                    out.append(int(np.abs(node.get_data().astype(np.int32)).max()))
-        return out
     calib = list(photos[:, None])
-    _, portable = quantize_int8(small_onnx[1], tmp_path / "portable.xml", calib, QuantizeStage())
-    _, vnni = quantize_int8(small_onnx[1], tmp_path / "vnni.xml", calib, QuantizeStage(isa="vnni"))
-    assert (portable["overflow_fix"], portable["weight_bits"], vnni["overflow_fix"], vnni["weight_bits"]) == ("enable", 7, "disable", 8)
-    assert len(ov_weight_extremes(tmp_path / "portable.xml")) == 3  # 2 convs + the classifier (the depthwise is exact anyway)
-    assert max(ov_weight_extremes(tmp_path / "portable.xml")) <= 64 < max(ov_weight_extremes(tmp_path / "vnni.xml"))
+
+    def worst_pairs(xml):  # per int8 Convolution/MatMul: its largest pair of products on the calibration images
+        model = ov.Core().read_model(str(xml))
+        layers = int8_layers(model)
+        stats = activation_statistics(model, layers, calib)
+        codes = [channel_codes(layer)[0] for layer in layers]
+        return [float(worst_pair(c, maxima).max()) for c, (maxima, _) in zip(codes, stats)], [int(np.abs(c).max()) for c in codes]
+    results = {}
+    for isa in ("portable", "portable-7bit", "vnni"):
+        _, results[isa] = quantize_int8(small_onnx[1], tmp_path / f"{isa}.xml", calib, QuantizeStage(isa=isa))
+    assert [results[isa]["weight_bits"] for isa in ("portable", "portable-7bit", "vnni")] == [8, 7, 8]
+    assert results["portable"]["bounded_layers"] == 3   # 2 convs + the classifier (the depthwise is exact anyway)
+    bounded, codes = worst_pairs(tmp_path / "portable.xml")
+    assert len(bounded) == 3 and max(bounded) <= LIMIT
+    assert max(codes) > 64            # finer than 7 bits where the activations allow it
+    seven, seven_codes = worst_pairs(tmp_path / "portable-7bit.xml")
+    assert max(seven_codes) <= 64
+    full8, _ = worst_pairs(tmp_path / "vnni.xml")
+    assert max(full8) > LIMIT         # what the portable settings prevent
 
 
 def test_accuracy_control_refuses_calibration_images_and_says_what_it_rests_on(small_onnx, photos, tmp_path):

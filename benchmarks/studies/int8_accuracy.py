@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="artifact folder, one sub-folder per fold (default: a temporary folder)")
     p.add_argument("--max-drop", default="none", help="stages.quantize.max_drop in top-1 points (accuracy control), or none (plain PTQ)")
     p.add_argument("--qdq-mode", default="auto", choices=["auto", "s8s8", "s8s8_reduce_range", "u8s8_reduce_range"])
-    p.add_argument("--isa", default="portable", choices=["portable", "vnni"], help="stages.quantize.isa (7-bit or 8-bit weights)")
+    p.add_argument("--isa", default="portable", choices=["portable", "portable-7bit", "vnni"], help="stages.quantize.isa")
     p.add_argument("--folds", nargs="+", default=list(FOLDS), choices=list(FOLDS))
     p.add_argument("--calibration", default="folds", choices=["folds", "generated"],
                    help="folds: two-fold cross-validation on the sample; generated: the recipe's generated crops, one run")
