@@ -183,6 +183,36 @@ def bound_weight_ranges(model, calibration, *, headroom: float = HEADROOM, fp32_
             "channels_narrowed": f"{changed}/{total}", "mean_largest_weight_code": round(float(np.mean(largest)), 1) if largest else None}
 
 
+def emulate_pair_sums(model, images) -> dict:
+    """What a VPMADDUBSW kernel would sum: ``images`` run through the int8 ``model``; for every int8 1x1
+    Convolution/MatMul with a quantized input, the u8 codes entering it times its weight codes, input channels
+    paired (0, 1), (2, 3), ... as oneDNN's int8 weight layouts pair them. Counts the pair sums beyond +-32767
+    (``saturating``, of ``pairs``) and the layers where any is. An emulation on any CPU: evidence for the pairing
+    assumed; the bound ``bound_weight_ranges`` keeps holds for every pairing."""
+    import openvino as ov
+    layers = [layer for layer in int8_layers(model)
+              if layer.activation is not None and int(np.prod(channel_codes(layer)[0].shape[2:])) == 1]
+    weights = [channel_codes(layer)[0].reshape(channel_codes(layer)[0].shape[0], -1) for layer in layers]
+    probe = ov.Core().compile_model(ov.Model([layer.activation.output(0) for layer in layers], model.get_parameters()), "CPU")
+    saturating = pairs = 0
+    where: set[str] = set()
+    for x in images:
+        out = probe(x)
+        for i, (layer, q) in enumerate(zip(layers, weights)):
+            a = activation_codes(layer.activation, out[probe.output(i)])
+            a = a.reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(-1, 1)      # (channels, positions)
+            if q.shape[1] % 2:
+                q, a = np.pad(q, ((0, 0), (0, 1))), np.pad(a, ((0, 1), (0, 0)))
+            sums = q[:, 0::2, None] * a[None, 0::2] + q[:, 1::2, None] * a[None, 1::2]
+            n = int((np.abs(sums) > LIMIT).sum())
+            saturating, pairs = saturating + n, pairs + sums.size
+            if n:
+                where.add(layer.op.get_friendly_name())
+    largest = float(np.mean([np.abs(q).max(axis=1).mean() for q in weights])) if weights else None
+    return {"saturating": saturating, "pairs": pairs, "layers_saturating": len(where), "layers": len(layers),
+            "mean_largest_weight_code": largest}
+
+
 def _correct_bias(layer: Layer, delta_w: np.ndarray, means: np.ndarray, ops) -> None:
     """Shift the layer's bias (its Add with a Constant) by minus the mean output change: sum over input channels
     (and kernel taps) of the weight change times the channel's calibration mean."""

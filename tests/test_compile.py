@@ -337,3 +337,23 @@ def test_build_engine_without_tensorrt_exits_2_with_one_line(qdq_run):
     assert "Traceback" not in proc.stderr
     bad = run_edgepipe("build-engine", out, "--batch", "8,1,1")
     assert bad.returncode == 2 and "MIN,OPT,MAX" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pipeline_openvino_int8_pair_sums_fit_16_bits_on_real_images_it_never_saw(tiny_artifacts, imagenet_sample, tmp_path):
+    """A CPU without VNNI replayed (on any CPU): the pipeline's openvino-int8 (isa portable, calibrated on 16
+    generated crops) run on real ImageNet images, its u8 x s8 pair sums never leave 16 bits; the same model
+    with 8-bit weights (isa vnni) saturates on the same images."""
+    import openvino as ov
+    from edgepipe.compile.openvino_ir import quantize_int8
+    from edgepipe.compile.weight_ranges import emulate_pair_sums
+    from edgepipe.run_data import load_arrays
+    from edgepipe.runtime.manifest import Manifest
+    pre = Manifest.load(tiny_artifacts).preprocess
+    held_out, _ = load_arrays([path for path, _ in load_labeled(imagenet_sample / "labels.csv")[::25]], pre)
+    portable = emulate_pair_sums(ov.Core().read_model(str(tiny_artifacts / "openvino-int8" / "model.xml")), held_out)
+    assert portable["layers"] >= 30 and portable["pairs"] > 10 ** 8
+    assert portable["saturating"] == 0, portable
+    calibration, _ = load_arrays(sorted((tiny_artifacts / "calibration").glob("*.jpg")), pre)
+    quantize_int8(tiny_artifacts / "model.onnx", tmp_path / "vnni.xml", calibration, QuantizeStage(isa="vnni"))
+    full = emulate_pair_sums(ov.Core().read_model(str(tmp_path / "vnni.xml")), held_out)
+    assert full["saturating"] > 0 and full["layers_saturating"] >= 5, full

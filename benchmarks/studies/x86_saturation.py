@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import openvino as ov
     from edgepipe.compile.openvino_ir import quantize_int8
     from edgepipe.compile.qdq import run_logits
-    from edgepipe.compile.weight_ranges import activation_codes, channel_codes, int8_layers
+    from edgepipe.compile.weight_ranges import emulate_pair_sums
     from edgepipe.recipe import QuantizeStage
     from edgepipe.run_data import load_arrays
     from edgepipe.runtime.data import load_items
@@ -61,34 +61,13 @@ def main(argv=None) -> int:
         xml = Path(work.name) / f"{isa}.xml"
         quantize_int8(folder / "model.onnx", xml, calibration, QuantizeStage(isa=isa))
         model = ov.Core().read_model(str(xml))
-        layers = [layer for layer in int8_layers(model) if layer.activation is not None
-                  and int(np.prod(channel_codes(layer)[0].shape[2:])) == 1]
-        codes = [channel_codes(layer)[0].reshape(len(channel_codes(layer)[1]), -1) for layer in layers]
-        probe = ov.Core().compile_model(ov.Model([layer.activation.output(0) for layer in layers] + [model.output(0)],
-                                                 model.get_parameters()), "CPU")
-        saturated = pairs = 0
-        hit_layers = set()
-        agree = 0
-        for x, ref in zip(held_out, reference):
-            out = probe(x)
-            agree += int(out[probe.output(len(layers))].argmax() == ref)
-            for i, (layer, q) in enumerate(zip(layers, codes)):
-                a = activation_codes(layer.activation, out[probe.output(i)])
-                a = a.reshape(a.shape[1], -1) if a.ndim == 4 else a.reshape(-1, 1)     # (channels, positions)
-                if q.shape[1] % 2:
-                    q, a = np.pad(q, ((0, 0), (0, 1))), np.pad(a, ((0, 1), (0, 0)))
-                sums = q[:, 0::2, None] * a[None, 0::2] + q[:, 1::2, None] * a[None, 1::2]
-                n = int((np.abs(sums) > 32767).sum())
-                saturated, pairs = saturated + n, pairs + sums.size
-                if n:
-                    hit_layers.add(layer.op.get_friendly_name())
-        largest = float(np.mean([np.abs(q).max(axis=1).mean() for q in codes]))
-        results[isa] = {"saturating_pairs": saturated, "pairs": pairs, "layers_saturating": len(hit_layers),
-                        "layers": len(layers), "agreement_with_fp32": round(agree / len(held_out), 4),
-                        "mean_largest_weight_code": round(largest, 1), "held_out_images": len(held_out)}
-        print(f"{isa:14s} saturating pairs {saturated} of {pairs} in {len(hit_layers)}/{len(layers)} layers; "
-              f"agreement with fp32 {agree / len(held_out):.3f} on {len(held_out)} images; mean largest weight code {largest:.1f}",
-              flush=True)
+        compiled = ov.Core().compile_model(model, "CPU")
+        agree = sum(int(compiled(x)[compiled.output(0)].argmax() == ref) for x, ref in zip(held_out, reference))
+        found = emulate_pair_sums(model, held_out)
+        results[isa] = dict(found, agreement_with_fp32=round(agree / len(held_out), 4), held_out_images=len(held_out))
+        print(f"{isa:14s} saturating pairs {found['saturating']} of {found['pairs']} in {found['layers_saturating']}/"
+              f"{found['layers']} layers; agreement with fp32 {agree / len(held_out):.3f} on {len(held_out)} images; "
+              f"mean largest weight code {found['mean_largest_weight_code']:.1f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
