@@ -72,12 +72,12 @@ def activation_statistics(model, layers: Sequence[Layer], calibration) -> list[t
     """Per layer: (largest u8 code, mean float value) of each input channel over the calibration images."""
     import openvino as ov
     fqs = {id(layer.activation): layer.activation for layer in layers if layer.activation is not None}
-    probe_model = ov.Model([fq.output(0) for fq in fqs.values()], model.get_parameters())
-    compiled = ov.Core().compile_model(probe_model, "CPU")
-    request = compiled.create_infer_request()
     maxima: dict[int, np.ndarray] = {}
     sums: dict[int, np.ndarray] = {}
-    for x in calibration:
+    if fqs:
+        compiled = ov.Core().compile_model(ov.Model([fq.output(0) for fq in fqs.values()], model.get_parameters()), "CPU")
+        request = compiled.create_infer_request()
+    for x in calibration if fqs else ():
         results = request.infer({0: x})
         for i, (key, fq) in enumerate(fqs.items()):
             v = results[compiled.output(i)]
@@ -88,11 +88,11 @@ def activation_statistics(model, layers: Sequence[Layer], calibration) -> list[t
     stats = []
     for layer in layers:
         channels = channel_codes(layer)[0].shape[1]
-        if layer.activation is None:
-            stats.append((np.full(channels, 255.0), None))
-        else:
-            key = id(layer.activation)
+        key = id(layer.activation)
+        if key in maxima and maxima[key].size == channels:
             stats.append((maxima[key], sums[key] / len(calibration)))
+        else:   # no quantized input found, or not one value per input channel: assume the worst code
+            stats.append((np.full(channels, 255.0), None))
     return stats
 
 
