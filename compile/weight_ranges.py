@@ -146,9 +146,9 @@ def bound_weight_ranges(model, calibration, *, headroom: float = HEADROOM, fp32_
         for op in fp32_model.get_ordered_ops():
             if op.get_type_name() in WEIGHTED and op.input_value(1).get_node().get_type_name() == "Constant":
                 originals[op.get_friendly_name()] = op.input_value(1).get_node().get_data().astype(np.float64)
+    readable = {layer.op.get_friendly_name() for layer in layers}
     unknown = [op.get_friendly_name() for op in model.get_ordered_ops()
-               if op.get_type_name() in WEIGHTED and _input_fq(op) is not None
-               and op.get_friendly_name() not in {layer.op.get_friendly_name() for layer in layers}]
+               if op.get_type_name() in WEIGHTED and _input_fq(op) is not None and op.get_friendly_name() not in readable]
     if unknown:   # int8 weights in a form this module cannot read: they would be left unbounded
         raise RuntimeError(f"cannot bound the int8 weights of {unknown[:3]}: use stages.quantize.isa: portable-7bit")
     limit = LIMIT / headroom
@@ -190,9 +190,12 @@ def emulate_pair_sums(model, images) -> dict:
     (``saturating``, of ``pairs``) and the layers where any is. An emulation on any CPU: evidence for the pairing
     assumed; the bound ``bound_weight_ranges`` keeps holds for every pairing."""
     import openvino as ov
-    layers = [layer for layer in int8_layers(model)
-              if layer.activation is not None and int(np.prod(channel_codes(layer)[0].shape[2:])) == 1]
-    weights = [channel_codes(layer)[0].reshape(channel_codes(layer)[0].shape[0], -1) for layer in layers]
+    layers, weights = [], []
+    for layer in int8_layers(model):
+        codes = channel_codes(layer)[0]
+        if layer.activation is not None and int(np.prod(codes.shape[2:])) == 1:
+            layers.append(layer)
+            weights.append(codes.reshape(codes.shape[0], -1))
     probe = ov.Core().compile_model(ov.Model([layer.activation.output(0) for layer in layers], model.get_parameters()), "CPU")
     saturating = pairs = 0
     where: set[str] = set()
