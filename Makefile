@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := ffmpeg rtsp-server-perl dataset-fashion-mnist python3-gi gir1.2-gst-rtsp-server-1.0 \
+APT_PACKAGES := ffmpeg rtsp-server-perl mosquitto dataset-fashion-mnist python3-gi gir1.2-gst-rtsp-server-1.0 \
 	gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
 DEMO_OUT ?= out/default
 # Optional: when the ImageNet sample sits beside the repo, the demo report also gets top-1 (not required).
