@@ -7,6 +7,7 @@ anti-aliased bilinear resize torchvision/PIL use to within rounding.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -50,34 +51,58 @@ class Preprocess:
         return self.batch([bgr])
 
     def batch(self, frames: list) -> np.ndarray:
-        return self.normalize(self.crops(frames))
+        """BGR uint8 frames -> (N, 3, crop, crop) float32, each crop normalized straight into the batch."""
+        out = np.empty((len(frames), 3, self.crop, self.crop), dtype=np.float32)
+        for i, bgr in enumerate(frames):
+            self._normalize_into(self._crop(bgr), out[i])
+        return out
 
     def crops(self, frames: list) -> np.ndarray:
         """BGR uint8 frames -> (N, crop, crop, 3) uint8 in the model's colour order: resized and cropped,
         not yet normalized (what the reference set stores, so a device re-runs exactly the same input)."""
         out = np.empty((len(frames), self.crop, self.crop, 3), dtype=np.uint8)
         for i, bgr in enumerate(frames):
-            check_frame(bgr)
-            if bgr.ndim == 2:
-                bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
-            elif bgr.shape[2] == 4:
-                bgr = cv2.cvtColor(bgr, cv2.COLOR_BGRA2BGR)
-            h, w = bgr.shape[:2]
-            y0, x0, sh, sw = self.crop_box(h, w)
-            roi = bgr[y0:y0 + sh, x0:x0 + sw]
-            interp = cv2.INTER_AREA if sh > self.crop else cv2.INTER_LINEAR
-            img = cv2.resize(roi, (self.crop, self.crop), interpolation=interp)
-            out[i] = img[:, :, ::-1] if self.color == "RGB" else img
+            out[i] = self._crop(bgr)
         return out
 
     def normalize(self, crops: np.ndarray) -> np.ndarray:
         """(N, crop, crop, 3) uint8 from :meth:`crops` -> (N, 3, crop, crop) float32 with mean/std applied."""
-        scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
-        bias = np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
-        out = crops.transpose(0, 3, 1, 2).astype(np.float32, order="C")
-        out *= scale[None, :, None, None]
-        out += bias[None, :, None, None]
+        out = np.empty((len(crops), 3) + crops.shape[1:3], dtype=np.float32)
+        for i, crop in enumerate(crops):
+            self._normalize_into(crop, out[i])
         return out
+
+    def _crop(self, bgr: np.ndarray) -> np.ndarray:
+        """One frame -> (crop, crop, 3) uint8 in the model's colour order. Cut, resized once, then converted
+        (gray, BGRA and the RGB swap are per-pixel channel picks, so converting the small crop instead of the
+        frame gives the same pixels, in OpenCV instead of a numpy copy with a negative stride)."""
+        check_frame(bgr)
+        h, w = bgr.shape[:2]
+        y0, x0, sh, sw = self.crop_box(h, w)
+        interp = cv2.INTER_AREA if sh > self.crop else cv2.INTER_LINEAR
+        img = cv2.resize(bgr[y0:y0 + sh, x0:x0 + sw], (self.crop, self.crop), interpolation=interp)
+        code = _COLOR_CODES[(1 if img.ndim == 2 else img.shape[2], self.color == "RGB")]
+        return img if code is None else cv2.cvtColor(img, code)
+
+    def _normalize_into(self, crop: np.ndarray, out: np.ndarray) -> None:
+        """(crop, crop, 3) uint8 -> ``out`` (3, crop, crop) float32: x * 1/(255 std) + (-mean/std), converted,
+        transposed and scaled in one pass, then offset in place (the same float32 operations as before)."""
+        np.multiply(crop.transpose(2, 0, 1), self._scale, out=out)
+        out += self._bias
+
+    @functools.cached_property
+    def _scale(self) -> np.ndarray:
+        return np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)[:, None, None]
+
+    @functools.cached_property
+    def _bias(self) -> np.ndarray:
+        return np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)[:, None, None]
+
+
+# (channels of the resized crop, model wants RGB) -> OpenCV conversion to 3 channels in the model's order
+_COLOR_CODES = {(1, True): cv2.COLOR_GRAY2RGB, (1, False): cv2.COLOR_GRAY2BGR,
+                (3, True): cv2.COLOR_BGR2RGB, (3, False): None,
+                (4, True): cv2.COLOR_BGRA2RGB, (4, False): cv2.COLOR_BGRA2BGR}
 
 
 def check_frame(frame) -> None:
