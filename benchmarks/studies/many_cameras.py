@@ -11,7 +11,7 @@ N cameras, one after the other:
 
 - serve: `python -m edgepipe serve --model DIR --source URL ... --rtsp-transport T --jsonl-dir D --api-port P
   --stats F` (one process, one batched engine);
-- separate: N x `python runtime/camera.py --model DIR --source URL --rtsp-transport T --jsonl F --stats S`.
+- separate: N x `python -m edgepipe.runtime.camera --model DIR --source URL --rtsp-transport T --jsonl F --stats S`.
 
 Each run waits until every stream has given a result (or --warmup s), lets it settle 2 s, then counts over a
 window of --seconds: frames classified (JSONL lines whose arrival ``ts`` falls in the window) / frames offered
@@ -20,6 +20,9 @@ the frame's presentation timestamp, where the records carry it), the summed peak
 of the run's process tree, and (serve) the engine's batch-size histogram over the window, from the difference
 of two scrapes of GET /metrics. The camera side's CPU share (server + pushers) is reported too, since it runs on
 the same cores. Linux only (/proc). Run it on a quiet machine: everything here shares the CPU.
+
+Both modes run in the run's temporary folder with this interpreter, so they measure the edgepipe installed in
+it (`make setup`: this checkout, editable).
 """
 from __future__ import annotations
 
@@ -39,8 +42,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-CAMERA = REPO / "runtime" / "camera.py"
 FPS, SIZE, KEYFRAME_S, CLIP_S = 15, "640x360", 2.0, 20
 SETTLE_S = 2.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -75,7 +76,7 @@ def _free_udp_range(count: int) -> int:
             for p in range(start, start + count):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 socks.append(s)
-                s.bind(("127.0.0.1", p))
+                s.bind(("", p))          # the server listens on every address
             return start
         except OSError:
             continue
@@ -97,22 +98,37 @@ class Cameras:
     def urls(self) -> list[str]:
         return [f"rtsp://127.0.0.1:{self.client_port}/cam{k:02d}" for k in range(self.n)]
 
-    def start(self) -> "Cameras":
+    def start(self, tries: int = 3) -> "Cameras":
+        """Server and pushers; tried again on other ports when a pusher is refused (its RTP ports were taken
+        between our check and the server's bind: rtsp-server-perl then answers RECORD with 404)."""
+        for attempt in range(tries):
+            try:
+                return self._start()
+            except RuntimeError as exc:
+                self.stop()
+                if attempt == tries - 1:
+                    raise SystemExit(str(exc)) from None
+        return self
+
+    def _start(self) -> "Cameras":
         self.server = subprocess.Popen(
             ["rtsp-server-perl", "--clientport", str(self.client_port), "--serverport", str(self.source_port),
-             "--loglevel", "0", "--max_clients", str(4 * self.n + 16), "--rtp_start_port", str(_free_udp_range(4 * self.n + 8))],
+             "--loglevel", "0", "--max_clients", str(4 * self.n + 16),
+             # every pusher and every client session takes the next two ports; this run opens ~3N of them
+             "--rtp_start_port", str(_free_udp_range(8 * self.n + 16))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         _wait_listening(self.source_port)
         for k in range(self.n):
-            self.pushers.append(subprocess.Popen(
-                ["ffmpeg", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(self.clip), "-c", "copy",
-                 "-f", "rtsp", f"rtsp://127.0.0.1:{self.source_port}/cam{k:02d}"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            with open(self.workdir / f"pusher{k:02d}.log", "w") as log:
+                self.pushers.append(subprocess.Popen(
+                    ["ffmpeg", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(self.clip), "-c", "copy",
+                     "-f", "rtsp", f"rtsp://127.0.0.1:{self.source_port}/cam{k:02d}"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
         time.sleep(1.0 + 0.05 * self.n)   # ANNOUNCE + RECORD before clients ask for the mounts
         dead = [k for k, p in enumerate(self.pushers) if p.poll() is not None]
         if dead or self.server.poll() is not None:
-            self.stop()
-            raise SystemExit(f"camera {dead or 'server'} did not start (is rtsp-server-perl installed?)")
+            why = (self.workdir / f"pusher{dead[0]:02d}.log").read_text()[-300:] if dead else "rtsp-server-perl exited"
+            raise RuntimeError(f"camera {dead or 'server'} did not start: {why.strip()}")
         return self
 
     def pids(self) -> list[int]:
@@ -124,14 +140,29 @@ class Cameras:
         self.server, self.pushers = None, []
 
 
+def _listening(port: int) -> bool:
+    """A TCP socket listens on ``port`` (read from /proc/net/tcp*, without connecting: every connection that
+    rtsp-server-perl closes while nothing is published resets its next RTP port to 20000, its default, which
+    another server on this machine may hold -- its publishers then get 404 on RECORD)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 def _wait_listening(port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listening(port):
+            return
         time.sleep(0.1)
-    raise SystemExit(f"rtsp-server-perl did not listen on {port}")
+    raise RuntimeError(f"rtsp-server-perl did not listen on {port}")
 
 
 def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 15) -> None:
@@ -311,7 +342,7 @@ def run_serve(args, urls: list[str], folder: Path, camera_pids: list[int]) -> di
            "--jsonl-dir", str(folder / "jsonl"), "--api-port", str(port), "--stats", str(folder / "stats.json"),
            *shlex.split(args.serve_args)]
     with open(folder / "serve.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=folder)
     result = measure([proc], [folder / "jsonl"], len(urls), args, camera_pids, scrape=lambda: scrape_batches(port))
     result["log_tail"] = (folder / "serve.log").read_text()[-600:] if result["exit_codes_not_ok"] else None
     return result
@@ -321,10 +352,10 @@ def run_separate(args, urls: list[str], folder: Path, camera_pids: list[int]) ->
     procs, jsonl = [], []
     for k, url in enumerate(urls):
         jsonl.append(folder / f"cam{k:02d}.jsonl")
-        cmd = [sys.executable, str(CAMERA), "--model", args.model, "--source", url, "--rtsp-transport", args.transport,
+        cmd = [sys.executable, "-m", "edgepipe.runtime.camera", "--model", args.model, "--source", url, "--rtsp-transport", args.transport,
                "--jsonl", str(jsonl[-1]), "--stats", str(folder / f"cam{k:02d}.stats.json"), *shlex.split(args.camera_args)]
         with open(folder / f"cam{k:02d}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=folder))
     result = measure(procs, jsonl, len(urls), args, camera_pids)
     result["log_tail"] = (folder / "cam00.log").read_text()[-600:] if result["exit_codes_not_ok"] else None
     return result
@@ -366,7 +397,7 @@ def main(argv=None) -> int:
     p.add_argument("--camera-args", default="", help="more arguments for each camera.py (quoted)")
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args(argv)
-    args.fps = FPS
+    args.fps, args.model = FPS, str(Path(args.model).resolve())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
