@@ -70,10 +70,10 @@ def labeled_csv(folder: Path, images: list[tuple[Path, int]]) -> Path:
 
 def test_device_install_has_no_build_dependencies(device_env):
     code = "import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None for m in %r}))"
-    proc = run(device_env, device_env["python"], "-c", code % (BUILD_ONLY + ("openvino", "cv2", "edgepipe"),))
+    proc = run(device_env, device_env["python"], "-c", code % (BUILD_ONLY + ("openvino", "cv2", "edgepipe", "prometheus_client"),))
     found = json.loads(proc.stdout)
     assert not any(found[m] for m in BUILD_ONLY), found
-    assert found["openvino"] and found["cv2"] and found["edgepipe"]
+    assert found["openvino"] and found["cv2"] and found["edgepipe"] and found["prometheus_client"]  # serve's /metrics
     # installed as a package, not pointing back into the checkout
     where = run(device_env, device_env["python"], "-c", "import edgepipe; print(edgepipe.__file__)").stdout
     assert "site-packages" in where and str(REPO) not in where

@@ -344,7 +344,9 @@ def run_serve(args, urls: list[str], folder: Path, camera_pids: list[int]) -> di
     with open(folder / "serve.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=folder)
     result = measure([proc], [folder / "jsonl"], len(urls), args, camera_pids, scrape=lambda: scrape_batches(port))
-    result["log_tail"] = (folder / "serve.log").read_text()[-600:] if result["exit_codes_not_ok"] else None
+    log_text = (folder / "serve.log").read_text()
+    result["batch_choice"] = next((line for line in log_text.splitlines() if line.startswith("serve: batch")), None)
+    result["log_tail"] = log_text[-600:] if result["exit_codes_not_ok"] else None
     return result
 
 
