@@ -77,7 +77,7 @@ class MqttSink:
         broker = parse_url(url)
         if qos not in (0, 1, 2):
             raise UserError(f"MQTT QoS {qos!r}: choose 0, 1 or 2")
-        _check_topic(topic)
+        check_topic(topic)
         self.topic, self.qos, self.log = topic, qos, log
         self._queue: collections.deque = collections.deque()
         self._max_queue, self._window = max(1, int(max_queue)), max(1, int(window))
@@ -99,8 +99,10 @@ class MqttSink:
 
     # ------------------------------------------------------------ caller side (never blocks on the network)
 
-    def publish(self, stream_id: str, record: dict) -> None:
-        topic = self.topic.format(stream=_topic_safe(stream_id))
+    def publish(self, stream_id: str, record: dict, topic: str | None = None) -> None:
+        """Queue ``record`` for ``topic`` (a stream's own pattern, checked with :func:`check_topic` when the
+        stream was configured; None: the sink's pattern)."""
+        topic = (topic or self.topic).format(stream=_topic_safe(stream_id))
         payload = json.dumps(record, separators=(",", ":"), default=str)
         with self._cond:
             if self._closing:
@@ -199,7 +201,8 @@ class MqttSink:
         self.log(f"mqtt: {self.where}: {what}")
 
 
-def _check_topic(topic: str) -> None:
+def check_topic(topic: str) -> None:
+    """UserError unless ``topic`` is a topic to publish to, with {stream} as its only placeholder."""
     try:
         sample = topic.format(stream="cam")
     except (KeyError, IndexError, ValueError):

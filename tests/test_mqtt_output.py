@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgepipe import UserError
-from edgepipe.runtime.mqtt_output import MqttSink, mask_url, parse_url
+from edgepipe.runtime.mqtt_output import MqttSink, check_topic, mask_url, parse_url
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -129,7 +129,10 @@ def test_messages_arrive_per_stream_topic(broker, qos):
                    for i in range(3) for sid in ("cam1", "cam2")]
         for r in records:
             sink.publish(r["stream"], r)
-        got = wait_until(lambda: len(sub.got()) >= len(records) and sub.got(), what="6 messages")
+        sink.publish("door", {"stream": "door", "frame": 0}, topic="site/{stream}/own")   # a stream's own topic
+        got = wait_until(lambda: len(sub.got()) >= len(records) + 1 and sub.got(), what="7 messages")
+        assert ("site/door/own", {"stream": "door", "frame": 0}) in got
+        got = [m for m in got if m[1]["stream"] != "door"]
         assert sorted(got, key=lambda m: (m[1]["stream"], m[1]["frame"])) == \
             sorted([(f"site/{r['stream']}/labels", r) for r in records], key=lambda m: (m[1]["stream"], m[1]["frame"]))
         # each stream's messages in order
@@ -137,7 +140,7 @@ def test_messages_arrive_per_stream_topic(broker, qos):
     finally:
         stats = sink.close()
         sub.close()
-    assert stats["sent"] == 6 and stats["dropped"] == 0 and stats["reconnects"] == 0
+    assert stats["sent"] == 7 and stats["dropped"] == 0 and stats["reconnects"] == 0
     assert any("connected to mqtt://127.0.0.1" in line for line in lines), lines
 
 
@@ -224,9 +227,12 @@ def test_urls_and_topics():
         with pytest.raises(UserError, match=why) as err:
             MqttSink(bad)
         assert "secret" not in str(err.value) and "\n" not in str(err.value)
-    for topic in ("a/{camera}", "a/+/{stream}", "{}"):
+    for topic in ("a/{camera}", "a/+/{stream}", "{}", "a/#"):
         with pytest.raises(UserError, match="MQTT topic"):
             MqttSink("mqtt://127.0.0.1:1", topic=topic)
+        with pytest.raises(UserError, match="MQTT topic"):
+            check_topic(topic)
+    check_topic("shop/{stream}/labels")
     with pytest.raises(UserError, match="QoS"):
         MqttSink("mqtt://127.0.0.1:1", qos=3)
 
