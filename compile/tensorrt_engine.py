@@ -23,9 +23,9 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.atomic import write_bytes
-from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, entry_record, layer_precisions,
-                                            parse_batch, profile_shapes, source_files, timing_cache_name, typing_mode,
-                                            up_to_date)
+from edgepipe.compile.tensorrt_layers import layer_precisions
+from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, entry_record, parse_batch,
+                                            profile_shapes, source_files, timing_cache_name, typing_mode, up_to_date)
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry
@@ -33,6 +33,7 @@ from edgepipe.runtime.manifest import Manifest, Variant
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
 WEAK_TYPING_ONLY = ("set_precision_flags",)
+LAYER_INFO = "layers.json"  # the engine inspector's raw JSON, next to model.engine
 
 
 def import_tensorrt():
@@ -93,14 +94,17 @@ def save_timing_cache(config, path: Path, state: str) -> str:
     return state
 
 
-def inspect_layers(trt, serialized) -> dict:
-    """Which layers run in which precision, from the engine inspector (the build used DETAILED verbosity)."""
+def inspect_layers(trt, serialized, raw_path: Path) -> dict:
+    """Which layers run in which precision, from the engine inspector (the build used DETAILED verbosity); its raw
+    JSON (what `trtexec --exportLayerInfo` writes) is kept at ``raw_path`` for the user and for bug reports."""
     runtime = trt.Runtime(trt_logger(trt))
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         return {"available": False, "why": "the new engine could not be deserialized for inspection"}
     inspector = engine.create_engine_inspector()
-    return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    raw = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    write_bytes(raw_path, str(raw).encode())
+    return dict(layer_precisions(raw), raw=raw_path.name)
 
 
 def trt_logger(trt):
@@ -130,6 +134,7 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
         profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
     cache_state = load_timing_cache(config, cache_path)
+    engine_path.with_name(LAYER_INFO).unlink(missing_ok=True)  # never list a previous build's layers
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT failed to build the {precision} engine from {source.entry.path} (see the messages above); "
@@ -139,7 +144,13 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     shape = [int(d) for d in inp.shape]
     return {"input_shape": [-1 if shape[0] < 0 else shape[0], *shape[1:]], "timing_cache_state": cache_state,
             "profile": None if shapes is None else {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
-            "layers": inspect_layers(trt, serialized)}
+            "layers": inspect_layers(trt, serialized, engine_path.with_name(LAYER_INFO))}
+
+
+def engine_files(root: Path, engine_path: Path) -> list[FileEntry]:
+    """The engine, and the inspector's raw layer JSON when the build wrote one."""
+    raw = engine_path.with_name(LAYER_INFO)
+    return [FileEntry.of(root, p) for p in (engine_path, raw) if p == engine_path or p.is_file()]
 
 
 def main(args) -> int:
@@ -178,7 +189,7 @@ def main(args) -> int:
     sources.setdefault(typing, entry_record(source.entry))
     old = record or Variant("tensorrt", precision, "engine", [], [])  # what is kept: origin, model, reference logits
     manifest.variants[name] = Variant(
-        backend="tensorrt", precision=precision, format="engine", files=[FileEntry.of(root, engine_path)],
+        backend="tensorrt", precision=precision, format="engine", files=engine_files(root, engine_path),
         input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
         compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
         versions=old.versions, reference_logits=old.reference_logits, source_onnx_sha256=source.entry.sha256,

@@ -1,7 +1,7 @@
 """What `edgepipe build-engine` will do, decided without TensorRT: supported versions, typing mode, the
-source ONNX, the optimization profile, the timing cache's name, whether an engine is up to date, and the
-per-layer precisions read from the engine inspector's JSON. Everything here is plain Python, so it is tested
-on machines without a GPU; compile/tensorrt_engine.py only carries out the plan with TensorRT.
+source ONNX, the optimization profile, the timing cache's name and whether an engine is up to date (a built
+engine's per-layer precisions are read in compile/tensorrt_layers.py). Everything here is plain Python, so it is
+tested on machines without a GPU; compile/tensorrt_engine.py only carries out the plan with TensorRT.
 
 Typing modes (NVIDIA's "strongly typed networks"):
 - weak: precision from builder flags (``BuilderFlag.FP16`` / ``INT8``); TensorRT 10.x only (deprecated in
@@ -12,7 +12,6 @@ Typing modes (NVIDIA's "strongly typed networks"):
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,34 +203,3 @@ def up_to_date(existing: Variant | None, engine_path: Path, mismatch: str | None
     return (existing.format == "engine" and existing.status == "ok" and engine_path.is_file() and mismatch is None
             and side.get("source_onnx_sha256") == source.entry.sha256 and side.get("batch") == list(batch)
             and side.get("typing", "weak") == typing)
-
-
-PRECISION_WORDS = ("FP32", "FP16", "BF16", "INT8", "FP8", "FP4", "INT4", "INT32", "INT64", "BOOL", "UINT8")
-
-
-def _precision_of(text: str) -> str | None:
-    words = re.findall(r"[A-Za-z0-9]+", str(text).upper())
-    words = ["FP32" if w in ("FLOAT", "FLOAT32") else "FP16" if w in ("HALF", "FLOAT16") else w for w in words]
-    return next((w for w in words if w in PRECISION_WORDS), None)
-
-
-def layer_precisions(inspector_json: str) -> dict:
-    """Per-layer precisions from ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`` built
-    with ``ProfilingVerbosity.DETAILED``: each layer's precision is its first output's "Format/Datatype"
-    (what the layer computes in, as trtexec's --exportLayerInfo shows it)."""
-    try:
-        info = json.loads(inspector_json)
-    except (TypeError, ValueError) as exc:
-        return {"available": False, "why": f"engine inspector JSON unreadable: {exc}"}
-    layers = info.get("Layers", []) if isinstance(info, dict) else []
-    rows, counts = [], {}
-    for layer in layers:
-        if not isinstance(layer, dict):  # LAYER_NAMES_ONLY gives plain names
-            rows.append({"name": str(layer), "precision": None})
-            continue
-        outputs = layer.get("Outputs") or []
-        fmt = next((o.get("Format/Datatype") for o in outputs if isinstance(o, dict) and o.get("Format/Datatype")), "")
-        precision = _precision_of(fmt)
-        rows.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": precision})
-        counts[precision or "unknown"] = counts.get(precision or "unknown", 0) + 1
-    return {"available": bool(layers), "layers": len(rows), "by_precision": counts, "per_layer": rows}

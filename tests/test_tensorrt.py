@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgepipe import UserError
-from edgepipe.compile import tensorrt_engine, tensorrt_plan
+from edgepipe.compile import tensorrt_engine, tensorrt_layers, tensorrt_plan
 from edgepipe.compile.qdq_check import OPSET_CEILING, check_qdq
 from edgepipe.compile.tensorrt_plan import (check_version, choose_source, parse_version, profile_shapes, source_files,
                                             timing_cache_name, typing_mode, weak_typing_available)
@@ -180,7 +180,7 @@ def test_timing_cache_is_named_by_version_and_gpu():
 
 
 def test_inspector_json_that_cannot_be_read_is_reported_not_raised():
-    assert tensorrt_plan.layer_precisions("not json")["available"] is False
+    assert tensorrt_layers.layer_precisions("not json")["available"] is False
 
 
 # ---------------------------------------------------------------- cuda-python: the real wheel, no GPU
