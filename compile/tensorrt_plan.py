@@ -104,6 +104,27 @@ class Source:
     entry: FileEntry     # the file's manifest entry
     typing: str
     qdq_check: dict | None
+    floats: str = "fp32"      # the precision of the file's float (non-Q/DQ) tensors
+    fp32_layers: list[str] = dataclasses.field(default_factory=list)  # layers near fp16 overflow: kept fp32
+
+    @property
+    def float_precision(self) -> str:
+        """What the engine's float layers run in: weak typing sets the FP16 flag (near-overflow layers pinned to
+        fp32); a strongly typed network keeps the file's types."""
+        return "fp16" if self.typing == "weak" else self.floats
+
+
+def source_floats(record: Variant, typing: str) -> str:
+    """The float precision of a TensorRT record's own ONNX for ``typing``: what the target recorded, else what
+    its kind is (older int8 records ship one fp32 QDQ file; the strongly typed fp16 source is fp16)."""
+    side = ((record.tensorrt or {}).get("source_files") or {}).get(typing) or {}
+    known = side.get("floats") or ((record.compile or {}).get("source_floats") or {}).get(typing)
+    return known or ("fp16" if record.precision == "fp16" and typing == "strong" else "fp32")
+
+
+def near_overflow_layers(record: Variant | None) -> list[str]:
+    """The ONNX node names `edgepipe run` found near fp16 overflow on the calibration images (kept fp32)."""
+    return list((((record.compile if record else None) or {}).get("fp16_onnx") or {}).get("fp32_layers") or [])
 
 
 def _entries_by_typing(record: Variant | None) -> dict[str, FileEntry]:
@@ -183,12 +204,15 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
             why = "; ".join((check or {}).get("errors", [])[:2]) or "no TensorRT QDQ check is recorded for it"
             raise UserError(f"{entry.path} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
                             f"{{backend: tensorrt, precision: int8}} and re-run `edgepipe run` (it ships an s8s8 QDQ ONNX)")
-    return Source(variant, path, entry, typing, check)
+    floats = source_floats(rec, typing) if variant == name else "fp32"  # the exported / ONNX Runtime files are fp32
+    return Source(variant, path, entry, typing, check, floats, near_overflow_layers(record))
 
 
 def source_files(record: Variant | None) -> dict[str, dict]:
-    """The {typing: file entry} to keep in an engine's sidecar, so --rebuild (either typing) finds its ONNX."""
-    return {typing: entry_record(e) for typing, e in _entries_by_typing(record).items()}
+    """The {typing: file entry and its float precision} to keep in an engine's sidecar, so --rebuild (either
+    typing) finds its ONNX."""
+    return {typing: dict(entry_record(e), floats=source_floats(record, typing))
+            for typing, e in _entries_by_typing(record).items()}
 
 
 def entry_record(entry: FileEntry) -> dict:

@@ -230,7 +230,9 @@ def zero_points(model) -> list[np.ndarray]:
 def test_tensorrt_int8_target_ships_an_s8s8_qdq_onnx_whatever_the_cpu(trt_run):
     manifest = json.loads((trt_run / "manifest.json").read_text())
     v = manifest["variants"]["tensorrt-int8"]
-    assert v["status"] == "pending-build" and [f["path"] for f in v["files"]] == ["tensorrt-int8/model.onnx"]
+    assert v["status"] == "pending-build" and [f["path"] for f in v["files"]] == ["tensorrt-int8/model.onnx", "tensorrt-int8/model.fp16.onnx"]
+    assert v["compile"]["sources"] == {"weak": "tensorrt-int8/model.onnx", "strong": "tensorrt-int8/model.fp16.onnx"}
+    assert v["compile"]["source_floats"] == {"weak": "fp32", "strong": "fp16"}
     assert v["compile"]["mode"] == "s8s8" and v["compile"]["tensorrt_qdq_check"]["ok"]
     model = onnx.load(str(trt_run / "tensorrt-int8" / "model.onnx"))
     zps = zero_points(model)
@@ -257,8 +259,11 @@ def test_tensorrt_fp16_target_ships_an_fp16_onnx_that_runs(trt_run):
 
 def test_source_choice_on_the_real_manifest(trt_run):
     manifest = Manifest.load(trt_run)
-    assert choose_source(manifest, trt_run, "int8", "strong").entry.path == "tensorrt-int8/model.onnx"
-    assert choose_source(manifest, trt_run, "int8", "weak").qdq_check["ok"]
+    strong = choose_source(manifest, trt_run, "int8", "strong")
+    assert strong.entry.path == "tensorrt-int8/model.fp16.onnx" and strong.float_precision == "fp16"
+    weak = choose_source(manifest, trt_run, "int8", "weak")
+    assert weak.qdq_check["ok"] and weak.entry.path == "tensorrt-int8/model.onnx" and weak.float_precision == "fp16"
+    assert choose_source(manifest, trt_run, "fp16", "strong").float_precision == "fp16"
     assert choose_source(manifest, trt_run, "fp16", "strong").entry.path == "tensorrt-fp16/model.fp16.onnx"
     assert choose_source(manifest, trt_run, "fp16", "weak").entry.path == "model.onnx"
     # --rebuild: the variant is now an engine record (its ONNX only in the sidecar) and there is no onnxruntime-fp32
@@ -291,7 +296,7 @@ def test_source_choice_on_the_real_manifest(trt_run):
     files = tampered.variants["tensorrt-int8"].files
     files[0] = dataclasses.replace(files[0], sha256="0" * 64)
     with pytest.raises(IntegrityError):
-        choose_source(tampered, trt_run, "int8", "strong")
+        choose_source(tampered, trt_run, "int8", "weak")
 
 
 def test_qdq_check_applies_the_parsers_rules(trt_run):
