@@ -202,7 +202,7 @@ def main(args) -> int:
         print(f"{name}: engine is up to date ({engine_path}); --rebuild forces a new build")
         return 0
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"])
+    cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"], gpu["gpu"], gpu.get("multiprocessors"))
     print(f"building {name} ({typing}ly typed, float layers {source.float_precision}) from {source.entry.path} "
           f"(TensorRT {trt.__version__}, {gpu['gpu']}, batch {batch})", flush=True)
     if precision == "int8" and source.float_precision == "fp32":

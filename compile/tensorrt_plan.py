@@ -91,10 +91,14 @@ def profile_shapes(input_shape: tuple, batch: tuple[int, int, int], onnx_name: s
     return None
 
 
-def timing_cache_name(version: str, compute_capability: str) -> str:
-    """One cache per TensorRT version and GPU architecture: a folder rsynced between machines keeps each valid."""
+def timing_cache_name(version: str, compute_capability: str, gpu: str = "", multiprocessors: int | None = None) -> str:
+    """One cache per TensorRT version, GPU architecture and GPU: TensorRT refuses a cache made on a device with
+    other CUDA properties, and AGX Orin, Orin NX and Orin Nano are all sm87 (a folder rsynced between two of them
+    would rebuild its cache every time). The SM count separates modules that report the same name."""
     safe = re.sub(r"[^0-9A-Za-z.]+", "_", str(version))
-    return f"tensorrt-timing-{safe}-sm{str(compute_capability).replace('.', '')}.cache"
+    name = re.sub(r"[^0-9A-Za-z]+", "-", str(gpu)).strip("-").lower() or "gpu"
+    sms = f"-{int(multiprocessors)}sm" if multiprocessors else ""
+    return f"tensorrt-timing-{safe}-sm{str(compute_capability).replace('.', '')}-{name}{sms}.cache"
 
 
 @dataclass

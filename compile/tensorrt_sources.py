@@ -168,20 +168,25 @@ def fp16_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray]) -
             "largest_activation": max(maxima.values(), default=0.0), "fp32_layers": blocked,
             "fp32_because": {k: round(v, 1) for k, v in sorted(large.items())}}
     if qdq:
-        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=scale_rounding(model))
+        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=scale_rounding(model, converted))
     return info
 
 
-def scale_rounding(model) -> dict:
-    """How much the Q/DQ scales change when stored in fp16 (largest relative change; scales below fp16's
-    smallest normal number, 6.1e-5, lose precision)."""
+def scale_rounding(before, after) -> dict:
+    """How the Q/DQ scales changed when stored in fp16: the largest relative change among scales fp16 represents
+    as normal numbers (at most 2^-11), and how many are below fp16's smallest normal (6.1e-5; the converter
+    clamps them to at least 6e-8: weights of channels that are almost zero)."""
     from onnx import numpy_helper
-    inits = {t.name: t for t in model.graph.initializer}
-    names = {n.input[1] for n in model.graph.node if n.op_type in QDQ_OPS and len(n.input) > 1 and n.input[1] in inits}
-    scales = np.concatenate([numpy_helper.to_array(inits[k]).ravel().astype(np.float64) for k in sorted(names)] or [np.zeros(0)])
-    scales = scales[scales > 0]
-    if not scales.size:
-        return {"scales": 0}
-    rel = np.abs(scales.astype(np.float16).astype(np.float64) - scales) / scales
-    return {"scales": int(scales.size), "max_relative_change": float(rel.max()),
-            "below_fp16_normal": int((scales < np.finfo(np.float16).tiny).sum())}
+
+    def scales(model) -> dict:
+        inits = {t.name: t for t in model.graph.initializer}
+        return {n.input[1]: numpy_helper.to_array(inits[n.input[1]]).astype(np.float64).ravel()
+                for n in model.graph.node if n.op_type in QDQ_OPS and len(n.input) > 1 and n.input[1] in inits}
+    old, new = scales(before), scales(after)
+    pairs = [(old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k].shape == new[k].shape]
+    a = np.concatenate([p[0] for p in pairs] or [np.zeros(0)])
+    b = np.concatenate([p[1] for p in pairs] or [np.zeros(0)])
+    normal = a >= np.finfo(np.float16).tiny
+    rel = np.abs(b[normal] - a[normal]) / a[normal]
+    return {"scales": int(a.size), "max_relative_change": float(rel.max()) if rel.size else 0.0,
+            "below_fp16_normal": int((~normal).sum())}
