@@ -177,6 +177,9 @@ def engine_files(root: Path, engine_path: Path) -> list[FileEntry]:
 
 
 def main(args) -> int:
+    if getattr(args, "check", False):  # the first-run kit: builds both precisions itself
+        from edgepipe.compile.tensorrt_check import main as check_main
+        return check_main(args)
     root = Path(args.dir)
     manifest = Manifest.load(root)
     precision = args.precision

@@ -157,6 +157,7 @@ def fp16_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray]) -
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if qdq and opset < QDQ_FP16_OPSET:
         model = version_converter.convert_version(model, QDQ_FP16_OPSET)
+    raised = raise_small_scales(model) if qdq else 0
     blocked = fp32_nodes(model, set(large))
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
     drop_round_trips(converted.graph, blocked)
@@ -168,8 +169,38 @@ def fp16_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray]) -
             "largest_activation": max(maxima.values(), default=0.0), "fp32_layers": blocked,
             "fp32_because": {k: round(v, 1) for k, v in sorted(large.items())}}
     if qdq:
-        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=scale_rounding(model, converted))
+        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=dict(scale_rounding(model, converted), raised_to_fp16_normal=raised))
     return info
+
+
+def raise_small_scales(model) -> int:
+    """Raise Q/DQ scales below fp16's smallest normal number (6.1e-5; weights of channels that are almost zero) to
+    it, re-rounding the int8 weights they scale, in place: a subnormal fp16 scale loses its precision, and ONNX
+    Runtime's CPU optimizer turns one into inf. Returns how many scale values were raised."""
+    from onnx import numpy_helper
+    tiny = float(np.finfo(np.float16).tiny)
+    inits = {t.name: t for t in model.graph.initializer}
+    raised, done = 0, set()
+    for n in model.graph.node:
+        if n.op_type not in QDQ_OPS or len(n.input) < 2 or n.input[1] not in inits or n.input[1] in done:
+            continue
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        small = scale < tiny
+        if not small.any():
+            continue
+        new = np.maximum(scale, tiny).astype(scale.dtype)
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:  # a weight: keep q * scale
+            q = numpy_helper.to_array(inits[n.input[0]])
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            ratio = (scale / new).reshape(shape) if scale.size > 1 else scale / new
+            codes = np.clip(np.round(q.astype(np.float64) * ratio), -127, 127).astype(q.dtype)
+            inits[n.input[0]].CopyFrom(numpy_helper.from_array(codes, n.input[0]))
+        inits[n.input[1]].CopyFrom(numpy_helper.from_array(new, n.input[1]))
+        done.add(n.input[1])
+        raised += int(small.sum())
+    return raised
 
 
 def scale_rounding(before, after) -> dict:
