@@ -165,7 +165,8 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     write_bytes(engine_path, bytes(serialized))
     cache_state = save_timing_cache(config, cache_path, cache_state)
     shape = [int(d) for d in inp.shape]
-    return {"input_shape": [-1 if shape[0] < 0 else shape[0], *shape[1:]], "timing_cache_state": cache_state, "fp32_layers": guard,
+    return {"input_shape": [-1 if shape[0] < 0 else shape[0], *shape[1:]], "timing_cache_state": cache_state,
+            "fp32_layers": guard,
             "profile": None if shapes is None else {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
             "layers": inspect_layers(trt, serialized, engine_path.with_name(LAYER_INFO))}
 

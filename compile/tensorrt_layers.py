@@ -54,7 +54,8 @@ def moves_data(layer: dict) -> bool:
 
 
 def inspector_format(layers: list) -> str:
-    tensors = [t for layer in layers if isinstance(layer, dict) for t in (layer.get("Inputs") or []) + (layer.get("Outputs") or [])]
+    tensors = [t for layer in layers if isinstance(layer, dict)
+               for t in (layer.get("Inputs") or []) + (layer.get("Outputs") or [])]
     if any(isinstance(t, dict) and "Datatype" in t for t in tensors):
         return "11.x (Format, Datatype)"
     if any(isinstance(t, dict) and "Format/Datatype" in t for t in tensors):

@@ -44,7 +44,8 @@ def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], q
         checks[" (fp16 float parts)"] = info["fp16_onnx"]["tensorrt_qdq_check"] = check_qdq(fp16_dst)
     for what, check in checks.items():
         if not check["ok"]:
-            raise UserError(f"the QDQ ONNX{what} for target tensorrt/int8 fails TensorRT's rules: {'; '.join(check['errors'][:3])}")
+            raise UserError(f"the QDQ ONNX{what} for target tensorrt/int8 fails TensorRT's rules: "
+                            f"{'; '.join(check['errors'][:3])}")
     return info
 
 
@@ -169,7 +170,8 @@ def fp16_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray]) -
             "largest_activation": max(maxima.values(), default=0.0), "fp32_layers": blocked,
             "fp32_because": {k: round(v, 1) for k, v in sorted(large.items())}}
     if qdq:
-        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=dict(scale_rounding(model, converted), raised_to_fp16_normal=raised))
+        rounding = dict(scale_rounding(model, converted), raised_to_fp16_normal=raised)
+        info.update(opset=max(opset, QDQ_FP16_OPSET), scales_fp16=rounding)
     return info
 
 

@@ -90,3 +90,16 @@ def test_near_overflow_layers_stay_fp32_with_their_qdq_pairs(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
     ref, got = run(tmp_path / "q.onnx", x), run(tmp_path / "q16.onnx", x)
     assert np.isfinite(got).all() and np.abs(ref - got).max() <= TOLERANCE * np.abs(ref).max()
+
+
+def test_manifest_checks_the_engine_typing_and_float_precision():
+    import pytest
+    from edgepipe.runtime.errors import ManifestError
+    from edgepipe.runtime.manifest import Variant
+    base = {"backend": "tensorrt", "precision": "int8", "format": "engine", "input_shape": [-1, 3, 64, 64],
+            "files": [{"path": "tensorrt-int8/model.engine", "sha256": "0" * 64}]}
+    ok = Variant.from_dict(dict(base, tensorrt={"typing": "strong", "float_precision": "fp16"}))
+    assert ok.tensorrt["float_precision"] == "fp16"
+    for bad in ({"typing": "medium"}, {"typing": "strong", "float_precision": "fp8"}):
+        with pytest.raises(ManifestError, match="float_precision one of fp32, fp16, bf16"):
+            Variant.from_dict(dict(base, tensorrt=bad))
