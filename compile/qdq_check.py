@@ -108,7 +108,8 @@ def check_qdq(model_or_path) -> dict:
     if opset < 13:
         err(f"opset {opset} < 13: TensorRT needs per-channel Q/DQ (opset 13+)")
     elif opset > OPSET_CEILING:
-        err(f"opset {opset} > {OPSET_CEILING}: TensorRT 10.3 (JetPack 6) cannot parse it; export with export.opset: {OPSET_CEILING} or lower")
+        err(f"opset {opset} > {OPSET_CEILING}: TensorRT 10.3's ONNX parser (JetPack 6) supports opsets 9 to {OPSET_CEILING}; "
+            f"export with export.opset: {OPSET_CEILING} or lower")
     graph_inputs = [i for i in graph.input if i.name not in inits]
     for inp in graph_inputs:
         dims = inp.type.tensor_type.shape.dim

@@ -23,16 +23,17 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.atomic import write_bytes
-from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, entry_record, layer_precisions,
-                                            parse_batch, profile_shapes, source_files, timing_cache_name, typing_mode,
-                                            up_to_date)
+from edgepipe.compile.tensorrt_layers import layer_precisions
+from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source, entry_record, parse_batch,
+                                            profile_shapes, source_files, timing_cache_name, typing_mode, up_to_date)
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry
 from edgepipe.runtime.manifest import Manifest, Variant
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
-WEAK_TYPING_ONLY = ("set_precision_flags",)
+WEAK_TYPING_ONLY = ("set_precision_flags", "keep_fp32")
+LAYER_INFO = "layers.json"  # the engine inspector's raw JSON, next to model.engine
 
 
 def import_tensorrt():
@@ -68,6 +69,26 @@ def set_precision_flags(trt, config, precision: str) -> None:
         config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization from the Q/DQ nodes: no calibrator
 
 
+def keep_fp32(trt, network, config, names: list[str]) -> dict:
+    """Weak typing: pin the layers `edgepipe run` found near fp16 overflow (ONNX node names, which the ONNX parser
+    gives its layers) to fp32, as a strongly typed build keeps them from the fp16 ONNX. PREFER, not OBEY: a layer
+    without an fp32 kernel warns instead of failing the build (the inspector's layers.json shows what ran)."""
+    wanted, pinned = set(names), []
+    skip = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE, trt.LayerType.CONSTANT)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name not in wanted or layer.type in skip:
+            continue
+        layer.precision = trt.DataType.FLOAT
+        for j in range(layer.num_outputs):
+            if layer.get_output_type(j) in (trt.DataType.FLOAT, trt.DataType.HALF):
+                layer.set_output_type(j, trt.DataType.FLOAT)
+        pinned.append(layer.name)
+    if pinned:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    return {"asked": len(wanted), "pinned": sorted(pinned), "how": "layer precision constraints (prefer)"}
+
+
 def load_timing_cache(config, path: Path) -> str:
     """Attach the timing cache at ``path`` (or a new one); a cache TensorRT refuses (another version or GPU,
     or damaged) is replaced by an empty one. Returns what happened."""
@@ -93,14 +114,17 @@ def save_timing_cache(config, path: Path, state: str) -> str:
     return state
 
 
-def inspect_layers(trt, serialized) -> dict:
-    """Which layers run in which precision, from the engine inspector (the build used DETAILED verbosity)."""
+def inspect_layers(trt, serialized, raw_path: Path) -> dict:
+    """Which layers run in which precision, from the engine inspector (the build used DETAILED verbosity); its raw
+    JSON (what `trtexec --exportLayerInfo` writes) is kept at ``raw_path`` for the user and for bug reports."""
     runtime = trt.Runtime(trt_logger(trt))
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         return {"available": False, "why": "the new engine could not be deserialized for inspection"}
     inspector = engine.create_engine_inspector()
-    return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    raw = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    write_bytes(raw_path, str(raw).encode())
+    return dict(layer_precisions(raw), raw=raw_path.name)
 
 
 def trt_logger(trt):
@@ -121,8 +145,11 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector's per-layer precisions
-    if not strong:
+    if strong:
+        guard = {"asked": len(source.fp32_layers), "how": f"kept fp32 in the {source.floats} ONNX"}
+    else:
         set_precision_flags(trt, config, precision)
+        guard = keep_fp32(trt, network, config, source.fp32_layers)
     inp = network.get_input(0)
     shapes = profile_shapes(tuple(inp.shape), batch, source.entry.path)
     if shapes is not None:
@@ -130,6 +157,7 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
         profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
     cache_state = load_timing_cache(config, cache_path)
+    engine_path.with_name(LAYER_INFO).unlink(missing_ok=True)  # never list a previous build's layers
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT failed to build the {precision} engine from {source.entry.path} (see the messages above); "
@@ -138,11 +166,21 @@ def build_engine(trt, source: Source, engine_path: Path, precision: str, workspa
     cache_state = save_timing_cache(config, cache_path, cache_state)
     shape = [int(d) for d in inp.shape]
     return {"input_shape": [-1 if shape[0] < 0 else shape[0], *shape[1:]], "timing_cache_state": cache_state,
+            "fp32_layers": guard,
             "profile": None if shapes is None else {"min": list(shapes[0]), "opt": list(shapes[1]), "max": list(shapes[2])},
-            "layers": inspect_layers(trt, serialized)}
+            "layers": inspect_layers(trt, serialized, engine_path.with_name(LAYER_INFO))}
+
+
+def engine_files(root: Path, engine_path: Path) -> list[FileEntry]:
+    """The engine, and the inspector's raw layer JSON when the build wrote one."""
+    raw = engine_path.with_name(LAYER_INFO)
+    return [FileEntry.of(root, p) for p in (engine_path, raw) if p == engine_path or p.is_file()]
 
 
 def main(args) -> int:
+    if getattr(args, "check", False):  # the first-run kit: builds both precisions itself
+        from edgepipe.compile.tensorrt_check import main as check_main
+        return check_main(args)
     root = Path(args.dir)
     manifest = Manifest.load(root)
     precision = args.precision
@@ -168,21 +206,25 @@ def main(args) -> int:
         print(f"{name}: engine is up to date ({engine_path}); --rebuild forces a new build")
         return 0
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"])
-    print(f"building {name} ({typing}ly typed) from {source.entry.path} (TensorRT {trt.__version__}, {gpu['gpu']}, "
-          f"batch {batch})", flush=True)
+    cache_name = timing_cache_name(trt.__version__, gpu["compute_capability"], gpu["gpu"], gpu.get("multiprocessors"))
+    print(f"building {name} ({typing}ly typed, float layers {source.float_precision}) from {source.entry.path} "
+          f"(TensorRT {trt.__version__}, {gpu['gpu']}, batch {batch})", flush=True)
+    if precision == "int8" and source.float_precision == "fp32":
+        print(f"{name}: its strongly typed source has fp32 float parts, so the engine is INT8 + FP32 (slower than "
+              f"INT8 + FP16); re-run `edgepipe run` to ship the fp16 QDQ ONNX, or on TensorRT 10.x use --typing weak", flush=True)
     built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
     manifest = Manifest.load(root)  # re-read: keep everything else as it is now
     record = manifest.variants.get(name)  # the pending-build record, or the engine built before
     sources = source_files(record)
-    sources.setdefault(typing, entry_record(source.entry))
+    sources.setdefault(typing, dict(entry_record(source.entry), floats=source.floats))
     old = record or Variant("tensorrt", precision, "engine", [], [])  # what is kept: origin, model, reference logits
     manifest.variants[name] = Variant(
-        backend="tensorrt", precision=precision, format="engine", files=[FileEntry.of(root, engine_path)],
+        backend="tensorrt", precision=precision, format="engine", files=engine_files(root, engine_path),
         input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
         compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
         versions=old.versions, reference_logits=old.reference_logits, source_onnx_sha256=source.entry.sha256,
         tensorrt={"version": trt.__version__, **gpu, "precision": precision, "typing": typing,
+                  "float_precision": source.float_precision, "fp32_layers": built["fp32_layers"],
                   "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
                   "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
                   "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,

@@ -1,7 +1,7 @@
 """What `edgepipe build-engine` will do, decided without TensorRT: supported versions, typing mode, the
-source ONNX, the optimization profile, the timing cache's name, whether an engine is up to date, and the
-per-layer precisions read from the engine inspector's JSON. Everything here is plain Python, so it is tested
-on machines without a GPU; compile/tensorrt_engine.py only carries out the plan with TensorRT.
+source ONNX, the optimization profile, the timing cache's name and whether an engine is up to date (a built
+engine's per-layer precisions are read in compile/tensorrt_layers.py). Everything here is plain Python, so it is
+tested on machines without a GPU; compile/tensorrt_engine.py only carries out the plan with TensorRT.
 
 Typing modes (NVIDIA's "strongly typed networks"):
 - weak: precision from builder flags (``BuilderFlag.FP16`` / ``INT8``); TensorRT 10.x only (deprecated in
@@ -12,7 +12,6 @@ Typing modes (NVIDIA's "strongly typed networks"):
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +91,14 @@ def profile_shapes(input_shape: tuple, batch: tuple[int, int, int], onnx_name: s
     return None
 
 
-def timing_cache_name(version: str, compute_capability: str) -> str:
-    """One cache per TensorRT version and GPU architecture: a folder rsynced between machines keeps each valid."""
+def timing_cache_name(version: str, compute_capability: str, gpu: str = "", multiprocessors: int | None = None) -> str:
+    """One cache per TensorRT version, GPU architecture and GPU: TensorRT refuses a cache made on a device with
+    other CUDA properties, and AGX Orin, Orin NX and Orin Nano are all sm87 (a folder rsynced between two of them
+    would rebuild its cache every time). The SM count separates modules that report the same name."""
     safe = re.sub(r"[^0-9A-Za-z.]+", "_", str(version))
-    return f"tensorrt-timing-{safe}-sm{str(compute_capability).replace('.', '')}.cache"
+    name = re.sub(r"[^0-9A-Za-z]+", "-", str(gpu)).strip("-").lower() or "gpu"
+    sms = f"-{int(multiprocessors)}sm" if multiprocessors else ""
+    return f"tensorrt-timing-{safe}-sm{str(compute_capability).replace('.', '')}-{name}{sms}.cache"
 
 
 @dataclass
@@ -105,6 +108,27 @@ class Source:
     entry: FileEntry     # the file's manifest entry
     typing: str
     qdq_check: dict | None
+    floats: str = "fp32"      # the precision of the file's float (non-Q/DQ) tensors
+    fp32_layers: list[str] = dataclasses.field(default_factory=list)  # layers near fp16 overflow: kept fp32
+
+    @property
+    def float_precision(self) -> str:
+        """What the engine's float layers run in: weak typing sets the FP16 flag (near-overflow layers pinned to
+        fp32); a strongly typed network keeps the file's types."""
+        return "fp16" if self.typing == "weak" else self.floats
+
+
+def source_floats(record: Variant, typing: str) -> str:
+    """The float precision of a TensorRT record's own ONNX for ``typing``: what the target recorded, else what
+    its kind is (older int8 records ship one fp32 QDQ file; the strongly typed fp16 source is fp16)."""
+    side = ((record.tensorrt or {}).get("source_files") or {}).get(typing) or {}
+    known = side.get("floats") or ((record.compile or {}).get("source_floats") or {}).get(typing)
+    return known or ("fp16" if record.precision == "fp16" and typing == "strong" else "fp32")
+
+
+def near_overflow_layers(record: Variant | None) -> list[str]:
+    """The ONNX node names `edgepipe run` found near fp16 overflow on the calibration images (kept fp32)."""
+    return list((((record.compile if record else None) or {}).get("fp16_onnx") or {}).get("fp32_layers") or [])
 
 
 def _entries_by_typing(record: Variant | None) -> dict[str, FileEntry]:
@@ -184,12 +208,15 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
             why = "; ".join((check or {}).get("errors", [])[:2]) or "no TensorRT QDQ check is recorded for it"
             raise UserError(f"{entry.path} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
                             f"{{backend: tensorrt, precision: int8}} and re-run `edgepipe run` (it ships an s8s8 QDQ ONNX)")
-    return Source(variant, path, entry, typing, check)
+    floats = source_floats(rec, typing) if variant == name else "fp32"  # the exported / ONNX Runtime files are fp32
+    return Source(variant, path, entry, typing, check, floats, near_overflow_layers(record))
 
 
 def source_files(record: Variant | None) -> dict[str, dict]:
-    """The {typing: file entry} to keep in an engine's sidecar, so --rebuild (either typing) finds its ONNX."""
-    return {typing: entry_record(e) for typing, e in _entries_by_typing(record).items()}
+    """The {typing: file entry and its float precision} to keep in an engine's sidecar, so --rebuild (either
+    typing) finds its ONNX."""
+    return {typing: dict(entry_record(e), floats=source_floats(record, typing))
+            for typing, e in _entries_by_typing(record).items()}
 
 
 def entry_record(entry: FileEntry) -> dict:
@@ -204,34 +231,3 @@ def up_to_date(existing: Variant | None, engine_path: Path, mismatch: str | None
     return (existing.format == "engine" and existing.status == "ok" and engine_path.is_file() and mismatch is None
             and side.get("source_onnx_sha256") == source.entry.sha256 and side.get("batch") == list(batch)
             and side.get("typing", "weak") == typing)
-
-
-PRECISION_WORDS = ("FP32", "FP16", "BF16", "INT8", "FP8", "FP4", "INT4", "INT32", "INT64", "BOOL", "UINT8")
-
-
-def _precision_of(text: str) -> str | None:
-    words = re.findall(r"[A-Za-z0-9]+", str(text).upper())
-    words = ["FP32" if w in ("FLOAT", "FLOAT32") else "FP16" if w in ("HALF", "FLOAT16") else w for w in words]
-    return next((w for w in words if w in PRECISION_WORDS), None)
-
-
-def layer_precisions(inspector_json: str) -> dict:
-    """Per-layer precisions from ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`` built
-    with ``ProfilingVerbosity.DETAILED``: each layer's precision is its first output's "Format/Datatype"
-    (what the layer computes in, as trtexec's --exportLayerInfo shows it)."""
-    try:
-        info = json.loads(inspector_json)
-    except (TypeError, ValueError) as exc:
-        return {"available": False, "why": f"engine inspector JSON unreadable: {exc}"}
-    layers = info.get("Layers", []) if isinstance(info, dict) else []
-    rows, counts = [], {}
-    for layer in layers:
-        if not isinstance(layer, dict):  # LAYER_NAMES_ONLY gives plain names
-            rows.append({"name": str(layer), "precision": None})
-            continue
-        outputs = layer.get("Outputs") or []
-        fmt = next((o.get("Format/Datatype") for o in outputs if isinstance(o, dict) and o.get("Format/Datatype")), "")
-        precision = _precision_of(fmt)
-        rows.append({"name": layer.get("Name"), "type": layer.get("LayerType"), "precision": precision})
-        counts[precision or "unknown"] = counts.get(precision or "unknown", 0) + 1
-    return {"available": bool(layers), "layers": len(rows), "by_precision": counts, "per_layer": rows}

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", default="1,1,1",
                    help="MIN,OPT,MAX batch for the optimization profile; the runtime splits larger batches into chunks of MAX")
     t.add_argument("--rebuild", action="store_true", help="build even when the engine is up to date")
+    t.add_argument("--check", action="store_true",
+                   help="first run on a device: versions, fp16 + int8 builds (--batch 1,4,8), timing cache, trtexec "
+                        "cross-check, batches 3/8/20, bench; report in DIR/tensorrt-check.md (docs/jetson.md)")
     t.set_defaults(fn=cmd_build_engine)
 
     i = sub.add_parser("info", help="list a folder's variants: status, precision, size, latency, device records, what auto serves here")

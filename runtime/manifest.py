@@ -28,6 +28,8 @@ FORMAT_VERSION = 2          # 2: typed variants that say what they were made fro
 STATUSES = ("ok", "unverified", "failed", "pending-build")
 MADE_FROM = ("base", "pruned")          # which model's fp32 ONNX a variant was compiled from
 QUANTIZATION = ("ptq", "qat")           # how an int8 variant got its scales (None for float variants)
+ENGINE_TYPINGS = ("weak", "strong")      # Variant.tensorrt["typing"]: builder precision flags or the ONNX's types
+ENGINE_FLOATS = ("fp32", "fp16", "bf16")  # Variant.tensorrt["float_precision"]: what an engine's float layers run in
 
 
 @dataclass
@@ -47,7 +49,8 @@ class Variant:
     model_hash: str | None = None
     versions: dict = field(default_factory=dict)
     device: str | None = None                   # OpenVINO device the runtime uses unless told otherwise
-    tensorrt: dict | None = None                # engine build facts (`edgepipe build-engine`)
+    tensorrt: dict | None = None                # engine build facts (`edgepipe build-engine`); typing and
+                                                # float_precision checked against ENGINE_TYPINGS / ENGINE_FLOATS
     # measured by `edgepipe run` through the runtime
     parity: dict | None = None
     reference_check: dict | None = None         # parity on the reference set alone: what verify reproduces
@@ -266,6 +269,10 @@ def _variant(v, where: str) -> Variant:
     for key in ("compile", "versions", "tensorrt", "parity", "reference_check", "latency_ms", "accuracy", "predictions"):
         if not isinstance(v.get(key) or {}, dict):
             raise ManifestError(f"{where}: {key} must be an object")
+    engine = v.get("tensorrt") or {}
+    if engine.get("typing", "weak") not in ENGINE_TYPINGS or engine.get("float_precision", "fp32") not in ENGINE_FLOATS:
+        raise ManifestError(f"{where}: tensorrt typing must be one of {', '.join(ENGINE_TYPINGS)} and float_precision one of "
+                            f"{', '.join(ENGINE_FLOATS)}; rebuild the engine with `edgepipe build-engine`")
     return Variant(**{**v, "files": [_file(f, where) for f in v["files"]]})
 
 

@@ -333,7 +333,7 @@ def test_build_engine_without_tensorrt_exits_2_with_one_line(qdq_run):
     proc = run_edgepipe("build-engine", out, "--precision", "int8")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "pip install tensorrt" in lines[0], proc.stderr
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "pip install 'tensorrt-cu12" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     bad = run_edgepipe("build-engine", out, "--batch", "8,1,1")
     assert bad.returncode == 2 and "MIN,OPT,MAX" in bad.stderr and "Traceback" not in bad.stderr

@@ -11,9 +11,15 @@ feed. Per version the table holds:
   ``enum_<T>`` constructor takes T's Python name in rdx: ``BuilderFlag.FP16`` is there in 10.x, gone in 11.0.
 - ``module``: the CamelCase names (classes, enums) and the top-level names of the wheel's ``__init__.py``
   (``__version__``, ``nptype``).
-- ``names``: every other identifier the code loads (methods, properties, argument names). Newer pybind11
-  builds register class members out of order, so members are not attributed to their class: a method is
-  checked against all names of the version (a superset; a name removed everywhere is caught).
+- ``enums`` also holds enums with a single value (``OnnxParserFlag`` before 10.16), whose ``value`` call the
+  compiler inlined into ``pybind11::detail::enum_base::value(name, ...)``: the value goes to the enum whose
+  constructor came last.
+- ``members``: {C++ class name without namespace: names} from the ``pybind11::class_<T, ...>::def*(name, ...)``
+  calls (name in rsi). Partial: registrations the compiler inlined have no such call, so a class lacks some of
+  its members; a name on no class is only in ``names``.
+- ``names``: every other identifier the code loads (methods, properties, argument names), not attributed to
+  a class: a method missing from ``members`` is checked against all names of the version (a superset; a name
+  removed everywhere is caught).
 
 Needs: pip (to download, ``--no-deps``), ``objdump`` (binutils), x86-64 wheels. Nothing is imported from them.
 """
@@ -67,10 +73,24 @@ def rodata_reader(so: bytes):
 
 ENUM_VALUE = re.compile(r"<pybind11::enum_<([\w:]+)>::value\(")
 ENUM_CTOR = re.compile(r"<pybind11::enum_<([\w:]+)>::enum_<")
+ENUM_BASE_VALUE = re.compile(r"<pybind11::detail::enum_base::value\(")
+CLASS_DEF = re.compile(r"call\s+[0-9a-f]+ <pybind11::class_<(.*?)>::(?:def|def_property|def_property_readonly|def_readwrite|"
+                       r"def_readonly|def_static|def_property_static|def_property_readonly_static)<")
 
 
-def scan(so_path: Path) -> tuple[list[str], dict[str, set[str]]]:
-    """(identifier strings the code loads, in code order, minus enum values; {enum: values}).
+def first_template_arg(text: str) -> str:
+    """``nvinfer1::IBuilder, std::unique_ptr<...>`` -> ``IBuilder``."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c == "<") - (c == ">")
+        if c == "," and depth == 0:
+            text = text[:i]
+            break
+    return text.split("::")[-1].strip()
+
+
+def scan(so_path: Path) -> tuple[list[str], dict[str, set[str]], dict[str, set[str]]]:
+    """(identifier strings the code loads, in code order, minus enum values; {enum: values}; {class: members}).
 
     Enum values are exact: each ``pybind11::enum_<T>::value(name, ...)`` call takes its name in rsi, and the
     ``enum_<T>`` constructor takes the Python name of T in rdx."""
@@ -80,7 +100,9 @@ def scan(so_path: Path) -> tuple[list[str], dict[str, set[str]]]:
     order: list[str | None] = []
     last: dict[str, int] = {}  # register -> index in order of the string it was last loaded with
     values: dict[str, set[str]] = {}
+    members: dict[str, set[str]] = {}
     py_name: dict[str, str] = {}
+    current_enum = None
     for line in dis.splitlines():
         m = LEA.search(line)
         if m:
@@ -91,25 +113,34 @@ def scan(so_path: Path) -> tuple[list[str], dict[str, set[str]]]:
             continue
         if "call" not in line:
             continue
-        v, c = ENUM_VALUE.search(line), ENUM_CTOR.search(line)
-        if v and "rsi" in last and order[last["rsi"]] is not None:
-            values.setdefault(v.group(1), set()).add(order[last["rsi"]])
+        v, c, d = ENUM_VALUE.search(line), ENUM_CTOR.search(line), CLASS_DEF.search(line)
+        name = order[last["rsi"]] if "rsi" in last else None
+        inlined = ENUM_BASE_VALUE.search(line) and current_enum
+        if (v or inlined) and name is not None:
+            values.setdefault(v.group(1) if v else current_enum, set()).add(name)
             order[last.pop("rsi")] = None  # consumed: not a member of the class scope around it
-        elif c and "rdx" in last and order[last["rdx"]] is not None:
-            py_name[c.group(1)] = order[last["rdx"]]
+        elif c:
+            current_enum = c.group(1)
+            if "rdx" in last and order[last["rdx"]] is not None:
+                py_name[c.group(1)] = order[last["rdx"]]
+        elif d and name is not None:
+            members.setdefault(first_template_arg(d.group(1)), set()).add(name)
         last.clear()
     enums = {py_name.get(cpp, cpp.split("::")[-1]): names for cpp, names in values.items()}
-    return [n for n in order if n is not None], enums
+    return [n for n in order if n is not None], enums, members
 
 
-def surface_of(names: list[str], enums: dict[str, set[str]], init: list[str]) -> dict:
-    """{module: [top-level names], enums: {enum: [values]}, names: [every other registered name]}.
+def surface_of(names: list[str], enums: dict[str, set[str]], members: dict[str, set[str]], init: list[str]) -> dict:
+    """{module: [top-level names], enums: {enum: [values]}, members: {class: [names]} (partial), names: [every
+    other registered name]}.
 
     Enum values are exact per enum. Class members are not attributed to their class (newer pybind11
     registers them out of order), so a method name is checked against every name the version registers."""
     module = set(enums) | set(init) | {n for n in names if SCOPE.match(n) and not MANGLED.match(n)}
     rest = {n for n in names if not MANGLED.match(n) and n not in module}
-    return {"module": sorted(module), "enums": {k: sorted(v) for k, v in sorted(enums.items())}, "names": sorted(rest)}
+    classes = {k: sorted(v) for k, v in sorted(members.items()) if SCOPE.match(k) and not MANGLED.match(k)}
+    return {"module": sorted(module), "enums": {k: sorted(v) for k, v in sorted(enums.items())}, "members": classes,
+            "names": sorted(rest)}
 
 
 def init_names(source: str) -> list[str]:
@@ -129,7 +160,8 @@ def surface(wheel: Path, work: Path) -> dict:
         so.parent.mkdir(parents=True, exist_ok=True)
         so.write_bytes(z.read("tensorrt_bindings/tensorrt.so"))
         init = z.read("tensorrt_bindings/__init__.py").decode()
-    return surface_of(*scan(so), init_names(init))
+    names, enums, members = scan(so)
+    return surface_of(names, enums, members, init_names(init))
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,10 @@ import shutil
 from edgepipe.compile.targets import CompileJob, Compiled, register
 
 
-def _pending(job: CompileJob, files: list, info: dict, sources: dict, precision: str) -> Compiled:
+def _pending(job: CompileJob, files: list, info: dict, sources: dict, precision: str, floats: dict) -> Compiled:
+    """``sources``: {typing: file}; ``floats``: {typing: the precision of that file's float (non-Q/DQ) parts}."""
     root = job.folder.parent
-    info.update(sources={k: v.relative_to(root).as_posix() for k, v in sources.items()},
+    info.update(sources={k: v.relative_to(root).as_posix() for k, v in sources.items()}, source_floats=floats,
                 engine=f"build on the device with `edgepipe build-engine DIR --precision {precision}`")
     return Compiled(files, "engine", info, status="pending-build")
 
@@ -20,21 +21,22 @@ def tensorrt_fp16(job: CompileJob) -> Compiled:
     from edgepipe.compile import tensorrt_sources
     files = [job.onnx, job.folder / "model.fp16.onnx"]
     info = {"fp16_onnx": tensorrt_sources.fp16_source(job.onnx, files[1], job.calibration)}
-    return _pending(job, files, info, {"weak": files[0], "strong": files[1]}, "fp16")
+    return _pending(job, files, info, {"weak": files[0], "strong": files[1]}, "fp16", {"weak": "fp32", "strong": "fp16"})
 
 
 @register("tensorrt", "int8")
 def tensorrt_int8(job: CompileJob) -> Compiled:
-    """Its own s8s8 QDQ ONNX, whatever the onnxruntime int8 target's mode."""
+    """Its own s8s8 QDQ ONNX, whatever the onnxruntime int8 target's mode, and the same graph with fp16 float parts
+    for strongly typed builds (which keep the ONNX's float types)."""
     from edgepipe.compile import tensorrt_sources
-    dst, control = job.folder / "model.onnx", job.control()
-    info = dict(tensorrt_sources.int8_source(job.onnx, dst, job.calibration, job.quantize, control=control),
+    dst, fp16, control = job.folder / "model.onnx", job.folder / "model.fp16.onnx", job.control()
+    info = dict(tensorrt_sources.int8_source(job.onnx, dst, job.calibration, job.quantize, control=control, fp16_dst=fp16),
                 validation=control.what if control else None)
-    return _pending(job, [dst], info, {"weak": dst, "strong": dst}, "int8")
+    return _pending(job, [dst, fp16], info, {"weak": dst, "strong": fp16}, "int8", {"weak": "fp32", "strong": "fp16"})
 
 
 @register("tensorrt", "int8", quantization="qat")
 def tensorrt_int8_qat(job: CompileJob) -> Compiled:
     dst = job.folder / "model.onnx"
     shutil.copyfile(job.onnx, dst)
-    return _pending(job, [dst], {}, {"weak": dst, "strong": dst}, "int8")
+    return _pending(job, [dst], {}, {"weak": dst, "strong": dst}, "int8", {"weak": "fp32", "strong": "fp32"})

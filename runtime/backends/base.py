@@ -38,7 +38,9 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     "tensorrt": BackendInfo(
         "edgepipe.runtime.backends.trt", "TensorRTBackend", "tensorrt", ("engine",),
-        "TensorRT comes with JetPack on a Jetson; on an x86 GPU host: pip install tensorrt (NVIDIA's index)",
+        "TensorRT comes with JetPack on a Jetson (sudo apt install nvidia-jetpack); on an x86 GPU host with a CUDA 12 "
+        "driver: pip install 'tensorrt-cu12>=10.3,<12' 'cuda-python>=12.6,<13' (or 'edgepipe[tensorrt]'; "
+        "the bare tensorrt package installs the CUDA 13 build)",
         extra_packages=(("cuda.bindings", "cuda.cudart"),),  # TensorRT moves memory with cuda-python
         extra_hint="pip install 'cuda-python>=12.6,<13' (JetPack 6: 'cuda-python>=12.6,<12.7')"),
     "openvino": BackendInfo("edgepipe.runtime.backends.ov", "OpenVINOBackend", "openvino", ("ir", "onnx"),

@@ -2,8 +2,9 @@
 
 An engine is only valid for the TensorRT version and GPU it was built with. The manifest's sidecar
 (Variant.tensorrt) records both; a mismatch is refused *before* the engine is deserialized, with the
-command that rebuilds it. Device and pinned host memory go through cuda-python (``cuda.bindings.runtime``,
-or ``cuda.cudart`` before 12.6), as in NVIDIA's samples; a CUDA error is one line saying how to fix it.
+command that rebuilds it. Device and pinned host memory go through cuda-python (``cuda.bindings.runtime``, which
+came in cuda-python 12.6.1, or ``cuda.cudart`` before), as in NVIDIA's samples; a CUDA error is one line saying how
+to fix it.
 
 Batches larger than the engine's optimization profile are run in chunks of the profile's max batch (smaller
 ones padded up to its min), so eval and bench can send any batch size.
@@ -78,11 +79,13 @@ def cuda_call(result, what: str = "CUDA call"):
 
 
 def gpu_info(device: int = 0) -> dict:
-    """{gpu, compute_capability} of the current GPU (what an engine is tied to)."""
+    """{gpu, compute_capability, multiprocessors} of the current GPU (what an engine and its timing cache are tied
+    to; the SM count tells apart Orin modules that share a name and sm87)."""
     rt = cudart()
     props = cuda_call(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}",
+            "multiprocessors": int(props.multiProcessorCount)}
 
 
 def trt_logger(trt):
@@ -99,7 +102,9 @@ def engine_mismatch(sidecar: dict | None, trt_version: str, gpu: dict) -> str | 
         return "the manifest has no TensorRT sidecar (version, GPU) for this engine"
     if sidecar.get("version") != trt_version:
         return f"it was built with TensorRT {sidecar.get('version')}, this is TensorRT {trt_version}"
-    if sidecar.get("compute_capability") != gpu["compute_capability"] or sidecar.get("gpu") != gpu["gpu"]:
+    built_sms, sms = sidecar.get("multiprocessors"), gpu.get("multiprocessors")
+    if sidecar.get("compute_capability") != gpu["compute_capability"] or sidecar.get("gpu") != gpu["gpu"] \
+            or (built_sms and sms and built_sms != sms):
         return (f"it was built on {sidecar.get('gpu')} (compute {sidecar.get('compute_capability')}), "
                 f"this is {gpu['gpu']} (compute {gpu['compute_capability']})")
     return None
