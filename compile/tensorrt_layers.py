@@ -6,8 +6,10 @@ engine built with ``ProfilingVerbosity.DETAILED``), which is also what ``trtexec
 ``CaskConvolution``, ``Reformat``), ``ParameterType`` (the layer kind) and ``Inputs`` / ``Outputs`` tensors.
 - TensorRT 10.x: each tensor has one ``"Format/Datatype"`` string, e.g. ``"Row major linear FP16 format"`` or
   ``"Thirty-two wide channel vectorized row major Int8 format."`` (TensorRT developer guide, engine inspector).
-- TensorRT 11.x: separate ``"Format"`` and ``"Datatype"`` keys (TensorRT 10.x-to-11.x migration guide; NVIDIA/
-  TensorRT main, scripts/trt_perf/data.py reads them).
+- TensorRT 11.x: the field is split into separate ``"Format"`` and ``"DataType"`` keys, and ``"Bindings"`` is
+  replaced by ``"I/O Tensors"`` objects whose ``"DataType"`` is e.g. ``"Float"`` (docs.nvidia.com, TensorRT 11.x
+  migration guide, "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"). Both spellings of the key,
+  ``DataType`` and ``Datatype``, are read.
 A layer's precision is its FIRST INPUT's datatype, as trt-engine-explorer does (trex/layer.py: ``self.precision =
 self.inputs[0].precision``): with Q/DQ on layer inputs only, an int8 convolution writes fp16 / fp32 but computes
 int8. Layers that only move or reformat data (Reformat/CopyNode, NoOp, Shuffle, Constant) are counted apart.
@@ -33,10 +35,10 @@ HOW = "first input's datatype (as trt-engine-explorer trex/layer.py); data-movem
 
 
 def datatype_of(tensor) -> str | None:
-    """A tensor entry's datatype: 11.x "Datatype", else 10.x "Format/Datatype"; None when neither says."""
+    """A tensor entry's datatype: 11.x "DataType" (or "Datatype"), else 10.x "Format/Datatype"; None when neither says."""
     if not isinstance(tensor, dict):
         return None
-    text = tensor.get("Datatype") or tensor.get("Format/Datatype") or ""
+    text = tensor.get("DataType") or tensor.get("Datatype") or tensor.get("Format/Datatype") or ""
     for word in re.findall(r"[A-Za-z0-9]+", str(text).replace("DataType.", "")):
         found = DATATYPE_WORDS.get(word.upper())
         if found:
@@ -56,8 +58,8 @@ def moves_data(layer: dict) -> bool:
 def inspector_format(layers: list) -> str:
     tensors = [t for layer in layers if isinstance(layer, dict)
                for t in (layer.get("Inputs") or []) + (layer.get("Outputs") or [])]
-    if any(isinstance(t, dict) and "Datatype" in t for t in tensors):
-        return "11.x (Format, Datatype)"
+    if any(isinstance(t, dict) and ("DataType" in t or "Datatype" in t) for t in tensors):
+        return "11.x (Format, DataType)"
     if any(isinstance(t, dict) and "Format/Datatype" in t for t in tensors):
         return "10.x (Format/Datatype)"
     return "no tensor formats (not built with ProfilingVerbosity.DETAILED?)"

@@ -5,8 +5,8 @@ The fixtures in tests/data/tensorrt/ are written by hand from NVIDIA's documente
   (Name, LayerType, ParameterType, Inputs/Outputs with one "Format/Datatype" string such as "Thirty-two wide
   channel vectorized row major Int8 format.", Weights {Type, Count}, TacticName/TacticValue) and a top-level
   Bindings list; this is also what `trtexec --exportLayerInfo` writes.
-- inspector-11.x-int8.json: the same engine as TensorRT 11 reports it: "Format" and "Datatype" as separate keys
-  (TensorRT 10.x-to-11.x migration guide; NVIDIA/TensorRT main, scripts/trt_perf/data.py reads them), no Bindings,
+- inspector-11.x-int8.json: the same engine as TensorRT 11 reports it: "Format" and "DataType" as separate keys
+  (TensorRT 11.x migration guide, "Migrating IEngineInspector Usage from TensorRT 10.x to 11.x"), no Bindings,
   plus one BFloat16 layer.
 The network: input QuantizeLinear, conv1+relu (int8 -> int8), conv2 (int8 in, fp16 out) feeding a residual Add,
 a Reformat, pooling, a flatten Shuffle, and the final Gemm (int8 in, fp32 logits out).
@@ -52,6 +52,7 @@ def test_the_two_formats_give_the_same_reading_of_the_same_engine():
 def test_datatype_spellings():
     assert datatype_of({"Format/Datatype": "Row major linear BFloat16 format"}) == "BF16"
     assert datatype_of({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}) == "FP16"
+    assert datatype_of({"Format": "Row major linear", "DataType": "Half"}) == "FP16"
     assert datatype_of({"Format": "Row major linear", "Datatype": "Half"}) == "FP16"
     assert datatype_of({"Format": "Row major linear", "Datatype": "DataType.FLOAT"}) == "FP32"
     assert datatype_of({"Format/Datatype": "Row major linear UInt8 format"}) == "UINT8"
