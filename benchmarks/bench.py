@@ -20,15 +20,15 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.benchmarks import budgets as B
-from edgepipe.benchmarks.latency import batched_throughput, measure, measure_stable
 from edgepipe.benchmarks.report import budget_table, top1_agreement, write_bench_reports
 from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, fastest_per_backend
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed, throughput
 from edgepipe.runtime.data import load_items
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.timing import measure, measure_stable
 
 VIDEO_TIMEOUT_S = 1800
 
@@ -122,13 +122,9 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     row["p90_ms"] = lat["p90"]
     images = max(iterations, 32)
     candidates = [{"fps": round(1000.0 / lat["mean"], 2), "mode": "batch 1, synchronous"}]
-    if row["backend"] == "openvino":  # the same verified files, compiled again with the THROUGHPUT hint
-        tp = create_backend("openvino")
-        tp.load(clf.files, clf.variant, device=clf.device, hint="THROUGHPUT")
-        candidates.append(dict(tp.async_throughput(x1, images), mode="async, THROUGHPUT hint"))
-        del tp
-    elif clf.dynamic_batch:
-        candidates.append(batched_throughput(clf.logits, x1, images=images))
+    more = throughput(clf.backend, x1, images, clf.dynamic_batch)
+    if more:
+        candidates.append(more)
     best = max(candidates, key=lambda c: c["fps"])
     row.update(throughput_fps=best["fps"], throughput_mode=best["mode"], throughput_all=candidates)
     log(f"  {row['id']:<28} p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  ({lat['iterations']} it)  "

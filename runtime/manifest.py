@@ -187,13 +187,18 @@ class Manifest:
     def variant(self, name: str) -> Variant:
         """The variant called ``name``; an unknown name is one ManifestError with a close match."""
         if name not in self.variants:
-            close = difflib.get_close_matches(name, list(self.variants), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ManifestError(f"no variant {name!r} in this manifest{hint}; available: {', '.join(self.variants)}")
+            raise unknown_variant(name, self.variants)
         return self.variants[name]
 
     def of_backend(self, backend: str) -> dict[str, Variant]:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
+
+
+def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:
+    """The one error for a variant name that is not there: with a close match and the names there are."""
+    close = difflib.get_close_matches(name, list(variants), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ManifestError(f"no variant {name!r} in {where}{hint}; available: {', '.join(variants)}")
 
 
 # ---------------------------------------------------------------- parsing helpers

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
 
 MIN_SPEEDUP = 0.10  # a less faithful variant is served only when its p90 is at least this much lower
 DEFAULT_MAX_DROP = 1.0  # top-1 points against the fp32 reference when the recipe sets none
@@ -140,10 +140,7 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
 
 def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: dict | None) -> Choice:
     if variant not in variants:
-        import difflib
-        close = difflib.get_close_matches(variant, list(variants), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ManifestError(f"no variant {variant!r} in the manifest{hint}; available: {', '.join(variants)}")
+        raise unknown_variant(variant, variants)
     fmt = variants[variant].format
     verified = None if result is None else result.get("verdict") == "pass"
     why = "chosen with --variant" + ("" if verified is None else (", passed `edgepipe verify` here" if verified else

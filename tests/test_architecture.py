@@ -34,7 +34,7 @@ def test_manifest_refuses_unknown_fields_with_a_close_match(tiny_artifacts, tmp_
     data["variants"]["openvino-int8"]["made_from"] = "distilled"
     with pytest.raises(ManifestError, match="made_from must be one of base, pruned"):
         Manifest.from_dict(data)
-    with pytest.raises(ManifestError, match="did you mean openvino-int8"):
+    with pytest.raises(ManifestError, match="did you mean 'openvino-int8'"):
         Manifest.from_dict(json.loads((tiny_artifacts / MANIFEST_NAME).read_text())).variant("openvino-int9")
 
 
