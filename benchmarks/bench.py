@@ -162,22 +162,20 @@ def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
 
 # ---------------------------------------------------------------- references
 
-def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations: int):
-    """PyTorch eager fp32 batch-1 latency of the model rebuilt from manifest.model (its ``build`` settings:
-    pretrained, checkpoint, weights, num_classes); torch imported lazily."""
+def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations: int, rebuild=None):
+    """PyTorch eager fp32 batch-1 latency of ``rebuild(manifest.model)``, the model the manifest came from (the
+    build side passes train.models.rebuild: benchmarks/ does not import train/); torch imported lazily."""
     try:
         import torch
     except ImportError:
         return None, None, "PyTorch eager reference skipped: torch is not installed here (normal on a device)"
-    from edgepipe.train.models import build_model
     m = manifest.model
     if (m.source or {}).get("onnx"):
         return None, None, "PyTorch eager reference skipped: the model came as an ONNX file"
-    kwargs = {"pretrained": True, "checkpoint": (m.source or {}).get("checkpoint"),
-              "num_classes": m.num_classes if m.num_classes != 1000 else None}
-    kwargs.update({k: m.build[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in m.build})
+    if rebuild is None:  # issue 25: edgepipe/cli.py's cmd_bench passes it; then this fallback goes
+        from edgepipe.train.models import rebuild
     try:
-        model = build_model(m.name, **kwargs).model.eval()
+        model = rebuild(m)
     except Exception as exc:  # unknown name, missing checkpoint, ...: say so, measure the rest
         return None, None, f"PyTorch eager reference skipped: cannot rebuild {m.name!r} ({str(exc).splitlines()[0][:200]})"
     xt = torch.from_numpy(x1)
@@ -212,9 +210,10 @@ def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) ->
     return out
 
 
-def measure_references(manifest: Manifest, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
+def measure_references(manifest: Manifest, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int,
+                       rebuild=None):
     """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, MatmulRate)."""
-    torch_lat, torch_timer, torch_note = torch_reference(manifest, x1, warmup, iterations)
+    torch_lat, torch_timer, torch_note = torch_reference(manifest, x1, warmup, iterations, rebuild)
     rate = MatmulRate()
     gflops = rate.measure()
     macs = next((r["macs"] for r in rows if r["macs"] and r["made_from"] != "pruned"), None)
@@ -332,7 +331,8 @@ def command_line(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def main(args) -> int:
+def main(args, rebuild=None) -> int:
+    """``rebuild``: ModelInfo -> the PyTorch model to time as the eager reference (train.models.rebuild)."""
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
     manifest = Manifest.load(model_dir)
@@ -366,7 +366,7 @@ def main(args) -> int:
     add_accuracy_deltas(rows, args.min_class_images)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
-    reference, torch_timer, rate = measure_references(manifest, rows, x1, args.warmup, args.iterations)
+    reference, torch_timer, rate = measure_references(manifest, rows, x1, args.warmup, args.iterations, rebuild)
 
     def timer_for(of: str, row: dict):
         if of == "torch_eager":
@@ -411,7 +411,3 @@ def main(args) -> int:
         print("\n".join(budget_table(failed)), flush=True)
     return 1 if failed else 0
 
-
-if __name__ == "__main__":  # python -m edgepipe.benchmarks.bench DIR ... (same as `edgepipe bench`)
-    from edgepipe.cli import main as cli_main
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))
