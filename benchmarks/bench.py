@@ -27,6 +27,7 @@ from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_in
 from edgepipe.runtime.data import load_items
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.measured import Row
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.timing import measure, measure_stable
 
@@ -170,7 +171,7 @@ def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations:
     except ImportError:
         return None, None, "PyTorch eager reference skipped: torch is not installed here (normal on a device)"
     m = manifest.model
-    if (m.source or {}).get("onnx"):
+    if m.source_onnx:
         return None, None, "PyTorch eager reference skipped: the model came as an ONNX file"
     if rebuild is None:  # issue 25: edgepipe/cli.py's cmd_bench passes it; then this fallback goes
         from edgepipe.train.models import rebuild
@@ -273,8 +274,8 @@ def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) ->
     """Per backend: the lowest-p90 row with status ok that passes every budget matching it (with no
     budgets: within DEFAULT_MAX_DROP top-1 points of fp32 when labeled data was given)."""
     failed = {c["row"] for c in checks if c["verdict"] != "pass"}
-    return fastest_per_backend(rows, lambda r: r["id"] not in failed and
-                               (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP))
+    return fastest_per_backend([Row.from_dict(r) for r in rows], lambda r: r.id not in failed and
+                               (have_budgets or (r.top1_drop_pts or 0.0) <= DEFAULT_MAX_DROP))
 
 
 def run_video(model_dir: Path, video: str, row: dict) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, is_installed
 from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.measured import Row
 
 
 def device_records(model_dir: Path) -> list:
@@ -46,10 +47,11 @@ def folder_info(model_dir) -> dict:
     manifest = Manifest.load(model_dir)
     variants = []
     for name, v in manifest.variants.items():
+        row = Row.of_variant(name, v)
         variants.append({
             "name": name, "backend": v.backend, "precision": v.precision, "format": v.format, "status": v.status,
             "size_mb": round(sum(f.bytes or 0 for f in v.files) / 1e6, 2),
-            "p90_ms": v.p90_ms, "top1": v.top1, "agreement_with_torch": v.agreement_with_torch,
+            "p90_ms": row.p90_ms, "top1": row.top1, "agreement_with_fp32": row.agreement_with_fp32,
         })
     auto = what_auto_serves(model_dir, manifest)
     return {"dir": str(model_dir), "model": manifest.model.name, "classes": len(manifest.labels),
@@ -83,7 +85,7 @@ def describe(info: dict) -> str:
     header = ("variant", "backend", "precision", "status", "size MB", "p90 ms*", "top-1", "vs torch")
     rows = [(v["name"] + (" (default)" if info["defaults"].get(v["backend"]) == v["name"] else ""), v["backend"],
              v["precision"], v["status"], _fmt(v["size_mb"], ".1f"), _fmt(v["p90_ms"], ".2f"), _fmt(v["top1"], ".4f"),
-             _fmt(v["agreement_with_torch"], ".3f")) for v in info["variants"]]
+             _fmt(v["agreement_with_fp32"], ".3f")) for v in info["variants"]]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -239,14 +239,14 @@ def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "aut
     key = v.reference_logits
     if key not in ref["logits"]:
         raise ManifestError(f"variant {name!r} names reference logits {key!r} that the reference set lacks; re-run `edgepipe run`")
-    host = v.reference_check or {}
+    host = v.host_check
     drift = {}
-    if host.get("rel_mean_abs") is not None and v.precision != "fp32":
+    if host and host.rel_mean_abs is not None and v.precision != "fp32":
         drift["max_rel_mean_abs"] = min(tolerance(v.precision, ref["kind"])["max_rel_mean_abs"],
-                                        host["rel_mean_abs"] * DRIFT_FACTOR + DRIFT_SLACK)
+                                        host.rel_mean_abs * DRIFT_FACTOR + DRIFT_SLACK)
     check = compare_logits(ref["logits"][key], logits, v.precision, ref["kind"], ref["names"], **drift)
     if drift:
-        check["build_host_rel_mean_abs"] = host["rel_mean_abs"]
+        check["build_host_rel_mean_abs"] = host.rel_mean_abs
     one = np.ascontiguousarray(x[:1])
     return {"backend": clf.backend_name, "device": device or v.device,
             "precision": v.precision, "fingerprint": variant_fingerprint(v),

@@ -369,7 +369,7 @@ def build_from_config(cfg) -> ModelSpec:
 def rebuild(info) -> nn.Module:
     """The PyTorch model a manifest's ``model`` (runtime.manifest.ModelInfo) came from, by its ``build`` settings
     (pretrained, checkpoint, weights, num_classes), in eval mode: the eager reference `edgepipe bench` times."""
-    kwargs = {"pretrained": True, "checkpoint": (info.source or {}).get("checkpoint"),
+    kwargs = {"pretrained": True, "checkpoint": info.source_checkpoint,
               "num_classes": info.num_classes if info.num_classes != 1000 else None}
     kwargs.update({k: info.build[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in info.build})
     return build_model(info.name, **kwargs).model.eval()
