@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
-from edgepipe.runtime.measured import Check, Row
+from edgepipe.runtime.measured import Check, Pruning, Row
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -40,14 +40,14 @@ def _fmt(x, spec=".2f"):
 def _compile_notes(manifest: Manifest, rows: list[dict]) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
-    pruned = manifest.model.pruned
+    pruned = Pruning.from_dict(manifest.model.pruned)
     if pruned:
-        parts = [f"MACs {_fmt((pruned.get('base_macs') or 0) / 1e6, '.1f')} M -> {_fmt((pruned.get('macs') or 0) / 1e6, '.1f')} M"]
-        if pruned.get("base_latency_ms"):
-            parts.append(f"batch-1 latency on {pruned.get('backend')} {_fmt(pruned['base_latency_ms'])} -> "
-                         f"{_fmt(pruned.get('latency_ms'))} ms ({_fmt(pruned.get('speedup'))}x)")
-        if pruned.get("val_top1") is not None:
-            parts.append(f"validation top-1 after pruning {_fmt(pruned['val_top1'], '.4f')}")
+        parts = [f"MACs {_fmt((pruned.base_macs or 0) / 1e6, '.1f')} M -> {_fmt((pruned.macs or 0) / 1e6, '.1f')} M"]
+        if pruned.base_latency_ms:
+            parts.append(f"batch-1 latency on {pruned.backend} {_fmt(pruned.base_latency_ms)} -> "
+                         f"{_fmt(pruned.latency_ms)} ms ({_fmt(pruned.speedup)}x)")
+        if pruned.val_top1 is not None:
+            parts.append(f"validation top-1 after pruning {_fmt(pruned.val_top1, '.4f')}")
         lines.append("- pruning: " + ", ".join(parts))
     for onnx_name, exp in manifest.export.items():
         p = Check.from_dict(exp.get("parity_vs_pytorch")) or Check()

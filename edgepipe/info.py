@@ -29,15 +29,10 @@ def device_records(model_dir: Path) -> list:
 
 def what_auto_serves(model_dir: Path, manifest: Manifest) -> dict:
     """{variant, backend, reason}: what `--backend auto` without --variant would load on this machine."""
+    from edgepipe.runtime.serving import choose_for_dir
     try:
-        try:
-            from edgepipe.runtime.serving import choose_for_dir
-        except ImportError:  # no serving policy module: the manifest's defaults
-            from edgepipe.runtime.model import choose_variant
-            variant, backend = choose_variant(manifest)
-            return {"variant": variant, "backend": backend, "reason": "the build host's default for that backend"}
         choice = choose_for_dir(model_dir, manifest, None, "auto")
-        return {"variant": choice.variant, "backend": choice.backend, "reason": getattr(choice, "reason", "")}
+        return {"variant": choice.variant, "backend": choice.backend, "reason": choice.reason}
     except UserError as exc:
         return {"variant": None, "backend": None, "reason": str(exc)}
 

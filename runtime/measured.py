@@ -78,6 +78,31 @@ class Accuracy:
         return cls(**_known(cls, data)) if data else None
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """What pruning did to the model (ModelInfo.pruned): MACs and batch-1 latency before and after, on which
+    backend, and validation top-1 before and after the recovery fine-tune."""
+    base_macs: int | None = None
+    macs: int | None = None
+    macs_reduction: float | None = None
+    base_latency_ms: float | None = None
+    latency_ms: float | None = None
+    speedup: float | None = None
+    backend: str | None = None
+    targets_met: bool | None = None
+    val_top1: float | None = None
+    val_top1_before: float | None = None
+    global_pruning: bool | None = None
+    importance: str | None = None
+    distill_alpha: float | None = None
+    recovery_epochs: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Pruning | None":
+        return cls(**_known(cls, data)) if data else None
+
+
 @dataclass
 class Row:
     """One measured variant on one backend. ``id`` is the variant's name on its own backend and
@@ -115,8 +140,8 @@ class Row:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
-        """A row from its dict form (bench's rows carry more keys; those are left out)."""
-        return cls(**_known(cls, data))
+        """A row from its dict form (bench's rows carry more keys; those are left out; no name: the id's)."""
+        return cls(**{"name": data["id"], **_known(cls, data)})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
