@@ -20,15 +20,16 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.benchmarks import budgets as B
-from edgepipe.benchmarks.latency import batched_throughput, measure, measure_stable
 from edgepipe.benchmarks.report import budget_table, top1_agreement, write_bench_reports
 from edgepipe.benchmarks.roofline import MatmulRate, floor_ms, machine
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, fastest_per_backend
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, create_backend, is_installed
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, can_load, is_installed, throughput
 from edgepipe.runtime.data import load_items
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.measured import Row
 from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.timing import measure, measure_stable
 
 VIDEO_TIMEOUT_S = 1800
 
@@ -122,13 +123,9 @@ def measure_row(model_dir: Path, row: dict, x1: np.ndarray, items: list, warmup:
     row["p90_ms"] = lat["p90"]
     images = max(iterations, 32)
     candidates = [{"fps": round(1000.0 / lat["mean"], 2), "mode": "batch 1, synchronous"}]
-    if row["backend"] == "openvino":  # the same verified files, compiled again with the THROUGHPUT hint
-        tp = create_backend("openvino")
-        tp.load(clf.files, clf.variant, device=clf.device, hint="THROUGHPUT")
-        candidates.append(dict(tp.async_throughput(x1, images), mode="async, THROUGHPUT hint"))
-        del tp
-    elif clf.dynamic_batch:
-        candidates.append(batched_throughput(clf.logits, x1, images=images))
+    more = throughput(clf.backend, x1, images, clf.dynamic_batch)
+    if more:
+        candidates.append(more)
     best = max(candidates, key=lambda c: c["fps"])
     row.update(throughput_fps=best["fps"], throughput_mode=best["mode"], throughput_all=candidates)
     log(f"  {row['id']:<28} p50 {lat['p50']:.2f} ms  p90 {lat['p90']:.2f} ms  ({lat['iterations']} it)  "
@@ -166,22 +163,20 @@ def add_accuracy_deltas(rows: list[dict], min_class_images: int = 10) -> None:
 
 # ---------------------------------------------------------------- references
 
-def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations: int):
-    """PyTorch eager fp32 batch-1 latency of the model rebuilt from manifest.model (its ``build`` settings:
-    pretrained, checkpoint, weights, num_classes); torch imported lazily."""
+def torch_reference(manifest: Manifest, x1: np.ndarray, warmup: int, iterations: int, rebuild=None):
+    """PyTorch eager fp32 batch-1 latency of ``rebuild(manifest.model)``, the model the manifest came from (the
+    build side passes train.models.rebuild: benchmarks/ does not import train/); torch imported lazily."""
     try:
         import torch
     except ImportError:
         return None, None, "PyTorch eager reference skipped: torch is not installed here (normal on a device)"
-    from edgepipe.train.models import build_model
     m = manifest.model
-    if (m.source or {}).get("onnx"):
+    if m.source_onnx:
         return None, None, "PyTorch eager reference skipped: the model came as an ONNX file"
-    kwargs = {"pretrained": True, "checkpoint": (m.source or {}).get("checkpoint"),
-              "num_classes": m.num_classes if m.num_classes != 1000 else None}
-    kwargs.update({k: m.build[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in m.build})
+    if rebuild is None:  # issue 25: edgepipe/cli.py's cmd_bench passes it; then this fallback goes
+        from edgepipe.train.models import rebuild
     try:
-        model = build_model(m.name, **kwargs).model.eval()
+        model = rebuild(m)
     except Exception as exc:  # unknown name, missing checkpoint, ...: say so, measure the rest
         return None, None, f"PyTorch eager reference skipped: cannot rebuild {m.name!r} ({str(exc).splitlines()[0][:200]})"
     xt = torch.from_numpy(x1)
@@ -216,9 +211,10 @@ def interleaved_ratios(a, b, rounds: int, iterations: int, confidence: float) ->
     return out
 
 
-def measure_references(manifest: Manifest, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int):
+def measure_references(manifest: Manifest, rows: list[dict], x1: np.ndarray, warmup: int, iterations: int,
+                       rebuild=None):
     """PyTorch eager latency and the roofline floor; returns (reference dict, torch timer or None, MatmulRate)."""
-    torch_lat, torch_timer, torch_note = torch_reference(manifest, x1, warmup, iterations)
+    torch_lat, torch_timer, torch_note = torch_reference(manifest, x1, warmup, iterations, rebuild)
     rate = MatmulRate()
     gflops = rate.measure()
     macs = next((r["macs"] for r in rows if r["macs"] and r["made_from"] != "pruned"), None)
@@ -278,8 +274,8 @@ def best_per_target(rows: list[dict], checks: list[dict], have_budgets: bool) ->
     """Per backend: the lowest-p90 row with status ok that passes every budget matching it (with no
     budgets: within DEFAULT_MAX_DROP top-1 points of fp32 when labeled data was given)."""
     failed = {c["row"] for c in checks if c["verdict"] != "pass"}
-    return fastest_per_backend(rows, lambda r: r["id"] not in failed and
-                               (have_budgets or (r.get("top1_drop_pts") or 0.0) <= DEFAULT_MAX_DROP))
+    return fastest_per_backend([Row.from_dict(r) for r in rows], lambda r: r.id not in failed and
+                               (have_budgets or (r.top1_drop_pts or 0.0) <= DEFAULT_MAX_DROP))
 
 
 def run_video(model_dir: Path, video: str, row: dict) -> dict:
@@ -336,7 +332,8 @@ def command_line(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def main(args) -> int:
+def main(args, rebuild=None) -> int:
+    """``rebuild``: ModelInfo -> the PyTorch model to time as the eager reference (train.models.rebuild)."""
     t0 = time.perf_counter()
     model_dir = Path(args.dir)
     manifest = Manifest.load(model_dir)
@@ -370,7 +367,7 @@ def main(args) -> int:
     add_accuracy_deltas(rows, args.min_class_images)
 
     log("[bench] references: PyTorch eager fp32, roofline floor")
-    reference, torch_timer, rate = measure_references(manifest, rows, x1, args.warmup, args.iterations)
+    reference, torch_timer, rate = measure_references(manifest, rows, x1, args.warmup, args.iterations, rebuild)
 
     def timer_for(of: str, row: dict):
         if of == "torch_eager":
@@ -415,7 +412,3 @@ def main(args) -> int:
         print("\n".join(budget_table(failed)), flush=True)
     return 1 if failed else 0
 
-
-if __name__ == "__main__":  # python -m edgepipe.benchmarks.bench DIR ... (same as `edgepipe bench`)
-    from edgepipe.cli import main as cli_main
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))

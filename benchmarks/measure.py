@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from edgepipe.benchmarks.latency import measure, measure_stable
+from edgepipe.runtime.timing import measure, measure_stable
 from edgepipe.runtime.evaluate import DecodedSet
 from edgepipe.runtime.model import Classifier
 

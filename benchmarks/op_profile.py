@@ -17,48 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
+from edgepipe.benchmarks import run_tool
+from edgepipe.compile.onnx_layers import layer_kinds
 from edgepipe.runtime.backends.base import env_threads
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
-
-# activations ONNX Runtime fuses into the Conv before them (when that Conv feeds nothing else)
-ACTIVATIONS = {"Clip", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}
-
-
-def layer_kinds(model) -> tuple[dict[str, str], dict[str, int]]:
-    """(name -> kind, kind -> MACs at batch 1) for Conv / Gemm / MatMul nodes. Names are the node name and
-    its output name, and the output of an activation right after it (ORT names fused nodes that way)."""
-    from onnx import shape_inference
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    names: dict[str, str] = {}
-    macs: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        w = weights.get(node.input[1]) if len(node.input) > 1 else None
-        if not w:
-            continue
-        if node.op_type == "Conv" and shapes.get(node.output[0]):
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            kind = ("depthwise conv" if group > 1 and group == w[0] else
-                    "1x1 conv" if w[2:] == [1, 1] else f"{w[2]}x{w[3]} conv")
-            macs[kind] += int(np.prod(w)) * int(np.prod(shapes[node.output[0]][2:]))
-        elif node.op_type in ("Gemm", "MatMul"):
-            kind = "fully connected"
-            macs[kind] += int(np.prod(w))
-        else:
-            continue
-        names[node.name] = names[node.output[0]] = kind
-    consumers: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        for i in node.input:
-            consumers[i] += 1
-    for node in model.graph.node:
-        if node.op_type in ACTIVATIONS and node.input and node.input[0] in names and consumers[node.input[0]] == 1:
-            names.setdefault(node.output[0], names[node.input[0]])
-    return names, dict(macs)
-
 
 def profile(onnx_path: Path, runs: int = 200, warmup: int = 20, threads: int | None = None) -> dict:
     """``threads``: None for what the ONNX Runtime backend uses (EDGEPIPE_THREADS, else its default)."""
@@ -120,20 +83,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, help="default: EDGEPIPE_THREADS, as the backends use")
     args = ap.parse_args(argv)
-    try:
-        manifest = Manifest.load(Path(args.dir))
-        if args.variant not in manifest.variants:
-            raise UserError(f"no variant {args.variant!r} in {args.dir} (have: {', '.join(manifest.variants)})")
-        files = verify_files(Path(args.dir), manifest.variants[args.variant].files, args.variant)
-        onnx_file = next((f for f in files if f.suffix == ".onnx"), None)
-        if onnx_file is None:
-            raise UserError(f"variant {args.variant} has no .onnx file")
-        print(markdown(profile(onnx_file, runs=args.runs, threads=args.threads)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("op_profile", lambda: markdown(profile(variant_onnx(Path(args.dir), args.variant), runs=args.runs,
+                                                             threads=args.threads)))
 
+
+def variant_onnx(model_dir: Path, name: str) -> Path:
+    """The hash-checked .onnx file of variant ``name``."""
+    files = verify_files(model_dir, Manifest.load(model_dir).variant(name).files, name)
+    onnx_file = next((f for f in files if f.suffix == ".onnx"), None)
+    if onnx_file is None:
+        raise UserError(f"variant {name} has no .onnx file")
+    return onnx_file
 
 if __name__ == "__main__":
     sys.exit(main())

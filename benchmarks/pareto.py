@@ -177,6 +177,65 @@ def plot_pareto(report: dict, budget_file, path: Path) -> Path | None:
     return Path(path)
 
 
+def _draw_lines(ax, refs, hlines, vlines, xlim, ylim) -> list[tuple]:
+    """The reference lines (PyTorch eager, roofline) and budget lines inside the axes; the notes (text, edge,
+    colour) for those beyond them."""
+    notes = []
+    for x, label, style in refs:
+        if not xlim[0] <= x <= xlim[1]:
+            notes.append((f"{label}: {x:.3g} ms", "left" if x < xlim[0] else "right", "dimgray"))
+            continue
+        ax.axvline(x, color="dimgray", ls=style, lw=1.1, zorder=1)
+        ax.text(x, 0.985, f" {label} {x:.2f} ms ", transform=ax.get_xaxis_transform(), rotation=90, va="top",
+                ha="right", fontsize=8, color="dimgray", zorder=1)
+    for y, label in hlines:
+        if ylim[0] <= y <= ylim[1]:
+            ax.axhline(y, color="green", ls="--", lw=1, zorder=1)
+            ax.text(0.01, y, f"budget: {label}", transform=ax.get_yaxis_transform(), fontsize=8, color="green",
+                    va="bottom", ha="left")
+        else:
+            notes.append((f"budget {label}", "below" if y < ylim[0] else "above", "green"))
+    for x, label in vlines:
+        if xlim[0] <= x <= xlim[1]:
+            ax.axvline(x, color="green", ls="--", lw=1, zorder=1)
+            ax.text(x, 0.015, f" budget: {label} ", transform=ax.get_xaxis_transform(), rotation=90, va="bottom",
+                    ha="left", fontsize=8, color="green")
+        else:
+            value = "" if label.endswith(" ms") else f" ({x:.3g} ms)"  # a ratio budget: say where it lies
+            notes.append((f"budget {label}{value}", "left" if x < xlim[0] else "right", "green"))
+    return notes
+
+
+def _label_of(r: dict, bad: bool, shipped_on: str | None) -> tuple[str, dict]:
+    """A point's label text and style: why a failed one is grey, where a shipped one ships."""
+    if bad:
+        status = r.get("status", "ok")
+        why = "fails a budget" if status == "ok" else "failed the parity check" if status == "failed" else status
+        return f"{r['id']} ({why})", {"fontsize": 8, "color": "dimgray"}
+    if shipped_on:
+        served = "ships" if shipped_on == r.get("native_backend", r["backend"]) else f"ships on {shipped_on}"
+        return f"{r['id']} ({served})", {"fontsize": 9, "fontweight": "bold"}
+    return r["id"], {"fontsize": 8}
+
+
+def _legend(ax, pts, failed: set, front: bool, ship: bool) -> None:
+    """Backends and precisions present, the front, failed points and shipped variants, beside the axes."""
+    handles = []
+    for backend, color in BACKEND_COLORS.items():
+        if any(r["backend"] == backend and r["id"] not in failed for _, _, r in pts):
+            handles.append(ax.scatter([], [], color=color, marker="s", label=backend))
+    for prec, marker in PRECISION_MARKERS.items():
+        if any(r["precision"] == prec for _, _, r in pts):
+            handles.append(ax.scatter([], [], color="white", edgecolor="black", marker=marker, label=prec))
+    if front:
+        handles.append(ax.plot([], [], color="crimson", lw=1.4, alpha=0.6, label="Pareto front\n(passing variants)")[0])
+    if failed:
+        handles.append(ax.scatter([], [], color=GREY, marker="o", label="failed a check"))
+    if ship:
+        handles.append(ax.scatter([], [], s=160, marker="*", facecolor="gold", edgecolor="black", label="ships on its backend"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, frameon=False)
+
+
 def draw(report: dict, budget_file) -> dict | None:
     """The chart as a matplotlib figure: {"figure", "axes", "labels" (Annotation per variant), "front" (ids),
     "notes" (texts at the edges)}; None when no variant has a value to plot."""
@@ -204,29 +263,7 @@ def draw(report: dict, budget_file) -> dict | None:
     ax.set_ylim(*ylim)
     _plain_ms_ticks(ax, log_x)
 
-    notes = []
-    for x, label, style in refs:
-        if not xlim[0] <= x <= xlim[1]:
-            notes.append((f"{label}: {x:.3g} ms", "left" if x < xlim[0] else "right", "dimgray"))
-            continue
-        ax.axvline(x, color="dimgray", ls=style, lw=1.1, zorder=1)
-        ax.text(x, 0.985, f" {label} {x:.2f} ms ", transform=ax.get_xaxis_transform(), rotation=90, va="top",
-                ha="right", fontsize=8, color="dimgray", zorder=1)
-    for y, label in hlines:
-        if ylim[0] <= y <= ylim[1]:
-            ax.axhline(y, color="green", ls="--", lw=1, zorder=1)
-            ax.text(0.01, y, f"budget: {label}", transform=ax.get_yaxis_transform(), fontsize=8, color="green",
-                    va="bottom", ha="left")
-        else:
-            notes.append((f"budget {label}", "below" if y < ylim[0] else "above", "green"))
-    for x, label in vlines:
-        if xlim[0] <= x <= xlim[1]:
-            ax.axvline(x, color="green", ls="--", lw=1, zorder=1)
-            ax.text(x, 0.015, f" budget: {label} ", transform=ax.get_xaxis_transform(), rotation=90, va="bottom",
-                    ha="left", fontsize=8, color="green")
-        else:
-            value = "" if label.endswith(" ms") else f" ({x:.3g} ms)"  # a ratio budget: say where it lies
-            notes.append((f"budget {label}{value}", "left" if x < xlim[0] else "right", "green"))
+    notes = _draw_lines(ax, refs, hlines, vlines, xlim, ylim)
 
     ok_pts = [(lat, y, r["id"]) for lat, y, r in pts if r["id"] not in failed]
     front = pareto_front(ok_pts)
@@ -244,15 +281,7 @@ def draw(report: dict, budget_file) -> dict | None:
                    linewidth=1.6 if r["id"] in on_front else 0.6, alpha=0.8 if bad else 1.0)
         if r["id"] in ship:
             ax.scatter(lat, y, s=420, marker="*", facecolor="gold", edgecolor="black", linewidth=0.8, zorder=3)
-        if bad:
-            status = r.get("status", "ok")
-            why = "fails a budget" if status == "ok" else "failed the parity check" if status == "failed" else status
-            text, style = f"{r['id']} ({why})", {"fontsize": 8, "color": "dimgray"}
-        elif r["id"] in ship:
-            served = "ships" if ship[r["id"]] == r.get("native_backend", r["backend"]) else f"ships on {ship[r['id']]}"
-            text, style = f"{r['id']} ({served})", {"fontsize": 9, "fontweight": "bold"}
-        else:
-            text, style = r["id"], {"fontsize": 8}
+        text, style = _label_of(r, bad, ship.get(r["id"]))
         labels.append((lat, y, text, dict(style, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 0.6}),
                        13.0 if r["id"] in ship else 7.0))
     ax.set_xlabel("p90 latency at batch 1, ms (lower is better)" + (", log scale" if log_x else ""))
@@ -266,20 +295,7 @@ def draw(report: dict, budget_file) -> dict | None:
     order = sorted(labels, key=lambda lab: (not lab[3].get("fontweight"), lab[3].get("color") == "dimgray"))
     placed = place_labels(ax, order, obstacles=edge)
 
-    handles = []
-    for backend, color in BACKEND_COLORS.items():
-        if any(r["backend"] == backend and r["id"] not in failed for _, _, r in pts):
-            handles.append(ax.scatter([], [], color=color, marker="s", label=backend))
-    for prec, marker in PRECISION_MARKERS.items():
-        if any(r["precision"] == prec for _, _, r in pts):
-            handles.append(ax.scatter([], [], color="white", edgecolor="black", marker=marker, label=prec))
-    if front:
-        handles.append(ax.plot([], [], color="crimson", lw=1.4, alpha=0.6, label="Pareto front\n(passing variants)")[0])
-    if failed:
-        handles.append(ax.scatter([], [], color=GREY, marker="o", label="failed a check"))
-    if ship:
-        handles.append(ax.scatter([], [], s=160, marker="*", facecolor="gold", edgecolor="black", label="ships on its backend"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, frameon=False)
+    _legend(ax, pts, failed, bool(front), bool(ship))
     ax.grid(True, alpha=0.3, which="major")
     ax.grid(True, alpha=0.12, which="minor")
     return {"figure": fig, "axes": ax, "labels": placed, "front": [p[2] for p in front], "notes": edge}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
+from edgepipe.runtime.measured import Check, Pruning, Row
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -16,22 +17,17 @@ def top1_agreement(pred: dict, ref_pred: dict) -> float | None:
 
 
 def report_rows(manifest: Manifest) -> list[dict]:
+    """report.json's variants: each variant's row (runtime/measured.py) with its latency, check and compile facts."""
     rows = []
     for name, v in manifest.variants.items():
-        lat = v.latency_ms or {}
-        acc = v.accuracy or {}
-        parity = v.parity or {}
+        row, lat, check = Row.of_variant(name, v), v.latency, v.check
         rows.append({
             "name": name, "backend": v.backend, "precision": v.precision, "status": v.status,
             "made_from": v.made_from, "quantization": v.quantization,
-            "top1": acc.get("top1"), "top5": acc.get("top5"), "n": acc.get("n"),
-            "agreement_with_torch": v.agreement_with_torch,
-            "latency_ms": {k: lat.get(k) for k in ("p50", "p90", "p99")} if lat else None,
-            "latency_iterations": lat.get("iterations"),
-            "throughput_fps": round(1000.0 / lat["p50"], 2) if lat.get("p50") else None,
-            "macs": v.macs, "size_mb": v.size_mb,
-            "parity": {k: parity.get(k) for k in ("ok", "n", "max_abs", "mean_abs", "top1_agreement")} if parity else None,
-            "flipped": parity.get("flipped", []),
+            "top1": row.top1, "top5": row.top5, "n": row.n, "agreement_with_fp32": row.agreement_with_fp32,
+            "latency_ms": lat.percentiles() if lat else None, "latency_iterations": lat.iterations if lat else None,
+            "throughput_fps": row.throughput_fps, "macs": v.macs, "size_mb": v.size_mb,
+            "parity": check.summary() if check else None, "flipped": check.flipped if check else [],
             "compile": v.compile,
         })
     return rows
@@ -44,19 +40,19 @@ def _fmt(x, spec=".2f"):
 def _compile_notes(manifest: Manifest, rows: list[dict]) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
-    pruned = manifest.model.pruned
+    pruned = Pruning.from_dict(manifest.model.pruned)
     if pruned:
-        parts = [f"MACs {_fmt((pruned.get('base_macs') or 0) / 1e6, '.1f')} M -> {_fmt((pruned.get('macs') or 0) / 1e6, '.1f')} M"]
-        if pruned.get("base_latency_ms"):
-            parts.append(f"batch-1 latency on {pruned.get('backend')} {_fmt(pruned['base_latency_ms'])} -> "
-                         f"{_fmt(pruned.get('latency_ms'))} ms ({_fmt(pruned.get('speedup'))}x)")
-        if pruned.get("val_top1") is not None:
-            parts.append(f"validation top-1 after pruning {_fmt(pruned['val_top1'], '.4f')}")
+        parts = [f"MACs {_fmt((pruned.base_macs or 0) / 1e6, '.1f')} M -> {_fmt((pruned.macs or 0) / 1e6, '.1f')} M"]
+        if pruned.base_latency_ms:
+            parts.append(f"batch-1 latency on {pruned.backend} {_fmt(pruned.base_latency_ms)} -> "
+                         f"{_fmt(pruned.latency_ms)} ms ({_fmt(pruned.speedup)}x)")
+        if pruned.val_top1 is not None:
+            parts.append(f"validation top-1 after pruning {_fmt(pruned.val_top1, '.4f')}")
         lines.append("- pruning: " + ", ".join(parts))
     for onnx_name, exp in manifest.export.items():
-        p = exp.get("parity_vs_pytorch") or {}
-        lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.get('ok') else 'FAILED'}, max abs {_fmt(p.get('max_abs'), '.2e')}, "
-                     f"mean abs {_fmt(p.get('mean_abs'), '.2e')}, top-1 agreement {_fmt(p.get('top1_agreement'), '.3f')} on {p.get('n', 0)} images")
+        p = Check.from_dict(exp.get("parity_vs_pytorch")) or Check()
+        lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.ok else 'FAILED'}, max abs {_fmt(p.max_abs, '.2e')}, "
+                     f"mean abs {_fmt(p.mean_abs, '.2e')}, top-1 agreement {_fmt(p.top1_agreement, '.3f')} on {p.n or 0} images")
     for r in rows:
         info = r.get("compile") or {}
         notes = []
@@ -145,7 +141,7 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
         drop = (ref_acc["top1"] - r["top1"]) * 100 if ref_acc.get("top1") is not None and r["top1"] is not None else None
         lat = r["latency_ms"] or {}
         p = r["parity"] or {}
-        lines.append(f"| {r['name']} | {r['status']} | {_fmt(r['top1'], '.4f')} | {_fmt(drop)} | {_fmt(r['agreement_with_torch'], '.3f')} "
+        lines.append(f"| {r['name']} | {r['status']} | {_fmt(r['top1'], '.4f')} | {_fmt(drop)} | {_fmt(r['agreement_with_fp32'], '.3f')} "
                      f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(r['macs'] / 1e6 if r['macs'] else None, '.0f')} "
                      f"| {_fmt(r['size_mb'])} | {_fmt(p.get('max_abs'), '.2e')} | {len(r['flipped'])}/{p.get('n', 0)} |")
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.atomic import write_text
+from edgepipe.benchmarks import run_tool
 
 HEADER = """# Measured results
 
@@ -134,12 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", action="append", metavar="TEXT", default=None,
                    help="a line about each report's conditions, in order (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
-    try:
-        print(write_page(args.reports, args.out, args.built_with, args.note))
-    except UserError as exc:
-        print(f"results_page: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("results_page", lambda: write_page(args.reports, args.out, args.built_with, args.note))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class OnnxSource:
         """Conv/Gemm/MatMul MACs at batch 1 from the graph (None when shapes cannot be inferred)."""
         import onnx
 
-        from edgepipe.benchmarks.op_profile import layer_kinds
+        from edgepipe.compile.onnx_layers import layer_kinds
         try:
             return int(sum(layer_kinds(onnx.load(str(self.path)))[1].values())) or None
         except Exception:

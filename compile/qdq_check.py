@@ -121,6 +121,16 @@ def check_qdq(model_or_path) -> dict:
     if unsupported:
         err(f"op types TensorRT's ONNX parser does not support (or non-default domain): {', '.join(unsupported)}")
 
+    _check_qdq_pairs(graph, inits, producer, array, counts, err)
+    _check_weighted_layers(graph, inits, producer, array, float_layers, counts, err)
+    if counts["quantized_layers"] == 0 and not errors:
+        err("no quantized Conv/Gemm/MatMul layer: not a QDQ int8 model")
+    return {"ok": not errors, "opset": opset, "errors": errors, "counts": counts, "float_layers": float_layers}
+
+
+def _check_qdq_pairs(graph, inits: dict, producer: dict, array, counts: dict, err) -> None:
+    """Every Q/DQ node: constant positive scales, int8 zero points of 0, activations dequantized from their
+    own QuantizeLinear with the same scale."""
     for n in graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -147,6 +157,10 @@ def check_qdq(model_or_path) -> dict:
             elif list(q.input[1:3]) != list(n.input[1:3]) and not _same_constants(array, q.input[1:3], n.input[1:3]):
                 err(f"{n.name}: scale/zero point differ from its QuantizeLinear {q.name}; TensorRT needs matching Q/DQ pairs")
 
+
+def _check_weighted_layers(graph, inits: dict, producer: dict, array, float_layers: list, counts: dict, err) -> None:
+    """Every Conv / Gemm / MatMul with a constant weight: int8 per-channel weights on the output-channel axis
+    and a per-tensor Q/DQ input, unless listed as kept in float."""
     for n in graph.node:
         if n.op_type not in WEIGHTED_OPS or len(n.input) < 2:
             continue
@@ -182,6 +196,3 @@ def check_qdq(model_or_path) -> dict:
                 err(f"{n.op_type} {n.name}: activation quantized per channel; TensorRT wants per-tensor activation scales")
             else:
                 counts["quantized_layers"] += 1
-    if counts["quantized_layers"] == 0 and not errors:
-        err("no quantized Conv/Gemm/MatMul layer: not a QDQ int8 model")
-    return {"ok": not errors, "opset": opset, "errors": errors, "counts": counts, "float_layers": float_layers}

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, is_installed
 from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.measured import Row
 
 
 def device_records(model_dir: Path) -> list:
@@ -28,15 +29,10 @@ def device_records(model_dir: Path) -> list:
 
 def what_auto_serves(model_dir: Path, manifest: Manifest) -> dict:
     """{variant, backend, reason}: what `--backend auto` without --variant would load on this machine."""
+    from edgepipe.runtime.serving import choose_for_dir
     try:
-        try:
-            from edgepipe.runtime.serving import choose_for_dir
-        except ImportError:  # no serving policy module: the manifest's defaults
-            from edgepipe.runtime.model import choose_variant
-            variant, backend = choose_variant(manifest)
-            return {"variant": variant, "backend": backend, "reason": "the build host's default for that backend"}
         choice = choose_for_dir(model_dir, manifest, None, "auto")
-        return {"variant": choice.variant, "backend": choice.backend, "reason": getattr(choice, "reason", "")}
+        return {"variant": choice.variant, "backend": choice.backend, "reason": choice.reason}
     except UserError as exc:
         return {"variant": None, "backend": None, "reason": str(exc)}
 
@@ -46,10 +42,11 @@ def folder_info(model_dir) -> dict:
     manifest = Manifest.load(model_dir)
     variants = []
     for name, v in manifest.variants.items():
+        row = Row.of_variant(name, v)
         variants.append({
             "name": name, "backend": v.backend, "precision": v.precision, "format": v.format, "status": v.status,
             "size_mb": round(sum(f.bytes or 0 for f in v.files) / 1e6, 2),
-            "p90_ms": v.p90_ms, "top1": v.top1, "agreement_with_torch": v.agreement_with_torch,
+            "p90_ms": row.p90_ms, "top1": row.top1, "agreement_with_fp32": row.agreement_with_fp32,
         })
     auto = what_auto_serves(model_dir, manifest)
     return {"dir": str(model_dir), "model": manifest.model.name, "classes": len(manifest.labels),
@@ -83,7 +80,7 @@ def describe(info: dict) -> str:
     header = ("variant", "backend", "precision", "status", "size MB", "p90 ms*", "top-1", "vs torch")
     rows = [(v["name"] + (" (default)" if info["defaults"].get(v["backend"]) == v["name"] else ""), v["backend"],
              v["precision"], v["status"], _fmt(v["size_mb"], ".1f"), _fmt(v["p90_ms"], ".2f"), _fmt(v["top1"], ".4f"),
-             _fmt(v["agreement_with_torch"], ".3f")) for v in info["variants"]]
+             _fmt(v["agreement_with_fp32"], ".3f")) for v in info["variants"]]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -50,7 +49,12 @@ class RunData:
     evaluation: object                  # data.evaluation decoded (runtime.evaluate.DecodedSet), or None
     crops: Crops                        # where every crop of this run comes from
     fingerprints: dict = field(default_factory=dict)   # content hashes of calibration / control / evaluation sets
-    compare: Callable = None            # parity.compare with the bounds of this kind of image
+
+    def compare(self, reference: np.ndarray, candidate: np.ndarray, names: list[str], precision: str) -> dict:
+        """Parity by the runtime's rule (the tolerances `edgepipe verify` applies on a device), with the bounds
+        of this run's kind of check images."""
+        from edgepipe.runtime.verify import compare_logits
+        return compare_logits(reference, candidate, precision, self.plan.kind, names)
 
     @functools.cached_property
     def check_batch(self) -> np.ndarray:
@@ -59,7 +63,6 @@ class RunData:
 
 
 def prepare_data(recipe, out: Path, labels: list[str], pre: Preprocess) -> RunData:
-    from edgepipe.compile import parity
     from edgepipe.data_plan import plan_data
     from edgepipe.datasets import resolve_data
     from edgepipe.runtime.evaluate import DecodedSet
@@ -81,8 +84,7 @@ def prepare_data(recipe, out: Path, labels: list[str], pre: Preprocess) -> RunDa
         "control": hash_key(data_fingerprint([p for p, _ in plan.control]), [t for _, t in plan.control]),
         "evaluation": data_fingerprint([p for p, _ in items]) if items else None}
     return RunData(pre=pre, plan=plan, calibration=calibration, check_crops=check_crops, check_names=check_names,
-                   evaluation=evaluation, crops=crops, fingerprints=fingerprints,
-                   compare=functools.partial(parity.compare, kind=plan.kind))
+                   evaluation=evaluation, crops=crops, fingerprints=fingerprints)
 
 
 def load_crops(paths: list[Path], pre: Preprocess, on_bad: str = "skip",

@@ -50,11 +50,6 @@ def code_hash(*packages) -> str:
     return h.hexdigest()[:16]
 
 
-def relative_files(out: Path, files) -> list[str]:
-    """Step results record paths relative to the output folder, so a moved or copied folder stays cached."""
-    return [Path(f).resolve().relative_to(Path(out).resolve()).as_posix() for f in files]
-
-
 def hash_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

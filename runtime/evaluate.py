@@ -11,6 +11,7 @@ from edgepipe import UserError
 from edgepipe.runtime.data import load_labeled
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.preprocess import check_frame
+from edgepipe.runtime.scores import top_k
 
 
 def read_image(path) -> np.ndarray | None:
@@ -108,7 +109,7 @@ def score_batches(logits_fn, batches, total: int, where: str, skipped: list[str]
     per_class: dict[int, list[int]] = {}
     predictions = {}
     for batch, targets, names in batches:
-        order = np.argsort(-logits_fn(batch), axis=1)[:, :5]
+        order = top_k(logits_fn(batch), 5)
         for name, target, top in zip(names, targets, order):
             n += 1
             hit1 = int(top[0] == target)

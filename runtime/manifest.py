@@ -21,11 +21,13 @@ from pathlib import Path
 
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
+from edgepipe.runtime.measured import Accuracy, Check, Latency
 from edgepipe.runtime.preprocess import Preprocess
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2          # 2: typed variants that say what they were made from (made_from, quantization)
 STATUSES = ("ok", "unverified", "failed", "pending-build")
+RENAMED = {"agreement_with_torch": "agreement_with_fp32"}   # old field name -> new: older folders still load
 MADE_FROM = ("base", "pruned")          # which model's fp32 ONNX a variant was compiled from
 QUANTIZATION = ("ptq", "qat")           # how an int8 variant got its scales (None for float variants)
 ENGINE_TYPINGS = ("weak", "strong")      # Variant.tensorrt["typing"]: builder precision flags or the ONNX's types
@@ -60,7 +62,7 @@ class Variant:
     size_mb: float | None = None
     accuracy: dict | None = None
     predictions: dict | None = None
-    agreement_with_torch: float | None = None
+    agreement_with_fp32: float | None = None    # top-1 agreement with the fp32 reference model's predictions
     budget: str | None = None                   # the recipe budget it breaks (then it is never served)
 
     def to_dict(self) -> dict:
@@ -74,13 +76,21 @@ class Variant:
     def servable(self) -> bool:
         return self.status == "ok" and self.budget is None
 
-    @property
-    def top1(self) -> float | None:
-        return (self.accuracy or {}).get("top1")
+    # typed views of what was measured (runtime/measured.py); None when it was not
+    check = property(lambda self: Check.from_dict(self.parity))
+    host_check = property(lambda self: Check.from_dict(self.reference_check))
+    latency = property(lambda self: Latency.from_dict(self.latency_ms))
+    top1 = property(lambda self: (Accuracy.from_dict(self.accuracy) or Accuracy()).top1)
+    p90_ms = property(lambda self: (self.latency or Latency()).p90)
 
     @property
-    def p90_ms(self) -> float | None:
-        return (self.latency_ms or {}).get("p90")
+    def agreement_with_torch(self) -> float | None:
+        """The name before manifest fields were unified (edgepipe/pipeline.py still sets it)."""
+        return self.agreement_with_fp32
+
+    @agreement_with_torch.setter
+    def agreement_with_torch(self, value: float | None) -> None:
+        self.agreement_with_fp32 = value
 
 
 @dataclass
@@ -91,6 +101,9 @@ class ModelInfo:
     recipe: str | None = None
     build: dict = field(default_factory=dict)    # how bench rebuilds the PyTorch reference: pretrained, checkpoint, weights
     pruned: dict | None = None                   # MACs / latency / accuracy before and after pruning
+
+    source_onnx = property(lambda self: (self.source or {}).get("onnx"))   # the ONNX file it came as, if it did
+    source_checkpoint = property(lambda self: (self.source or {}).get("checkpoint"))
 
 
 @dataclass
@@ -190,13 +203,18 @@ class Manifest:
     def variant(self, name: str) -> Variant:
         """The variant called ``name``; an unknown name is one ManifestError with a close match."""
         if name not in self.variants:
-            close = difflib.get_close_matches(name, list(self.variants), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ManifestError(f"no variant {name!r} in this manifest{hint}; available: {', '.join(self.variants)}")
+            raise unknown_variant(name, self.variants)
         return self.variants[name]
 
     def of_backend(self, backend: str) -> dict[str, Variant]:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
+
+
+def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:
+    """The one error for a variant name that is not there: with a close match and the names there are."""
+    close = difflib.get_close_matches(name, list(variants), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ManifestError(f"no variant {name!r} in {where}{hint}; available: {', '.join(variants)}")
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -252,6 +270,7 @@ def _file(entry, where: str) -> FileEntry:
 def _variant(v, where: str) -> Variant:
     if not isinstance(v, dict):
         raise ManifestError(f"{where} must be an object")
+    v = {RENAMED.get(k, k): value for k, value in v.items()}
     _check_keys(Variant, v, where)
     for key in ("backend", "precision", "format", "status", "made_from"):
         if not isinstance(v.get(key, ""), str):

@@ -14,45 +14,43 @@ from pathlib import Path
 
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
+from edgepipe.runtime.measured import Row
 
 MIN_SPEEDUP = 0.10  # a less faithful variant is served only when its p90 is at least this much lower
 DEFAULT_MAX_DROP = 1.0  # top-1 points against the fp32 reference when the recipe sets none
 PRECISION_RANK = {"fp32": 3, "fp16": 2, "int8": 1}
 
 
-def _quality(r: dict) -> tuple:
+def _quality(r: Row) -> tuple:
     """Higher is more faithful to the fp32 model: higher precision, then unpruned, then measured top-1."""
-    top1 = r.get("top1")
-    return (PRECISION_RANK.get(r.get("precision"), 0), r.get("made_from", "base") != "pruned",
-            -1.0 if top1 is None else top1)
+    return (PRECISION_RANK.get(r.precision, 0), r.made_from != "pruned", -1.0 if r.top1 is None else r.top1)
 
 
-def fastest_per_backend(rows, eligible=lambda r: True, min_speedup: float = MIN_SPEEDUP) -> dict:
-    """Per backend, among the rows ("id", "backend", "status", "p90_ms", optional "precision", "top1",
-    "made_from" (Variant.made_from)) with status ok that ``eligible`` accepts, the fastest p90 -- unless a more faithful
-    row is within ``min_speedup`` of it: a speed-up inside measurement noise is not worth accuracy.
-    None for a backend with no such row."""
+def fastest_per_backend(rows: list[Row], eligible=lambda r: True, min_speedup: float = MIN_SPEEDUP) -> dict:
+    """Per backend, among the rows with status ok that ``eligible`` accepts, the fastest p90 -- unless a more
+    faithful row (precision, unpruned, top-1) is within ``min_speedup`` of it: a speed-up inside measurement
+    noise is not worth accuracy. None for a backend with no such row."""
     by_backend: dict = {}
     for r in rows:
-        ok = by_backend.setdefault(r["backend"], [])
-        if r.get("status") == "ok" and r.get("p90_ms") is not None and eligible(r):
+        ok = by_backend.setdefault(r.backend, [])
+        if r.status == "ok" and r.p90_ms is not None and eligible(r):
             ok.append(r)
     chosen = {}
     for backend, ok in by_backend.items():
         if not ok:
             chosen[backend] = None
             continue
-        fastest = min(ok, key=lambda r: r["p90_ms"])
-        close = [r for r in ok if r["p90_ms"] * (1.0 - min_speedup) <= fastest["p90_ms"]]
-        chosen[backend] = max(close, key=lambda r: (_quality(r), -r["p90_ms"]))["id"]
+        fastest = min(ok, key=lambda r: r.p90_ms)
+        close = [r for r in ok if r.p90_ms * (1.0 - min_speedup) <= fastest.p90_ms]
+        chosen[backend] = max(close, key=lambda r: (_quality(r), -r.p90_ms)).id
     return chosen
 
 
 def within_accuracy(v: Variant, reference_top1: float | None, max_drop: float) -> bool:
     """Top-1 within ``max_drop`` points of the fp32 reference when both are measured; else the checks' verdict."""
     if reference_top1 is None or v.top1 is None:
-        return bool((v.parity or {}).get("ok"))
+        return bool(v.check and v.check.ok)
     return (reference_top1 - v.top1) * 100 <= max_drop + 1e-9
 
 
@@ -62,10 +60,9 @@ def choose_defaults(manifest: Manifest, reference_top1: float | None = None, max
     measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets."""
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     variants = manifest.variants
-    rows = [{"id": name, "backend": v.backend, "status": v.status, "precision": v.precision,
-             "made_from": v.made_from, "top1": v.top1, "p90_ms": v.p90_ms} for name, v in variants.items()]
-    chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r["id"]], reference_top1, max_drop)
-                                 and eligible(r["id"], variants[r["id"]]))
+    rows = [Row.of_variant(name, v) for name, v in variants.items()]
+    chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r.id], reference_top1, max_drop)
+                                 and eligible(r.id, variants[r.id]))
     defaults = {backend: name for backend, name in chosen.items() if name}
     manifest.defaults = defaults
     ranked = sorted(defaults.values(), key=lambda n: variants[n].p90_ms)
@@ -106,8 +103,8 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     failed_here = {n for n, r in results.items() if r.get("verdict") == "fail"}
     backends = AUTO_ORDER if backend == "auto" else (backend,)
 
-    passed = [{"id": n, "backend": r["backend"], "status": "ok", "precision": variants[n].precision,
-               "made_from": variants[n].made_from, "p90_ms": (r.get("latency_ms") or {}).get("p90")}
+    passed = [Row(n, n, r["backend"], variants[n].precision, made_from=variants[n].made_from,
+                  p90_ms=(r.get("latency_ms") or {}).get("p90"))
               for n, r in results.items() if r.get("verdict") == "pass" and n in usable and r.get("backend") in backends
               and _runnable(variants[n], r["backend"])]
     if passed:
@@ -140,10 +137,7 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
 
 def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: dict | None) -> Choice:
     if variant not in variants:
-        import difflib
-        close = difflib.get_close_matches(variant, list(variants), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ManifestError(f"no variant {variant!r} in the manifest{hint}; available: {', '.join(variants)}")
+        raise unknown_variant(variant, variants)
     fmt = variants[variant].format
     verified = None if result is None else result.get("verdict") == "pass"
     why = "chosen with --variant" + ("" if verified is None else (", passed `edgepipe verify` here" if verified else

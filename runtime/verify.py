@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import socket
-import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 from edgepipe import UserError, __version__
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import safe_join, sha256_file
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
+from edgepipe.runtime.timing import measure
 
 RECORD_DIR = "devices"
 RECORD_FORMAT = 1
@@ -221,15 +221,9 @@ def device_record_for_this_machine(model_dir: Path, manifest: Manifest) -> dict 
 # ---------------------------------------------------------------- verify
 
 def _latency(fn, warmup: int, iterations: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return {"p50": round(float(np.percentile(times, 50)), 3), "p90": round(float(np.percentile(times, 90)), 3),
-            "iterations": iterations}
+    """Batch-1 p50 / p90 in ms, as a device record keeps them."""
+    lat = measure(fn, warmup, iterations)
+    return {"p50": round(lat["p50"], 3), "p90": round(lat["p90"], 3), "iterations": lat["iterations"]}
 
 
 def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "auto", device: str | None = None,
@@ -245,14 +239,14 @@ def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "aut
     key = v.reference_logits
     if key not in ref["logits"]:
         raise ManifestError(f"variant {name!r} names reference logits {key!r} that the reference set lacks; re-run `edgepipe run`")
-    host = v.reference_check or {}
+    host = v.host_check
     drift = {}
-    if host.get("rel_mean_abs") is not None and v.precision != "fp32":
+    if host and host.rel_mean_abs is not None and v.precision != "fp32":
         drift["max_rel_mean_abs"] = min(tolerance(v.precision, ref["kind"])["max_rel_mean_abs"],
-                                        host["rel_mean_abs"] * DRIFT_FACTOR + DRIFT_SLACK)
+                                        host.rel_mean_abs * DRIFT_FACTOR + DRIFT_SLACK)
     check = compare_logits(ref["logits"][key], logits, v.precision, ref["kind"], ref["names"], **drift)
     if drift:
-        check["build_host_rel_mean_abs"] = host["rel_mean_abs"]
+        check["build_host_rel_mean_abs"] = host.rel_mean_abs
     one = np.ascontiguousarray(x[:1])
     return {"backend": clf.backend_name, "device": device or v.device,
             "precision": v.precision, "fingerprint": variant_fingerprint(v),
@@ -289,10 +283,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
     names = variants or list(manifest.variants)
     unknown = [n for n in names if n not in manifest.variants]
     if unknown:
-        import difflib
-        close = difflib.get_close_matches(unknown[0], list(manifest.variants), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ManifestError(f"no variant {unknown[0]!r} in {model_dir}{hint}; available: {', '.join(manifest.variants)}")
+        raise unknown_variant(unknown[0], manifest.variants, str(model_dir))
     facts = machine_facts()
     mid = machine_id(facts)
     previous = device_record_for_this_machine(model_dir, manifest) or {}

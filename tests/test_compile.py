@@ -13,7 +13,6 @@ from onnx import numpy_helper
 
 from edgepipe.compile.calibration import bundled_photos
 from edgepipe.compile.export import export_onnx
-from edgepipe.compile.parity import compare
 from edgepipe.compile.mixed_precision import AccuracyControl
 from edgepipe.compile.qdq import quantize_qdq, run_logits
 from edgepipe.compile.qdq_check import check_qdq
@@ -22,6 +21,7 @@ from edgepipe.runtime.data import load_labeled
 from edgepipe.runtime.evaluate import read_image
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.backends.trt import engine_mismatch
+from edgepipe.runtime.verify import compare_logits
 
 from conftest import run_edgepipe
 
@@ -83,7 +83,7 @@ def test_export_parity_on_real_images(small_onnx, photos):
     with torch.no_grad():
         ref = model(torch.from_numpy(photos)).numpy()
     got = run_logits(path, photos)  # dynamic batch: all photos at once
-    parity = compare(ref, got, [f"photo{i}" for i in range(len(photos))], "fp32")
+    parity = compare_logits(ref, got, "fp32", "real", [f"photo{i}" for i in range(len(photos))])
     assert parity["ok"], parity
     assert parity["max_abs"] < 1e-4 and parity["top1_agreement"] == 1.0
 

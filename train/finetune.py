@@ -24,6 +24,7 @@ from edgepipe.train import distributed
 from edgepipe.train.checkpoint import save_checkpoint
 from edgepipe.train.data import BadImages, ImageSet
 from edgepipe.train.models import head_module
+from edgepipe.train.threads import _PICKED_THREADS, pick_threads, set_threads  # noqa: F401 (tests reach them here)
 
 BN_RECALIBRATION_BATCHES = 20
 
@@ -132,38 +133,6 @@ def load_training_state(path: Path) -> dict:
                         f"delete it to start over") from None
 
 
-_PICKED_THREADS: list[int] = []  # `threads: auto` measures once per process; later fits (pruning steps, QAT) reuse it
-
-
-def pick_threads(model: nn.Module, example: torch.Tensor, candidates=None, steps: int = 3, log=print) -> int:
-    """The CPU thread count with the highest measured training throughput on ``example`` (a batch).
-
-    Measured, not assumed: on a 2-core host shared with other work, two threads ran a training step
-    several times slower than one (OpenMP threads wait for each other), on an idle one faster."""
-    import copy
-    import os
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    candidates = sorted({1, n} | ({n // 2} if n >= 4 else set())) if candidates is None else candidates
-    probe = copy.deepcopy(model).train()
-    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.0)
-    y = torch.zeros(len(example), dtype=torch.long)
-    rates = {}
-    for threads in candidates:
-        torch.set_num_threads(threads)
-        for i in range(steps + 1):
-            if i == 1:
-                t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(probe(example), y)
-            probe_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            probe_opt.step()
-        rates[threads] = steps * len(example) / (time.perf_counter() - t0)
-    best = max(rates, key=rates.get)
-    torch.set_num_threads(best)
-    log("  threads: " + ", ".join(f"{t}: {r:.0f} images/s" for t, r in rates.items()) + f" -> {best}")
-    return best
-
-
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's soft-target loss: KL(teacher || student) at ``temperature``, scaled by T^2."""
     t = temperature
@@ -174,6 +143,149 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 def _eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def epoch_plan(cfg, n_images: int, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, in all, epochs to start) for ``cfg.epochs``, which may be fractional."""
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_images} training images is less than one batch of {cfg.batch_size}; lower stages.train.batch_size")
+    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def place(model: nn.Module, teacher: nn.Module | None, cfg, device, train_set: ImageSet, per_rank: int, log):
+    """Move the model (and teacher) to ``device`` in the recipe's memory format and set the CPU threads;
+    returns the memory format."""
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    if device.type == "cpu":
+        set_threads(cfg.threads, model, train_set, per_rank, memory_format, log)
+    if teacher is not None:
+        teacher.to(device=device, memory_format=memory_format).eval()
+    return memory_format
+
+
+class Running:
+    """Loss and top-1 accuracy averaged over the batches of an epoch so far."""
+
+    def __init__(self):
+        self.loss_sum = self.hits = self.n = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.hits += float((logits.argmax(1) == y).sum())
+        self.n += len(y)
+
+    loss = property(lambda self: self.loss_sum / max(self.n, 1))
+    top1 = property(lambda self: self.hits / max(self.n, 1))
+
+    def describe(self) -> str:
+        return f"loss {self.loss:.4f}, train top-1 {self.top1:.4f}"
+
+
+def save_training_state(checkpoint: Path, model: nn.Module, optimizer, scaler, epoch_done: int, step: int) -> None:
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done, "step": step}
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
+    save_checkpoint(checkpoint, payload)
+
+
+def resume_from(checkpoint: Path, model: nn.Module, optimizer, scaler, steps_per_epoch: int, result: FitResult,
+                total_steps: int, log) -> int:
+    """Model, optimizer (and AMP scaler) state from a training checkpoint; returns the step to go on from."""
+    state = load_training_state(checkpoint)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    step = int(state.get("step", int(state["epoch"]) * steps_per_epoch))
+    result.resumed_from_epoch, result.resumed_from_step = int(state["epoch"]), step
+    log(f"  resumed from {checkpoint} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
+    return step
+
+
+def set_trainable(model: nn.Module, head: nn.Module | None, frozen: bool) -> None:
+    """Every parameter trainable, or with ``frozen`` only the classifier head's (a model without a head that
+    can be told apart stays trainable)."""
+    frozen = frozen and head is not None
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step on a batch: the schedule's learning rate, the batch moved to the device, the loss
+    (under autocast when ``dtype``; with a ``teacher``, mixed with the distillation loss), backward and step."""
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    dtype: object
+    memory_format: object
+    cfg: object
+    total_steps: int
+    teacher: nn.Module | None = None
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, device) -> tuple:
+        """Returns (loss, logits, y on the device)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.cfg) * group.get("lr_scale", 1.0)
+        x = x.to(device, non_blocking=True, memory_format=self.memory_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+            if self.teacher is not None and self.distill_alpha > 0:
+                with torch.no_grad():
+                    soft = self.teacher(x).float()
+                loss = ((1 - self.distill_alpha) * loss
+                        + self.distill_alpha * distillation_loss(logits.float(), soft, self.distill_temperature))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss, logits, y
+
+
+def finish_epoch(model: nn.Module, ddp: nn.Module, loader, val_set, train_step: TrainStep, device, is_main: bool,
+                 result: FitResult, running: Running) -> None:
+    """The epoch's training loss and top-1 into ``result``, BatchNorm statistics re-estimated over training
+    batches, then the validation top-1 (kept as it was without a validation set, and on the other ranks)."""
+    result.train_loss, result.train_top1 = running.loss, running.top1
+    recalibrate_batchnorm(ddp, loader, device, train_step.memory_format, train_step.dtype)
+    if val_set is not None and len(val_set) and is_main:
+        result.val_top1 = evaluate(model, val_set, train_step.cfg.batch_size, device, train_step.memory_format,
+                                   train_step.dtype)
+
+
+def epoch_line(desc: str, epoch: int, n_epochs: int, result: FitResult, device, eta_s: float | None) -> str:
+    val = f", val top-1 {result.val_top1:.4f}" if result.val_top1 is not None else ""
+    return (f"  {desc} epoch {epoch + 1}/{n_epochs}: loss {result.train_loss:.4f}, train top-1 {result.train_top1:.4f}"
+            f"{val}, {result.images_per_s:.0f} images/s on {device}" + (f" ({result.amp})" if result.amp else "")
+            + (f", ETA {_eta(eta_s)}" if eta_s is not None else ""))
+
+
+def to_cpu(model: nn.Module, teacher: nn.Module | None) -> None:
+    """After training: the model (in eval mode) and the teacher back on the CPU, contiguous."""
+    model.to("cpu", memory_format=torch.contiguous_format).eval()
+    if teacher is not None:
+        teacher.to("cpu", memory_format=torch.contiguous_format)
+
+
+def seconds_since(t0: float, device) -> float:
+    """Wall time since ``t0`` once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, checkpoint: Path | None = None,
@@ -193,52 +305,24 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
     seed_everything(cfg.seed)
     per_rank = max(1, cfg.batch_size // info.world_size)
     loader, sampler, skipper = _loader(train_set, per_rank, True, cfg.seed, cfg.workers, device, info, drop_last=True)
-    steps_per_epoch = len(sampler) // per_rank
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images is less than one batch of {cfg.batch_size}; lower stages.train.batch_size")
-    total_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    steps_per_epoch, total_steps, n_epochs = epoch_plan(cfg, len(train_set), len(sampler) // per_rank)
     report_every = max(1, steps_per_epoch // 10)
-
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    if device.type == "cpu" and cfg.threads == "auto" and _PICKED_THREADS:
-        torch.set_num_threads(_PICKED_THREADS[0])
-    elif device.type == "cpu" and cfg.threads == "auto":
-        x0 = torch.stack([train_set[i][0] for i in range(min(per_rank, len(train_set)))])
-        _PICKED_THREADS.append(pick_threads(model, x0.to(memory_format=memory_format),
-                                            log=log if info.is_main else (lambda m: None)))
-    elif device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    if teacher is not None:
-        teacher.to(device=device, memory_format=memory_format).eval()
+    memory_format = place(model, teacher, cfg, device, train_set, per_rank, log if info.is_main else (lambda m: None))
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    head = head_module(model)
     ddp = distributed.wrap(model, info, device)
     optimizer = make_optimizer(model, cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    train_step = TrainStep(ddp, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), optimizer, scaler, dtype,
+                           memory_format, cfg, total_steps, teacher, distill_alpha, distill_temperature)
     result = FitResult(device=str(device), amp=str(dtype).replace("torch.", "") if dtype else None)
     bad = BadImages(on_bad_image, log if info.is_main else (lambda m: None))
 
-    step = 0
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
-        state = load_training_state(Path(checkpoint))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step = int(state.get("step", int(state["epoch"]) * steps_per_epoch))
-        result.resumed_from_epoch, result.resumed_from_step = int(state["epoch"]), step
-        log(f"  resumed from {checkpoint} at step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f})")
+    resumable = resume and checkpoint is not None and Path(checkpoint).is_file()
+    step = resume_from(Path(checkpoint), model, optimizer, scaler, steps_per_epoch, result, total_steps, log) if resumable else 0
 
     def save(epoch_done: int) -> None:
         if checkpoint is not None and info.is_main:
-            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
-                       "step": step}
-            if scaler is not None:
-                payload["scaler"] = scaler.state_dict()
-            save_checkpoint(checkpoint, payload)
+            save_training_state(checkpoint, model, optimizer, scaler, epoch_done, step)
 
     seen, busy, start_step = 0, 0.0, step
     interactive = info.is_main and sys.stderr.isatty()  # a bar on a terminal; in a log file only the lines below
@@ -246,14 +330,9 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
         train_set.epoch = epoch
         sampler.set_epoch(epoch)
         skipper.skip = (step - epoch * steps_per_epoch) * per_rank
-        frozen = epoch < cfg.freeze_backbone_epochs and head is not None
-        for p in model.parameters():
-            p.requires_grad_(not frozen)
-        if head is not None:
-            for p in head.parameters():
-                p.requires_grad_(True)
+        set_trainable(model, head_module(model), frozen=epoch < cfg.freeze_backbone_epochs)
         ddp.train()
-        run_loss = run_hits = run_n = 0.0
+        running = Running()
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         bar = tqdm(loader, desc=f"  {desc} epoch {epoch + 1}/{n_epochs}", leave=False, disable=not interactive,
                    mininterval=2.0, unit="batch", total=epoch_steps - (step - epoch * steps_per_epoch))
@@ -264,61 +343,29 @@ def fit(model: nn.Module, train_set: ImageSet, val_set: ImageSet | None, cfg, ch
             x, y = bad.filter(train_set, x, y, idx)
             if not len(y):
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg) * group.get("lr_scale", 1.0)
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = ddp(x)
-                loss = criterion(logits.float(), y)
-                if teacher is not None and distill_alpha > 0:
-                    with torch.no_grad():
-                        soft = teacher(x).float()
-                    loss = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(logits.float(), soft,
-                                                                                          distill_temperature)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss, logits, y = train_step(x, y, step, device)
             step += 1
-            run_loss += float(loss.detach()) * len(y)
-            run_hits += float((logits.argmax(1) == y).sum())
-            run_n += len(y)
+            running.add(loss, logits, y)
             seen += len(y) * info.world_size
-            bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.3f}", acc=f"{run_hits / max(run_n, 1):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{running.loss:.3f}", acc=f"{running.top1:.3f}", refresh=False)
             in_epoch = step - epoch * steps_per_epoch
             if in_epoch % report_every == 0 and in_epoch < epoch_steps:
                 save(epoch)  # first, so a logged line means the run can resume from there
                 elapsed = busy + time.perf_counter() - t0
-                rate = (step - start_step) / elapsed
-                log(f"  {desc} epoch {epoch + 1}/{n_epochs} step {in_epoch}/{epoch_steps}: loss "
-                    f"{run_loss / max(run_n, 1):.4f}, train top-1 {run_hits / max(run_n, 1):.4f}, "
-                    f"{seen / elapsed:.0f} images/s, ETA {_eta((total_steps - step) / rate)}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        busy += time.perf_counter() - t0
+                log(f"  {desc} epoch {epoch + 1}/{n_epochs} step {in_epoch}/{epoch_steps}: {running.describe()}, "
+                    f"{seen / elapsed:.0f} images/s, ETA {_eta((total_steps - step) * elapsed / (step - start_step))}")
+        busy += seconds_since(t0, device)
         bar.close()
-        result.train_loss, result.train_top1 = run_loss / max(run_n, 1), run_hits / max(run_n, 1)
         skipper.skip = 0
-        recalibrate_batchnorm(ddp, loader, device, memory_format, dtype)
+        finish_epoch(model, ddp, loader, val_set, train_step, device, info.is_main, result, running)
         result.epochs_done = min(step / steps_per_epoch, cfg.epochs)
-        if val_set is not None and len(val_set) and info.is_main:
-            result.val_top1 = evaluate(model, val_set, cfg.batch_size, device, memory_format, dtype)
         save(epoch + 1)
         distributed.barrier(info)
         result.images_per_s = seen / busy if busy else 0.0
-        val = f", val top-1 {result.val_top1:.4f}" if result.val_top1 is not None else ""
-        log(f"  {desc} epoch {epoch + 1}/{n_epochs}: loss {result.train_loss:.4f}, train top-1 {result.train_top1:.4f}"
-            f"{val}, {result.images_per_s:.0f} images/s on {device}" + (f" ({result.amp})" if dtype else "")
-            + (f", ETA {_eta((total_steps - step) * busy / max(step - start_step, 1))}" if step < total_steps else ""))
+        log(epoch_line(desc, epoch, n_epochs, result, device,
+                       (total_steps - step) * busy / max(step - start_step, 1) if step < total_steps else None))
     result.skipped_images = bad.paths
-    model.to("cpu", memory_format=torch.contiguous_format).eval()
-    if teacher is not None:
-        teacher.to("cpu", memory_format=torch.contiguous_format)
+    to_cpu(model, teacher)
     return result
 
 

@@ -34,8 +34,6 @@ def lite_preprocess(crop: int) -> dict:
     return {"resize": crop + 32, "crop": crop, "mean": [127 / 255] * 3, "std": [128 / 255] * 3, "color": "RGB"}
 
 
-LITE_PREPROCESS = lite_preprocess(224)
-
 
 @dataclass
 class ModelSpec:
@@ -366,6 +364,15 @@ def build_from_config(cfg) -> ModelSpec:
         spec.labels = labels
         spec.source = {**spec.source, "labels": str(cfg.labels)}
     return spec
+
+
+def rebuild(info) -> nn.Module:
+    """The PyTorch model a manifest's ``model`` (runtime.manifest.ModelInfo) came from, by its ``build`` settings
+    (pretrained, checkpoint, weights, num_classes), in eval mode: the eager reference `edgepipe bench` times."""
+    kwargs = {"pretrained": True, "checkpoint": info.source_checkpoint,
+              "num_classes": info.num_classes if info.num_classes != 1000 else None}
+    kwargs.update({k: info.build[k] for k in ("pretrained", "checkpoint", "num_classes", "weights") if k in info.build})
+    return build_model(info.name, **kwargs).model.eval()
 
 
 @torch.no_grad()

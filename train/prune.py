@@ -22,7 +22,8 @@ from torch import nn
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
-from edgepipe.benchmarks.latency import measure
+from edgepipe.runtime.backends.base import open_onnx
+from edgepipe.runtime.timing import measure
 from edgepipe.train import distributed
 from edgepipe.train.models import head_module
 from edgepipe.train.models import build_model, count_macs
@@ -33,28 +34,13 @@ SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: 
 
 def onnx_latency_ms(model: nn.Module, input_size: int, backend: str = "onnxruntime", threads: int | None = None,
                     iterations: int = 50) -> float:
-    """Batch-1 p50 latency (ms) of ``model`` exported to ONNX, on ONNX Runtime or OpenVINO (fp32)."""
+    """Batch-1 p50 latency (ms) of ``model`` exported to ONNX, through the runtime backend ``backend`` (fp32, CPU)."""
     from edgepipe.compile.export import export_onnx
     x = np.random.default_rng(0).standard_normal((1, 3, input_size, input_size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "m.onnx", input_size, dynamic_batch=False)
-        if backend == "openvino":
-            import openvino as ov
-            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
-            request = compiled.create_infer_request()
-            fn = lambda: request.infer({0: x})  # noqa: E731
-        else:
-            import onnxruntime as ort
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            fn = lambda: session.run(None, {name: x})  # noqa: E731
-        return measure(fn, warmup=10, iterations=iterations)["p50"]
+        session = open_onnx(backend, path, threads=threads)
+        return measure(lambda: session.infer(x), warmup=10, iterations=iterations)["p50"]
 
 
 def _importance(kind: str):

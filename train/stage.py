@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
+from edgepipe.log import progress
 from edgepipe.steps import code_hash, hash_key, tool_versions
 from edgepipe.train.models import ModelSpec
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def train_code_hash() -> str:
@@ -80,7 +77,7 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
                    pre, tool_versions(), train_code_hash())
     folder = Path(out) / "train"
     weights = folder / "model.safetensors"
-    _log(f"  train data: {len(data.train)} train / {len(data.val)} val images, {len(data.labels)} classes, {size} px")
+    progress(f"  train data: {len(data.train)} train / {len(data.val)} val images, {len(data.labels)} classes, {size} px")
 
     def run() -> dict:
         import time
@@ -90,7 +87,7 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
         if head_module(model).out_features != len(data.labels):
             replace_head(model, len(data.labels))
         result = fit(model, data.train, data.val, cfg, checkpoint=folder / f"checkpoint-{key[:12]}.pt",
-                     resume=cfg.resume, on_bad_image=recipe.data.on_bad_image, log=_log)
+                     resume=cfg.resume, on_bad_image=recipe.data.on_bad_image, log=progress)
         if distributed.current().is_main:
             with atomic_path(weights, suffix=".safetensors") as tmp:
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -139,19 +136,19 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
             def finetune(m, epochs, desc="prune fine-tune"):
                 fit(m, data.train, None, _fit_cfg(recipe, epochs=epochs, lr=cfg.lr or recipe.stages.train.lr,
                                                    warmup_epochs=0.0, freeze_backbone_epochs=0, head_lr_scale=1.0),
-                    on_bad_image=recipe.data.on_bad_image, log=_log, desc=desc, teacher=teacher,
+                    on_bad_image=recipe.data.on_bad_image, log=progress, desc=desc, teacher=teacher,
                     distill_alpha=cfg.distill_alpha, distill_temperature=cfg.distill_temperature)
 
             def taylor():
                 batch = [data.train[i] for i in range(min(len(data.train), recipe.stages.train.batch_size))]
                 return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
         else:
-            _log("  prune: no data.train, so no fine-tuning between and after the steps")
-        info = prune_model(model, size, cfg, finetune, taylor, threads=recipe.bench.threads, log=_log)
+            progress("  prune: no data.train, so no fine-tuning between and after the steps")
+        info = prune_model(model, size, cfg, finetune, taylor, threads=recipe.bench.threads, log=progress)
         if data is not None:
             info["val_top1_before"] = evaluate(spec.model, data.val, recipe.stages.train.batch_size)
             info["val_top1"] = evaluate(model, data.val, recipe.stages.train.batch_size)
-            _log(f"  prune: val top-1 {info['val_top1_before']:.4f} -> {info['val_top1']:.4f}")
+            progress(f"  prune: val top-1 {info['val_top1_before']:.4f} -> {info['val_top1']:.4f}")
         info.update(seconds=round(time.perf_counter() - t0, 1), global_pruning=cfg.global_pruning,
                     importance=cfg.importance, distill_alpha=cfg.distill_alpha if data is not None else None,
                     recovery_epochs=cfg.recovery_epochs if data is not None else 0)
@@ -202,7 +199,7 @@ def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_bat
         before = evaluate(model, data.val) if len(data.val) else None
         fit(model, data.train, None, _fit_cfg(recipe, epochs=q.qat_epochs, lr=q.qat_lr, warmup_epochs=0.0, amp=False,
                                               freeze_backbone_epochs=0),
-            on_bad_image=recipe.data.on_bad_image, log=_log, desc=f"{prefix}qat")
+            on_bad_image=recipe.data.on_bad_image, log=progress, desc=f"{prefix}qat")
         after = evaluate(model, data.val) if len(data.val) else None
         export_qdq(model, qdq, size, recipe.export.opset, recipe.export.dynamic_batch,
                    metadata={"labels": spec.labels, "producer": "edgepipe qat"})
@@ -212,7 +209,7 @@ def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_bat
         from edgepipe.atomic import atomic_path
         with atomic_path(ref_file, suffix=".npy") as tmp:
             np.save(tmp, ref)
-        _log(f"  {prefix}qat: val top-1 after calibration {before}, after QAT {after}")
+        progress(f"  {prefix}qat: val top-1 after calibration {before}, after QAT {after}")
         # the same TensorRT QDQ structure check as the post-training int8 variants (in report.md)
         return {"val_top1_calibrated": before, "val_top1": after, "tensorrt_qdq_check": check_qdq(qdq),
                 "epochs": q.qat_epochs, "lr": q.qat_lr}

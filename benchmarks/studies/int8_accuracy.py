@@ -83,7 +83,7 @@ def print_fold(fold: str, report: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         c = r.get("compile") or {}
-        print(f"| {name} | {r['top1']:.4f} | {(ref - r['top1']) * 100:.2f} | {r['agreement_with_torch']:.3f} "
+        print(f"| {name} | {r['top1']:.4f} | {(ref - r['top1']) * 100:.2f} | {r['agreement_with_fp32']:.3f} "
               f"| {len(c.get('float_layers', []))} | {(r.get('latency_ms') or {}).get('p50', float('nan')):.2f} "
               f"| {c.get('method', '-')} {c.get('mode', '')} | {qdq_check(c)} |")
 
@@ -94,7 +94,7 @@ def print_pooled(reports: dict) -> None:
     for report in reports.values():
         for r in report["variants"]:
             hits, agree, n = pooled.get(r["name"], (0.0, 0.0, 0))
-            pooled[r["name"]] = (hits + r["top1"] * r["n"], agree + r["agreement_with_torch"] * r["n"], n + r["n"])
+            pooled[r["name"]] = (hits + r["top1"] * r["n"], agree + r["agreement_with_fp32"] * r["n"], n + r["n"])
     ref = pooled[REFERENCE][0] / pooled[REFERENCE][2]
     print(f"\npooled over folds {', '.join(reports)} (each image held out once):")
     print("| variant | held-out images | top-1 | drop vs fp32 (pts) | agreement w/ torch |")

@@ -68,6 +68,10 @@ class Backend(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, num_classes) float32 logits."""
 
+    # Optional: ``throughput(batch, images) -> {"fps", "mode"}``, the backend's own way to more images per second
+    # than synchronous calls (OpenVINO: an async queue under the THROUGHPUT hint); see `throughput` below.
+    # ``threads``: CPU threads for inference, set before load (None: EDGEPIPE_THREADS, else the library's default).
+
 
 def _importable(module: str) -> bool:
     try:
@@ -101,6 +105,29 @@ def create_backend(name: str) -> Backend:
         hint = info.install_hint if missing == info.package else info.extra_hint
         raise BackendUnavailable(f"backend {name!r} needs the Python package {missing!r}, which is not installed: {hint}")
     return getattr(importlib.import_module(info.module), info.cls)()
+
+
+def open_onnx(name: str, onnx: Path, *, threads: int | None = None) -> Backend:
+    """A bare fp32 ONNX file (no artifact folder, no hash check) loaded on backend ``name`` on the CPU: how
+    latency-aware pruning times its candidate models through the same backends a device uses."""
+    from edgepipe.runtime.integrity import FileEntry
+    from edgepipe.runtime.manifest import Variant
+    backend = create_backend(name)
+    backend.threads = threads
+    variant = Variant(backend=name, precision="fp32", format="onnx", files=[FileEntry(Path(onnx).name, "")],
+                      input_shape=[-1, 3, -1, -1])
+    backend.load([Path(onnx)], variant, device="CPU")
+    return backend
+
+
+def throughput(backend: Backend, batch: np.ndarray, images: int, dynamic_batch: bool) -> dict | None:
+    """Images per second in the backend's best mode beyond synchronous batch-1 calls: its own ``throughput``
+    where it has one, else whole batches where the batch is dynamic; None where there is no such mode."""
+    from edgepipe.runtime.timing import batched_throughput
+    own = getattr(backend, "throughput", None)
+    if own is not None:
+        return own(batch, images)
+    return batched_throughput(backend.infer, batch, images=images) if dynamic_batch else None
 
 
 def check_input(batch: np.ndarray, expected: list | tuple) -> np.ndarray:

@@ -20,6 +20,7 @@ DEVICES = {None: ("CUDAExecutionProvider", "CPUExecutionProvider"), "CPU": ("CPU
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    threads: int | None = None
 
     def load(self, files: list[Path], variant: Variant, *, device: str | None = None) -> None:
         """``device``: None (CUDA where onnxruntime-gpu has it, else CPU) or CPU."""
@@ -32,7 +33,7 @@ class OnnxRuntimeBackend:
             raise ManifestError(f"variant has no .onnx file for ONNX Runtime (files: {[f.name for f in files]})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = env_threads()
+        threads = env_threads() if self.threads is None else self.threads
         if threads:
             opts.intra_op_num_threads = threads
         providers = [p for p in DEVICES[key] if p in ort.get_available_providers()]

@@ -1,4 +1,5 @@
-"""Latency and throughput measurement: warm-up, then timed iterations; percentiles with their spread."""
+"""The one latency timer: warm-up, then timed iterations; percentiles with their spread. Used by `edgepipe run`'s
+measure step, `edgepipe bench`, `edgepipe verify` on the device and latency-aware pruning."""
 from __future__ import annotations
 
 import time

@@ -1,0 +1,147 @@
+"""What was measured on a variant, typed: its check against the reference logits, its latency, its accuracy,
+and the one row form of a measured variant that the serving policy, budgets, `edgepipe bench`, the run's report
+and budget check, and `edgepipe info` read.
+
+The manifest keeps these as plain JSON objects (Variant.parity, .latency_ms, .accuracy, .reference_check);
+the views here read them, tolerating fields an older edgepipe did not write.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgepipe.runtime.manifest import Variant
+
+
+def _known(cls, data: dict | None) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in (data or {}).items() if k in names}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A variant's logits against the reference's on the same images (runtime.verify.compare_logits)."""
+    ok: bool = False
+    n: int | None = None
+    images: str | None = None                 # "real" photos or "generated" crops
+    top1_agreement: float | None = None
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    rel_mean_abs: float | None = None         # mean error over the spread of the reference logits
+    max_rel_to_span: float | None = None
+    flipped: list = field(default_factory=list)   # {"image", "reference", "got"} per flipped prediction
+    tolerance: dict = field(default_factory=dict)
+    error: str | None = None                  # why there are no figures (e.g. an output shape mismatch)
+    build_host_rel_mean_abs: float | None = None  # on a device: the build host's figure it was held to
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Check | None":
+        return cls(**_known(cls, data)) if data else None
+
+    def summary(self) -> dict:
+        """The fields a report table shows."""
+        return {"ok": self.ok, "n": self.n, "max_abs": self.max_abs, "mean_abs": self.mean_abs,
+                "top1_agreement": self.top1_agreement}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Batch-1 latency in ms (runtime.timing): percentiles, spread, and how many timed calls."""
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    mean: float | None = None
+    min: float | None = None
+    iqr: float | None = None
+    iterations: int | None = None
+    stable: bool | None = None                # measure_stable: did the p90 settle
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Latency | None":
+        return cls(**_known(cls, data)) if data else None
+
+    def percentiles(self) -> dict:
+        return {"p50": self.p50, "p90": self.p90, "p99": self.p99}
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 / top-5 on labeled evaluation images (n of them); unlabeled data gives n only."""
+    top1: float | None = None
+    top5: float | None = None
+    n: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Accuracy | None":
+        return cls(**_known(cls, data)) if data else None
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What pruning did to the model (ModelInfo.pruned): MACs and batch-1 latency before and after, on which
+    backend, and validation top-1 before and after the recovery fine-tune."""
+    base_macs: int | None = None
+    macs: int | None = None
+    macs_reduction: float | None = None
+    base_latency_ms: float | None = None
+    latency_ms: float | None = None
+    speedup: float | None = None
+    backend: str | None = None
+    targets_met: bool | None = None
+    val_top1: float | None = None
+    val_top1_before: float | None = None
+    global_pruning: bool | None = None
+    importance: str | None = None
+    distill_alpha: float | None = None
+    recovery_epochs: float | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Pruning | None":
+        return cls(**_known(cls, data)) if data else None
+
+
+@dataclass
+class Row:
+    """One measured variant on one backend. ``id`` is the variant's name on its own backend and
+    ``name@backend`` on another; the budget checks (benchmarks/budgets.py CHECKS) read its fields by name."""
+    id: str
+    name: str
+    backend: str
+    precision: str
+    status: str = "ok"
+    made_from: str = "base"
+    quantization: str | None = None
+    native_backend: str | None = None         # the backend the variant was compiled for
+    top1: float | None = None
+    top5: float | None = None
+    n: int | None = None
+    agreement_with_fp32: float | None = None  # top-1 agreement with the fp32 reference
+    top1_drop_pts: float | None = None        # top-1 points below the fp32 reference
+    worst_class_drop_pts: float | None = None
+    p90_ms: float | None = None
+    throughput_fps: float | None = None
+    macs: int | None = None
+    size_mb: float | None = None
+
+    @classmethod
+    def of_variant(cls, name: str, v: "Variant", reference_top1: float | None = None) -> "Row":
+        """The row of a manifest variant on its own backend, from what `edgepipe run` measured; the top-1 drop
+        against ``reference_top1`` (the fp32 reference's top-1) when both are known."""
+        acc = Accuracy.from_dict(v.accuracy) or Accuracy()
+        lat = Latency.from_dict(v.latency_ms) or Latency()
+        drop = (reference_top1 - acc.top1) * 100 if acc.top1 is not None and reference_top1 is not None else None
+        return cls(id=name, name=name, backend=v.backend, precision=v.precision, status=v.status, made_from=v.made_from,
+                   quantization=v.quantization, native_backend=v.backend, top1=acc.top1, top5=acc.top5, n=acc.n,
+                   agreement_with_fp32=v.agreement_with_fp32, top1_drop_pts=drop, p90_ms=lat.p90,
+                   throughput_fps=round(1000.0 / lat.p50, 2) if lat.p50 else None, macs=v.macs, size_mb=v.size_mb)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Row":
+        """A row from its dict form (bench's rows carry more keys; those are left out; no name: the id's)."""
+        return cls(**{"name": data["id"], **_known(cls, data)})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
