@@ -326,9 +326,11 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
             f"(min {c['tolerance']['min_top1_agreement']}), relative logit error {c['rel_mean_abs']:.3g}"
             + (f" (max {c['tolerance']['max_rel_mean_abs']:.3g})" if c["tolerance"]["max_rel_mean_abs"] is not None else "")
             + f", p90 {res['latency_ms']['p90']:.2f} ms")
+    from edgepipe.runtime.preprocess_check import check_for_verify
     record = {"format_version": RECORD_FORMAT, "machine_id": mid,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
-              "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results}
+              "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results,
+              "preprocessing": check_for_verify(model_dir, manifest, ref, results, trust, log)}
     from edgepipe.runtime.serving import choose
     try:
         choice = choose(manifest, None, backend, record, device)
