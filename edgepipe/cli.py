@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edgepipe.sign import add_commands as add_signing_commands
     add_signing_commands(sub)
+    from edgepipe.doctor import add_command as add_doctor_command
+    add_doctor_command(sub)
 
     # prefix_chars="+": every --flag after `camera` is passed through to runtime/camera.py untouched
     c = sub.add_parser("camera", help="classify a camera, video, stream or image folder (= python -m edgepipe.runtime.camera; its flags: edgepipe camera --help)", add_help=False, prefix_chars="+")

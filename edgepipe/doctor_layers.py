@@ -5,10 +5,12 @@ its quantizer) and output; the errors are measured against the fp32 model's tens
 
 - ``out_sqnr_db`` / ``out_rel_error``: the layer's output, int8 model vs fp32 model (error accumulated so far);
 - ``in_sqnr_db``: the layer's input before quantization (the error that reached it);
-- ``added``: relative error power added by this layer (out_rel_error**2 - in_rel_error**2): what ranks layers,
-  since the accumulated error of a late layer is mostly the error of the layers before it;
+- ``added``: relative error power the output gained across this layer (out_rel_error**2 - in_rel_error**2);
 - ``weight_sqnr_db``: dequantized int8 weights vs fp32 weights; ``act_sqnr_db``: the input before vs after
-  its quantizer, in the int8 model (the activation's own rounding and clipping).
+  its quantizer, in the int8 model (the activation's own rounding and clipping);
+- ``injected``: the relative noise power this layer's own quantization injects (weight noise + input
+  quantizer noise, 10**(-SQNR/10) each): what ranks layers, since it is what keeping the layer in float
+  removes, and the accumulated error of a late layer is mostly the error of the layers before it.
 
 OpenVINO IR: outputs are added to both models by matching friendly names (NNCF keeps them). QDQ ONNX:
 onnxruntime.quantization.qdq_loss_debug's tensor matching (needs the onnx package: build host).
@@ -46,6 +48,12 @@ def layer_row(name: str, kind: str, f_in, q_in, f_out, q_out, q_in_quantized=Non
     if w_float is not None and w_int8 is not None and np.size(w_float) == np.size(w_int8):
         row["weight_sqnr_db"] = sqnr_db(w_float, np.reshape(w_int8, np.shape(w_float)))
     return row
+
+
+def with_injected(row: dict) -> dict:
+    """``row`` with ``injected``: the noise power of the layer's weight and input quantization, summed."""
+    noise = sum(10.0 ** (-row[k] / 10.0) for k in ("weight_sqnr_db", "act_sqnr_db") if row.get(k) is not None)
+    return dict(row, injected=round(noise, 7))
 
 
 # ---------------------------------------------------------------- OpenVINO IR
@@ -140,8 +148,8 @@ def ir_layers(fp32_path: Path, int8_path: Path, x: np.ndarray) -> list[dict]:
     for i, (name, op, _, f_op) in enumerate(pairs):
         q_out, q_in, q_in_quantized = q_vals[3 * i:3 * i + 3]
         f_out, f_in = f_vals[2 * i:2 * i + 2]
-        rows.append(layer_row(name, op.get_type_name(), f_in, q_in, f_out, q_out, q_in_quantized,
-                              _constant_value(f_op.input_value(1)), weights[name]))
+        rows.append(with_injected(layer_row(name, op.get_type_name(), f_in, q_in, f_out, q_out, q_in_quantized,
+                                            _constant_value(f_op.input_value(1)), weights[name])))
     return rows
 
 
@@ -189,5 +197,5 @@ def qdq_layers(fp32_path: Path, qdq_path: Path, x: np.ndarray) -> list[dict]:
                         np.concatenate(f_out), np.concatenate(q_out), np.concatenate(m["post_qdq"]))
         if wname in weights:
             row["weight_sqnr_db"] = weights[wname]
-        rows.append(row)
+        rows.append(with_injected(row))
     return rows
