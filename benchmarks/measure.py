@@ -10,6 +10,7 @@ from tqdm import tqdm
 from edgepipe.runtime.timing import measure, measure_stable
 from edgepipe.runtime.evaluate import DecodedSet
 from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.signing import NO_TRUST
 
 
 def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
@@ -17,7 +18,8 @@ def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names
     """``reference_count``: the first parity images are the reference set; the variant's result on them alone
     (``reference_check``) is what `edgepipe verify` on a device must reproduce. ``evaluation``: data.evaluation,
     decoded once for every variant."""
-    clf = Classifier(out, variant=name)  # the deployable path: hash check, backend load, output check
+    # the deployable path: hash check, backend load, output check (the folder being built is not signed yet)
+    clf = Classifier(out, variant=name, trust=NO_TRUST)
     step = 16 if clf.dynamic_batch else 1
     logits = np.concatenate([clf.logits(parity_batch[i:i + step]) for i in range(0, len(parity_batch), step)])
     parity = compare(ref_logits, logits, parity_names, precision)

@@ -235,7 +235,27 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
             info["float_layers"] = search.float_layers
             if search.float_layers:
                 chosen = q.quantize(Path(tmp) / "mixed.onnx", search.float_layers)
+                info["mixed_precision"]["speed"] = float_layers_cost(full, chosen, x[:1])
         with atomic_path(dst_path, suffix=".onnx") as out:
             Path(out).write_bytes(chosen.read_bytes())
     info["tensorrt_qdq_check"] = check_qdq(dst_path)
     return info
+
+
+def float_layers_cost(int8: Path, mixed: Path, one: np.ndarray, runs: int = 40) -> dict:
+    """What keeping layers in float costs: batch-1 median latency of plain int8 and of the mixed file, ONNX
+    Runtime CPU on this build host, alternated run by run so that load on the machine hits both alike."""
+    import time
+    sessions = {k: ort_session(p) for k, p in (("int8", int8), ("mixed", mixed))}
+    feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(one, dtype=np.float32)} for k, s in sessions.items()}
+    times = {k: [] for k in sessions}
+    for i in range(runs + 5):
+        for k, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, feeds[k])
+            if i >= 5:  # warm-up
+                times[k].append((time.perf_counter() - t0) * 1000.0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"int8_ms": round(med["int8"], 3), "mixed_ms": round(med["mixed"], 3),
+            "cost_percent": round(100.0 * (med["mixed"] / med["int8"] - 1.0), 1), "runs": runs,
+            "where": "onnxruntime CPU, batch 1, median, on the build host"}

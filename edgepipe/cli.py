@@ -193,12 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the variants on this backend; auto: each on its own backend")
     v.add_argument("--device", help="OpenVINO device for OpenVINO variants (CPU, GPU, NPU, AUTO, ...)")
     v.add_argument("--iterations", type=int, default=50, help="timed batch-1 calls per variant")
+    v.add_argument("--trust", action="append", metavar="KEY",
+                   help="trusted public key (.pub) or folder of them, repeatable: the folder must be signed by one "
+                        "(default: $EDGEPIPE_TRUSTED_KEYS, else ~/.config/edgepipe/trusted_keys/)")
     v.set_defaults(fn=cmd_verify)
 
     m = sub.add_parser("models", help="list the models a recipe can name: registered, torchvision, timm (input size, weights offline)")
     m.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'resnet*' or 'timm:convnext*'")
     m.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     m.set_defaults(fn=cmd_models)
+
+    from edgepipe.sign import add_commands as add_signing_commands
+    add_signing_commands(sub)
+    from edgepipe.doctor import add_command as add_doctor_command
+    add_doctor_command(sub)
 
     # prefix_chars="+": every --flag after `camera` is passed through to runtime/camera.py untouched
     c = sub.add_parser("camera", help="classify a camera, video, stream or image folder (= python -m edgepipe.runtime.camera; its flags: edgepipe camera --help)", add_help=False, prefix_chars="+")

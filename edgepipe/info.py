@@ -53,7 +53,21 @@ def folder_info(model_dir) -> dict:
             "input_shape": (manifest.variants[variants[0]["name"]].input_shape if variants else None),
             "defaults": dict(manifest.defaults), "variants": variants,
             "installed_backends": [b for b in AUTO_ORDER if b in BACKENDS and is_installed(b)],
-            "auto": auto, "device_records": device_records(model_dir)}
+            "auto": auto, "device_records": device_records(model_dir), "signature": signature_info(model_dir)}
+
+
+def signature_info(model_dir: Path) -> dict:
+    """Who signed the folder and whether the keys trusted here accept it (runtime/signing.py)."""
+    from edgepipe.runtime.signing import describe
+    return describe(model_dir)
+
+
+def signature_line(sig: dict) -> str:
+    if not sig.get("signed"):
+        return "signature: none" + (f" ({sig['error']})" if sig.get("error") else " (`edgepipe sign DIR --key KEY.pem`)")
+    trusted = {True: f"trusted here as {sig.get('trusted_as')}", None: "no trusted keys configured here",
+               False: f"NOT trusted here: {sig.get('error', '')}"}[sig.get("trusted")]
+    return f"signature: {sig['signer']} (key {sig['key_id']}), {sig['signed_at']}; {trusted}"
 
 
 def _fmt(value, spec: str) -> str:
@@ -91,6 +105,7 @@ def describe(info: dict) -> str:
     auto = info["auto"]
     lines.append(f"auto serves here: {auto['variant']} on {auto['backend']}" + (f" ({auto['reason']})" if auto["reason"] else "")
                  if auto["variant"] else f"auto serves here: nothing ({auto['reason']})")
+    lines.append(signature_line(info["signature"]))
     records = info["device_records"]
     lines.append(f"device records: {len(records) or 'none'}" + ("" if records else " (written by `edgepipe verify DIR` on a device)"))
     lines += [f"  {_record_line(r)}" for r in records]

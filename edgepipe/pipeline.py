@@ -315,7 +315,7 @@ def write_reference_set(out: Path, data: RunData, references: dict[str, Referenc
     logits = {key: save(ref_dir / f"{key}-logits.npy", references[key].logits[:count].astype(np.float32))
               for key in sorted({v.reference_logits for v in manifest.variants.values()})}
     return ReferenceSet(inputs=save(ref_dir / "inputs.npy", data.check_crops[:count]), logits=logits,
-                        names=data.check_names[:count], images=data.plan.kind, count=count)
+                        names=data.check_names[:count], images=data.plan.kind, count=count, color=data.pre.color)
 
 
 def agreement_with_reference(v: Variant, reference_predictions: dict) -> float | None:

@@ -44,6 +44,9 @@ def parse_args(argv=None):
                         "(as `edgepipe verify`); a variant that fails is replaced by the next one that passes")
     p.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU, AUTO, HETERO:GPU,CPU ... (default: the variant's, "
                                     "else CPU); one that is absent here is an error listing the devices OpenVINO sees")
+    p.add_argument("--trust", action="append", metavar="KEY",
+                   help="trusted public key (.pub) or folder of them: refuse a folder not signed by one "
+                        "(default: $EDGEPIPE_TRUSTED_KEYS, else ~/.config/edgepipe/trusted_keys/)")
     p.add_argument("--jsonl", help="write one JSON line per frame here")
     p.add_argument("--output", help="write an annotated video here: .mp4/.mkv as H.264 through ffmpeg when it is "
                                     "installed (plays in browsers), else OpenCV's mp4v; .avi as MJPG. "
@@ -109,18 +112,20 @@ def log(message: str) -> None:
 
 def start_classifier(args) -> Classifier:
     """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first."""
-    clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device)
+    from edgepipe.runtime.signing import load_trust
+    trust = load_trust(args.trust)
+    clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device, trust=trust)
     tried = set()
     while args.verify and clf.variant_name not in tried:
         from edgepipe.runtime.verify import verify_model_dir
         tried.add(clf.variant_name)
-        record = verify_model_dir(args.model, variants=[clf.variant_name], backend=args.backend, log=log)
+        record = verify_model_dir(args.model, variants=[clf.variant_name], backend=args.backend, log=log, trust=trust)
         if record["variants"][clf.variant_name]["verdict"] == "pass":
             break
         if args.variant:
             raise UserError(f"variant {args.variant} failed verification on this machine (see {record.get('path')}); "
                             "choose another --variant or leave it out to serve one that passes")
-        clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device)  # auto never serves a failed variant
+        clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device, trust=trust)  # auto never serves a failed variant
     here = {True: "verified on this machine", False: "FAILED verification on this machine",
             None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
     log(f"camera.py: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")

@@ -115,6 +115,7 @@ class ReferenceSet:
     images: str                                  # "real" or "generated": the tolerance depends on it
     count: int
     layout: str = "NHWC uint8, resized and cropped, model colour order"
+    color: str | None = None                     # colour order of the crops (RGB/BGR); None: folders before it was recorded
 
 
 @dataclass

@@ -12,6 +12,7 @@ from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.preprocess import Preprocess
+from edgepipe.runtime.signing import TrustStore, load_manifest, load_trust
 from edgepipe.runtime.serving import choose, choose_for_dir
 
 
@@ -31,18 +32,26 @@ class Classifier:
     """
 
     def __init__(self, model_dir: str | os.PathLike, variant: str | None = None, backend: str = "auto", *,
-                 device: str | None = None):
+                 device: str | None = None, trust: TrustStore | None = None):
         """``device``: where the backend runs the model (OpenVINO: CPU, GPU, NPU, AUTO, HETERO:...); None: the
-        variant's recorded ``device`` (recipe target), else the backend's default."""
+        variant's recorded ``device`` (recipe target), else the backend's default. ``trust``: the public keys the
+        folder must be signed by (None: those configured here, see runtime/signing.py; NO_TRUST: none)."""
         self.model_dir = Path(model_dir)
+        self._trust = load_trust() if trust is None else trust
         self._backend_choice = backend
         self._device = device
         self._active = self._prepare(variant, backend)
 
     def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
-        """Read the manifest, hash-check the variant's files, load and test them; touches nothing serving now."""
-        manifest = Manifest.load(self.model_dir)
-        choice = choose_for_dir(self.model_dir, manifest, variant, backend, self._device)
+        """Read the manifest (signature-checked when keys are configured), hash-check the variant's files, load
+        and test them; touches nothing serving now."""
+        manifest, verified = load_manifest(self.model_dir, self._trust)
+        if verified is None:
+            choice = choose_for_dir(self.model_dir, manifest, variant, backend, self._device)
+        else:  # only device records the signature covers or this machine wrote
+            from edgepipe.runtime.verify import device_record_for_this_machine
+            record = device_record_for_this_machine(self.model_dir, manifest, verified)
+            choice = choose(manifest, variant, backend, record, self._device)
         name, backend_name = choice.variant, choice.backend
         spec = manifest.variants[name]
         files = verify_files(self.model_dir, spec.files, name)  # before anything is loaded

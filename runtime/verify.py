@@ -201,13 +201,20 @@ def variant_fingerprint(variant: Variant) -> str:
     return hashlib.sha256("".join(f.sha256 for f in variant.files).encode()).hexdigest()[:16]
 
 
-def device_record_for_this_machine(model_dir: Path, manifest: Manifest) -> dict | None:
-    """This machine's record, keeping only the results whose variant files are still the ones verified."""
+def device_record_for_this_machine(model_dir: Path, manifest: Manifest, verified=None) -> dict | None:
+    """This machine's record, keeping only the results whose variant files are still the ones verified.
+    ``verified`` (signing.Verified, when trusted keys are configured): only a record the signature covers or
+    this machine wrote counts (see runtime/signing.py)."""
     path = record_path(model_dir, machine_id())
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        rec = json.loads(data.decode("utf-8"))
     except (OSError, ValueError):
         return None
+    if verified is not None:
+        from edgepipe.runtime.signing import record_is_trusted
+        if not isinstance(rec, dict) or not record_is_trusted(f"{RECORD_DIR}/{path.name}", data, rec, verified):
+            return None
     if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
         return None
     variants = manifest.variants
@@ -227,11 +234,12 @@ def _latency(fn, warmup: int, iterations: int) -> dict:
 
 
 def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "auto", device: str | None = None,
-                   warmup: int = 10, iterations: int = 50) -> dict:
-    """Load one variant through the real runtime (hash check included), run the reference set, time batch 1."""
+                   warmup: int = 10, iterations: int = 50, trust=None) -> dict:
+    """Load one variant through the real runtime (hash and signature checks included), run the reference set,
+    time batch 1. ``trust``: signing.TrustStore (None: the keys configured here)."""
     from edgepipe.runtime.model import Classifier
     kwargs = {"device": device} if device else {}
-    clf = Classifier(model_dir, variant=name, backend=backend, **kwargs)
+    clf = Classifier(model_dir, variant=name, backend=backend, trust=trust, **kwargs)
     x = clf.preprocess.normalize(ref["inputs"])
     step = 16 if clf.dynamic_batch else 1
     logits = np.concatenate([clf.logits(x[i:i + step]) for i in range(0, len(x), step)])
@@ -273,11 +281,14 @@ def runnable_here(manifest: Manifest, backend: str = "auto") -> dict[str, str]:
 
 
 def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: str = "auto", device: str | None = None,
-                     iterations: int = 50, write: bool = True, log=print) -> dict:
+                     iterations: int = 50, write: bool = True, log=print, trust=None) -> dict:
     """Verify ``variants`` (default: every variant this machine can run); write and return the device record.
-    A previous record of this machine keeps the results of variants not verified this time."""
+    A previous record of this machine keeps the results of variants not verified this time. ``trust``:
+    signing.TrustStore (None: the keys configured here); with keys, an unsigned folder is refused."""
+    from edgepipe.runtime.signing import authenticate_record, load_manifest, load_trust
     model_dir = Path(model_dir)
-    manifest = Manifest.load(model_dir)
+    trust = load_trust() if trust is None else trust
+    manifest, verified = load_manifest(model_dir, trust)
     ref = load_reference(model_dir, manifest)
     skip = runnable_here(manifest, backend)
     names = variants or list(manifest.variants)
@@ -286,7 +297,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
         raise unknown_variant(unknown[0], manifest.variants, str(model_dir))
     facts = machine_facts()
     mid = machine_id(facts)
-    previous = device_record_for_this_machine(model_dir, manifest) or {}
+    previous = device_record_for_this_machine(model_dir, manifest, verified) or {}
     results = dict(previous.get("variants", {}))
     for name in names:
         if skip[name]:
@@ -294,7 +305,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
                 raise UserError(f"variant {name!r} cannot be verified here: {skip[name]}")
             log(f"  {name}: skipped ({skip[name]})")
             continue
-        res = verify_variant(model_dir, name, ref, backend=backend, device=device, iterations=iterations)
+        res = verify_variant(model_dir, name, ref, backend=backend, device=device, iterations=iterations, trust=trust)
         if manifest.variants[name].status == "failed":
             res["note"] = "failed its checks on the build host: never served automatically"
         results[name] = res
@@ -306,9 +317,11 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
             f"(min {c['tolerance']['min_top1_agreement']}), relative logit error {c['rel_mean_abs']:.3g}"
             + (f" (max {c['tolerance']['max_rel_mean_abs']:.3g})" if c["tolerance"]["max_rel_mean_abs"] is not None else "")
             + f", p90 {res['latency_ms']['p90']:.2f} ms")
+    from edgepipe.runtime.preprocess_check import check_for_verify
     record = {"format_version": RECORD_FORMAT, "machine_id": mid,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
-              "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results}
+              "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results,
+              "preprocessing": check_for_verify(model_dir, manifest, ref, results, trust, log)}
     from edgepipe.runtime.serving import choose
     try:
         choice = choose(manifest, None, backend, record, device)
@@ -321,7 +334,7 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
         path = record_path(model_dir, mid)
         try:
             path.parent.mkdir(exist_ok=True)
-            write_json(path, record)
+            write_json(path, authenticate_record(record))  # a MAC: serving can tell it was written here
         except OSError as exc:
             raise UserError(f"cannot write the device record {path}: {exc.strerror or exc}; verify a writable copy "
                             "of the folder") from None
@@ -331,8 +344,10 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
 
 def main(args) -> int:
     """CLI: exit 0 when the variant served here (or the one named with --variant) passed, 1 when it did not."""
+    from edgepipe.runtime.signing import load_trust
     record = verify_model_dir(args.dir, variants=[args.variant] if args.variant else None, backend=args.backend,
-                              device=getattr(args, "device", None), iterations=args.iterations)
+                              device=getattr(args, "device", None), iterations=args.iterations,
+                              trust=load_trust(getattr(args, "trust", None)))
     m = record["machine"]
     print(f"machine {record['machine_id']}: {m['cpu']} ({', '.join(m['isa']) or 'no ISA flags read'})"
           + (f", GPU {', '.join(m['gpus'])}" if m["gpus"] else "")

@@ -16,7 +16,7 @@ from edgepipe import log
 from edgepipe.cli import build_parser, main as cli_main, missing_extra_line
 from edgepipe.recipe import RecipeError, load_recipe, recipe_from_dict
 
-ENV_VARS = ("EDGEPIPE_THREADS", "EDGEPIPE_OV_HINT", "EDGEPIPE_OV_DEVICE", "EDGEPIPE_LOG")
+ENV_VARS = ("EDGEPIPE_THREADS", "EDGEPIPE_OV_HINT", "EDGEPIPE_OV_DEVICE", "EDGEPIPE_LOG", "EDGEPIPE_TRUSTED_KEYS")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -260,6 +260,8 @@ def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_p
     search = info["mixed_precision"]
     assert search["steps"][0]["drop_points"] > search["max_drop_points"]  # plain misses the target
     assert search["target_met"] and info["float_layers"] and info["float_layers"] == search["float_layers"]
+    speed = search["speed"]  # what the layers kept in float cost, measured on plain and mixed files alike
+    assert speed["int8_ms"] > 0 and speed["mixed_ms"] > 0 and speed["runs"] == 40
     # independent of the search's own bookkeeping: the shipped file flips at most `allowed` predictions
     assert int((run_logits(dst, val).argmax(1) != pseudo).sum()) <= allowed
     check = check_qdq(dst)

@@ -126,6 +126,27 @@ def test_device_commands_run_on_a_built_folder(device_env, tiny_artifacts, tmp_p
         assert "needs the build extras" not in verify.stderr
 
 
+def test_signed_folders_and_the_doctor_run_on_the_device_install(device_env, tiny_artifacts, tmp_path):
+    """Issue 27: keygen + sign here (build host), the device install (no torch, no onnx) checks the signature
+    and refuses a changed folder; `edgepipe doctor` explains the OpenVINO int8 variant torch-free."""
+    from edgepipe.sign import keygen, sign_folder
+    copy = shutil.copytree(tiny_artifacts, tmp_path / "signed", ignore=shutil.ignore_patterns("devices", "calibration"))
+    private, public = keygen("build", tmp_path / "keys")
+    sign_folder(copy, private)
+    env = dict(device_env, env={**device_env["env"], "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                                "EDGEPIPE_TRUSTED_KEYS": str(public)})
+    verify = run(env, "edgepipe", "verify", copy, "--variant", "openvino-fp32", "--iterations", "2")
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    info = run(env, "edgepipe", "info", copy)
+    assert "signature: build (key" in info.stdout and "trusted here as build" in info.stdout, info.stdout
+    doctor = run(env, "edgepipe", "doctor", copy, "--variant", "openvino-int8", "--images", "2")
+    assert doctor.returncode == 0 and "verdict:" in doctor.stdout, doctor.stderr[-3000:]
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text() + " ")
+    refused = run(env, "edgepipe", "verify", copy)
+    assert refused.returncode == 2 and "changed after it was signed" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_build_commands_on_a_device_say_which_extra(device_env, tmp_path):
     proc = run(device_env, "edgepipe", "run", "default", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
