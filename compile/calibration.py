@@ -42,8 +42,10 @@ def bundled_photos() -> list[Path]:
 GENERATOR_VERSION = 2  # bump when the crops change: a folder made by another version is regenerated
 
 
-def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320) -> Path:
-    """Write ``count`` JPEG crops ``calib_NNNN.jpg`` of the bundled photos into ``out_dir`` (idempotent: a
+def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320,
+                                prefix: str = "calib") -> Path:
+    """Write ``count`` JPEG crops ``PREFIX_NNNN.jpg`` (calib_NNNN.jpg; a held-out set: its own prefix) of the
+    bundled photos into ``out_dir`` (idempotent: a
     folder already holding this count, seed and size is kept as it is). Crop ``i`` depends on (seed, i) only;
     a different ``seed`` gives a different set of crops, e.g. a held-out validation set."""
     out_dir = Path(out_dir)
@@ -53,7 +55,7 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
         raise RuntimeError(no_photos)
     stamp = {"generator": GENERATOR_VERSION, "count": count, "seed": seed, "size": size}
     marker = out_dir / ".generated.json"
-    existing = sorted(out_dir.glob("calib_*.jpg")) if out_dir.is_dir() else []
+    existing = sorted(out_dir.glob(f"{prefix}_*.jpg")) if out_dir.is_dir() else []
     if len(existing) == count and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out_dir  # already generated: decode no photo
     photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
@@ -69,7 +71,7 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
         if not ok:
             raise RuntimeError("OpenCV could not encode a calibration image")
-        write_bytes(out_dir / f"calib_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
+        write_bytes(out_dir / f"{prefix}_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
     write_bytes(marker, json.dumps(stamp).encode())
     return out_dir
 
