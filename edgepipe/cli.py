@@ -9,7 +9,7 @@ import signal
 import sys
 
 from edgepipe import UserError, __version__
-from edgepipe.helptext import ENVIRONMENT, HelpFormatter
+from edgepipe.helptext import ENVIRONMENT, ArgumentParser, HelpFormatter
 
 
 def cmd_run(args) -> int:
@@ -142,7 +142,7 @@ def add_verbosity(parser: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
+    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
                                 epilog=ENVIRONMENT, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
     add_verbosity(p, top=True)
@@ -294,6 +294,8 @@ def main(argv=None) -> int:
         print(f"edgepipe: error: {exc}", file=sys.stderr)
         return exc.exit_code
     log.configure(level)
+    if isinstance(getattr(args, "dir", None), str) and os.path.basename(args.dir) == "manifest.json" and os.path.isfile(args.dir):
+        args.dir = os.path.dirname(args.dir) or "."  # DIR/manifest.json means DIR
     if args.command != "camera":  # camera.py has its own clean-stop handling
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` stops a run like Ctrl-C: steps kept
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed, missing_package
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
 from edgepipe.runtime.manifest import Manifest, Variant
 
@@ -96,6 +96,9 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
         backend = DEVICE_BACKENDS[0]
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    if backend != "auto" and not is_installed(backend):
+        raise BackendUnavailable(f"--backend {backend}: {missing_package(backend)} is not installed here; "
+                                 f"pip install 'edgepipe[{backend}]' (or choose --backend auto)")
     results = (record or {}).get("variants", {})
     if variant is not None:
         return _explicit(variants, variant, backend, results.get(variant))
@@ -135,7 +138,10 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     wanted = "any of " + ", ".join(AUTO_ORDER) if backend == "auto" else backend
     left = ", ".join(n + " [" + variants[n].backend + "]" for n in candidates) or "none"
     extra = f"; failed `edgepipe verify` here: {', '.join(sorted(failed_here))}" if failed_here else ""
-    raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra})")
+    absent = sorted({variants[n].backend for n in candidates if variants[n].backend in BACKENDS
+                     and not is_installed(variants[n].backend)})
+    fix = ("; install one: " + " or ".join(f"pip install 'edgepipe[{b}]'" for b in absent)) if absent else ""
+    raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra}){fix}")
 
 
 def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: dict | None) -> Choice:
