@@ -153,6 +153,11 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "
               f"faithful variant within {MIN_SPEEDUP:.0%} of its p90 is preferred): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
+    for backend, r in ((manifest.checks or {}).get("serving_rounds") or {}).items():
+        lines += [f"- {backend}: p90 against {r['against']} over {r['rounds']} interleaved rounds (robust to load on the "
+                  "build host): " + ", ".join(f"{n} {q['median']:.3f} (CI {q['ci'][0]:.3f}–{q['ci'][1]:.3f})"
+                                              for n, q in r["p90_ratio"].items())]
+    lines += [""] if (manifest.checks or {}).get("serving_rounds") else []
     lines += _training_lines(report["training"], report["defaults"])
     lines += _compile_notes(manifest, rows)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]

@@ -292,8 +292,11 @@ def report_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Refe
     for name, why in over.items():
         log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
         manifest.variants[name].budget = why
+    from edgepipe.serving_rounds import interleaved_p90
+    p90, rounds = interleaved_p90(ctx, manifest, data.check_batch[:1].copy(), lambda name, v: name not in over)
+    manifest.checks["serving_rounds"] = rounds
     choose_defaults(manifest, (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
-                    eligible=lambda name, v: name not in over)
+                    eligible=lambda name, v: name not in over, p90=p90)
     manifest.reference = {"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")}
     manifest.dump(ctx.out)
     return write_reports(ctx.out, recipe, manifest, torch_ref)

@@ -318,6 +318,8 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
     record = {"format_version": RECORD_FORMAT, "machine_id": mid,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
               "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results}
+    if "bench" in previous:
+        record["bench"] = previous["bench"]  # what `edgepipe bench` recommends here (benchmarks/bench_record.py)
     from edgepipe.runtime.serving import choose
     try:
         choice = choose(manifest, None, backend, record, device)
