@@ -408,9 +408,7 @@ def main(args) -> int:
     md = write_bench_reports(out, report, bf, args.junit)
     log(md)
     from edgepipe.benchmarks.bench_record import record_recommendation
-    where = record_recommendation(model_dir, manifest, rows, best, out / "report.json")
-    log(f"[bench] recommends here: {', '.join(f'{b}: {n}' for b, n in best.items() if n) or 'nothing'}"
-        + (f" (recorded in {where}; `--backend auto` follows it until `edgepipe verify` proves a variant here)" if where else ""))
+    record_recommendation(model_dir, manifest, rows, best, out / "report.json", log)
     log(f"[bench] report: {out / 'report.md'}  {out / 'report.json'}" + (f"  {out / 'pareto.png'}" if (out / "pareto.png").is_file() else "")
         + (f"  junit: {args.junit}" if args.junit else ""))
     failed = [c for c in checks if c["verdict"] != "pass"]

@@ -10,9 +10,10 @@ from pathlib import Path
 from edgepipe.runtime.manifest import Manifest
 
 
-def record_recommendation(model_dir: Path, manifest: Manifest, rows: list[dict], best: dict, report: Path) -> Path | None:
-    """Write {backend: variant} of ``best`` (bench's rows) into this machine's device record; None when the
-    folder is read-only (the report still says it)."""
+def record_recommendation(model_dir: Path, manifest: Manifest, rows: list[dict], best: dict, report: Path,
+                          log=print) -> Path | None:
+    """Write {backend: variant} of ``best`` (bench's rows) into this machine's device record and say so; None
+    when the folder is read-only (the report still says it)."""
     from edgepipe.atomic import write_json
     from edgepipe.runtime.verify import RECORD_FORMAT, machine_facts, machine_id, record_path, variant_fingerprint
     by_id = {r["id"]: r for r in rows}
@@ -30,9 +31,13 @@ def record_recommendation(model_dir: Path, manifest: Manifest, rows: list[dict],
     record["bench"] = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "recommends": recommends,
                        "report": str(report)}
     record.setdefault("created", record["bench"]["created"])
+    said = ", ".join(f"{b}: {r['variant']}" for b, r in recommends.items()) or "nothing"
     try:
         path.parent.mkdir(exist_ok=True)
         write_json(path, record)
-    except OSError:
+    except OSError as exc:
+        log(f"[bench] recommends here: {said} (not recorded: {exc.strerror or exc})")
         return None
+    log(f"[bench] recommends here: {said} (recorded in {path}; `--backend auto` follows it until `edgepipe verify` "
+        "proves a variant here)")
     return path

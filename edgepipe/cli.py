@@ -141,22 +141,8 @@ def add_verbosity(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         help="less output: warnings and errors only; -qq: errors only (overrides EDGEPIPE_LOG)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
-                                epilog=ENVIRONMENT, formatter_class=HelpFormatter)
-    p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
-    add_verbosity(p, top=True)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="run a recipe: stages -> artifacts + manifest + report")
-    r.add_argument("recipe", help="recipe YAML (e.g. recipes/default.yaml) or the name of a built-in recipe")
-    r.add_argument("--out", required=True, help="output folder (artifacts, manifest.json, report)")
-    r.add_argument("--profile", help="profile from the recipe's profiles: section (e.g. quick, full)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one recipe value (repeatable), e.g. data.evaluation=val.csv or targets.0.precision=int8")
-    r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
-    r.set_defaults(fn=cmd_run)
-
+def add_export_and_pack(sub) -> None:
+    """`edgepipe export` (one model, no recipe file), `pack` and `unpack` (the folder a device needs)."""
     x = sub.add_parser("export", help="one model to deployable variants without a recipe file (e.g. --to openvino --int8)")
     x.add_argument("model", help="an .onnx file, or a model name from `edgepipe models` (registered, torchvision, timm:NAME)")
     x.add_argument("--to", metavar="BACKENDS", help="comma-separated: openvino, onnxruntime, tensorrt (default: ONNX Runtime "
@@ -179,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("archive", help="FILE.tar.gz written by `edgepipe pack`")
     u.add_argument("dest", nargs="?", default=".", help="where to extract (default: here); the model folder is inside")
     u.set_defaults(fn=cmd_unpack)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
+                                epilog=ENVIRONMENT, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
+    add_verbosity(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe: stages -> artifacts + manifest + report")
+    r.add_argument("recipe", help="recipe YAML (e.g. recipes/default.yaml) or the name of a built-in recipe")
+    r.add_argument("--out", required=True, help="output folder (artifacts, manifest.json, report)")
+    r.add_argument("--profile", help="profile from the recipe's profiles: section (e.g. quick, full)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one recipe value (repeatable), e.g. data.evaluation=val.csv or targets.0.precision=int8")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
+    r.set_defaults(fn=cmd_run)
+
+    add_export_and_pack(sub)
 
     e = sub.add_parser("eval", help="top-1/top-5 of one variant on labeled images (prints one JSON object)")
     e.add_argument("dir", help="artifact folder with manifest.json")

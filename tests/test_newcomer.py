@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -183,9 +184,20 @@ def test_a_mistyped_flag_gets_its_close_match(tiny_artifacts, args, hint):
     assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
 
 
-def test_bench_without_matplotlib_does_not_link_a_missing_chart(tiny_artifacts, tmp_path):
-    proc = run_without(("matplotlib",), "bench", tiny_artifacts, "--variant", "openvino-int8", "--backend", "openvino",
-                       "--iterations", "5", "--warmup", "1", "--out", tmp_path)
+def test_bench_records_its_pick_and_links_no_missing_chart(tiny_artifacts, tmp_path):
+    folder = tmp_path / "model"  # a private copy: the record bench writes changes what auto serves there
+    shutil.copytree(tiny_artifacts, folder, ignore=shutil.ignore_patterns("devices", ".edgepipe*", "calibration", "heldout"))
+    proc = run_without(("matplotlib",), "bench", folder, "--variant", "openvino-*", "--backend", "openvino",
+                       "--iterations", "5", "--warmup", "1", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert not (tmp_path / "pareto.png").exists()
-    assert "pareto.png" not in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "b" / "pareto.png").exists()
+    assert "pareto.png" not in (tmp_path / "b" / "report.md").read_text()
+    best = json.loads((tmp_path / "b" / "report.json").read_text())["best_per_target"]["openvino"]
+    record = json.loads(next((folder / "devices").glob("*.json")).read_text())
+    assert record["bench"]["recommends"]["openvino"]["variant"] == best.split("@")[0]
+    from edgepipe.runtime.model import Classifier
+    clf = Classifier(folder)  # no `edgepipe verify` here yet: auto follows bench's pick
+    assert clf.variant_name == best.split("@")[0] and "edgepipe bench" in clf.choice.reason
+    assert run_edgepipe("verify", folder, "--iterations", "5").returncode == 0
+    record = json.loads(next((folder / "devices").glob("*.json")).read_text())
+    assert record["bench"]["recommends"] and record["variants"]  # verify keeps bench's section
