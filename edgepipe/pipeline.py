@@ -249,10 +249,14 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
     tolerance is marked failed); returns the reference model's own latency and accuracy."""
     from edgepipe.benchmarks.measure import measure_source_onnx, measure_torch, measure_variant
     recipe = ctx.recipe
-    if references["base"].model is not None:
-        torch_ref = measure_torch(references["base"].model, data.pre, data.evaluation, recipe)
+    ref_key = hash_key(references["base"].model_hash, data.pre.to_dict(), recipe.data.evaluation,
+                       data.fingerprints["evaluation"], recipe.bench.model_dump(), ctx.versions)
+    if references["base"].model is not None:  # cached: the same model on the same images measures the same
+        torch_ref = ctx.cache.run("measure-reference", ref_key,
+                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, recipe))
     else:  # an ONNX source: the reference is the user's file in ONNX Runtime
-        torch_ref = measure_source_onnx(base, data.pre, data.evaluation, recipe)
+        torch_ref = ctx.cache.run("measure-reference", ref_key,
+                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, recipe))
     count = reference_count(ctx, data)
     for name, v in manifest.variants.items():
         if v.status != "ok":
