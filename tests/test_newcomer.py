@@ -68,6 +68,11 @@ def test_export_of_a_plain_onnx_gives_a_checked_int8_variant(exported):
     int8 = manifest["variants"]["openvino-int8"]
     assert int8["status"] == "ok" and int8["parity"]["ok"] and int8["precision"] == "int8"
     assert manifest["defaults"]["openvino"] in ("openvino-int8", "openvino-fp32")
+    # the serving choice compared int8 with fp32 in interleaved rounds (robust to load), not two lone p90s
+    rounds = manifest["checks"]["serving_rounds"]["openvino"]
+    assert rounds["against"] == "openvino-fp32" and rounds["rounds"] >= 6
+    ratio = rounds["p90_ratio"]["openvino-int8"]
+    assert ratio["ci"][0] <= ratio["median"] <= ratio["ci"][1]
     assert "serves: " in proc.stdout and "re-run: edgepipe run" in proc.stdout
     # the report names the reference it used: the source file in ONNX Runtime, not PyTorch
     report = (out / "report.md").read_text()
