@@ -404,6 +404,8 @@ def main(args, rebuild=None) -> int:
     }
     md = write_bench_reports(out, report, bf, args.junit)
     log(md)
+    from edgepipe.benchmarks.bench_record import record_recommendation
+    record_recommendation(model_dir, manifest, rows, best, out / "report.json", log)
     log(f"[bench] report: {out / 'report.md'}  {out / 'report.json'}" + (f"  {out / 'pareto.png'}" if (out / "pareto.png").is_file() else "")
         + (f"  junit: {args.junit}" if args.junit else ""))
     failed = [c for c in checks if c["verdict"] != "pass"]

@@ -117,7 +117,7 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     report = {
         "recipe": recipe.name, "model": manifest.model.name, "manifest": MANIFEST_NAME,
         "variants": rows,
-        "reference": {"torch_eager_ms": torch_ref["latency_ms"]["p50"], "torch_eager_latency_ms": torch_ref["latency_ms"],
+        "reference": {"name": torch_ref.get("reference") or "PyTorch eager fp32", "torch_eager_ms": torch_ref["latency_ms"]["p50"], "torch_eager_latency_ms": torch_ref["latency_ms"],
                       "torch_top1": ref_acc.get("top1"), "torch_top5": ref_acc.get("top5"), "roofline_ms": None},
         "defaults": dict(manifest.defaults), "default_variant": manifest.default_variant,
         "evaluation": recipe.data.evaluation, "versions": manifest.versions,
@@ -125,9 +125,11 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     }
     write_json(out / "report.json", report)
     lines = [f"# edgepipe report — {recipe.name} ({manifest.model.name})", ""]
-    lines.append(f"PyTorch eager fp32 reference: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
+    refname = torch_ref.get("reference") or "PyTorch eager fp32"  # an ONNX source: that file in ONNX Runtime
+    short = "the reference" if torch_ref.get("reference") else "PyTorch"
+    lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
                  + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
-    lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with PyTorch on the held-out check images)'}.")
+    lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with ' + short + ' on the held-out check images)'}.")
     checks = manifest.checks
     if checks:
         kind = "real images" if checks["images"] == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
@@ -135,7 +137,7 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
                      f"{checks['heldout_source']}, never on the {checks['calibration_images']} calibration images; "
                      f"{manifest.reference_set.count if manifest.reference_set else 0} of them travel with the artifacts for "
                      "`edgepipe verify` on the device.")
-    lines += ["", "| variant | status | top-1 | Δ vs torch (pts) | agree w/ torch | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
+    lines += ["", "| variant | status | top-1 | Δ vs reference (pts) | agree w/ reference | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = (ref_acc["top1"] - r["top1"]) * 100 if ref_acc.get("top1") is not None and r["top1"] is not None else None
@@ -147,11 +149,16 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "
               f"faithful variant within {MIN_SPEEDUP:.0%} of its p90 is preferred): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
+    for backend, r in ((manifest.checks or {}).get("serving_rounds") or {}).items():
+        lines += [f"- {backend}: p90 against {r['against']} over {r['rounds']} interleaved rounds (robust to load on the "
+                  "build host): " + ", ".join(f"{n} {q['median']:.3f} (CI {q['ci'][0]:.3f}–{q['ci'][1]:.3f})"
+                                              for n, q in r["p90_ratio"].items())]
+    lines += [""] if (manifest.checks or {}).get("serving_rounds") else []
     lines += _training_lines(report["training"], report["defaults"])
     lines += _compile_notes(manifest, rows)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]
     if flips:
-        lines += ["## Flipped predictions (parity images, against PyTorch fp32)", ""]
+        lines += [f"## Flipped predictions (parity images, against {refname})", ""]
         for name, fl in flips:
             shown = ", ".join(f"{f['image']} ({f['reference']}→{f['got']})" for f in fl[:12])
             lines.append(f"- {name}: {shown}{' …' if len(fl) > 12 else ''}")
@@ -255,8 +262,9 @@ def bench_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {_fmt((t or {}).get('p50'))} | {_fmt((t or {}).get('p95'))} |")
     if report["skipped"]:
         lines += ["", "Not measured: " + "; ".join(report["skipped"]) + "."]
-    lines += ["", "![accuracy against p90 latency](pareto.png)", ""]
-    return "\n".join(lines)
+    if report.get("pareto_png"):
+        lines += ["", "![accuracy against p90 latency](pareto.png)", ""]
+    return "\n".join(lines) + ("" if report.get("pareto_png") else "\n")
 
 
 def write_bench_reports(out: Path, report: dict, budget_file=None, junit: str | None = None) -> str:
@@ -264,8 +272,10 @@ def write_bench_reports(out: Path, report: dict, budget_file=None, junit: str | 
     from edgepipe.benchmarks.junit import write_junit
     from edgepipe.benchmarks.pareto import plot_pareto
     out = Path(out)
-    plot_pareto(report, budget_file, out / "pareto.png")
-    md = bench_markdown(report)
+    png = plot_pareto(report, budget_file, out / "pareto.png")
+    if png is None and (out / "pareto.png").exists():
+        (out / "pareto.png").unlink()  # a chart of an earlier bench would not match this report
+    md = bench_markdown(dict(report, pareto_png=png is not None))
     write_text(out / "report.md", md)
     write_json(out / "report.json", report)
     if junit:

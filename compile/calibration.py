@@ -7,8 +7,12 @@ Another ``seed`` gives another set of crops: a held-out set for accuracy control
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -42,10 +46,12 @@ def bundled_photos() -> list[Path]:
 GENERATOR_VERSION = 2  # bump when the crops change: a folder made by another version is regenerated
 
 
-def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320) -> Path:
-    """Write ``count`` JPEG crops ``calib_NNNN.jpg`` of the bundled photos into ``out_dir`` (idempotent: a
-    folder already holding this count, seed and size is kept as it is). Crop ``i`` depends on (seed, i) only;
-    a different ``seed`` gives a different set of crops, e.g. a held-out validation set."""
+def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320,
+                                prefix: str = "calib") -> Path:
+    """Write ``count`` JPEG crops ``PREFIX_NNNN.jpg`` (calib_NNNN.jpg; a held-out set: its own prefix) of the
+    bundled photos into ``out_dir`` (idempotent: a folder already holding this count, seed and size is kept as
+    it is; crops made before for another folder are copied from the shared cache). Crop ``i`` depends on
+    (seed, i) only; a different ``seed`` gives a different set of crops, e.g. a held-out validation set."""
     out_dir = Path(out_dir)
     no_photos = "no bundled photos found; install scikit-image (pip install 'edgepipe[compile]')"
     paths = bundled_photos()
@@ -53,25 +59,55 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
         raise RuntimeError(no_photos)
     stamp = {"generator": GENERATOR_VERSION, "count": count, "seed": seed, "size": size}
     marker = out_dir / ".generated.json"
-    existing = sorted(out_dir.glob("calib_*.jpg")) if out_dir.is_dir() else []
+    existing = sorted(out_dir.glob(f"{prefix}_*.jpg")) if out_dir.is_dir() else []
     if len(existing) == count and marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out_dir  # already generated: decode no photo
-    photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
-    if not photos:
-        raise RuntimeError(no_photos)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     for old in existing:  # made with other settings
         old.unlink()
+    shared = _shared_copy(stamp, prefix, paths)
+    if shared.is_dir():  # the same crops, made by an earlier run into another folder: copy, decode nothing
+        for src in sorted(shared.glob(f"{prefix}_*.jpg")):
+            write_bytes(out_dir / src.name, src.read_bytes())
+        write_bytes(marker, json.dumps(stamp).encode())
+        return out_dir
+    photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
+    if not photos:
+        raise RuntimeError(no_photos)
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         crop = _varied_crop(photos, rng, size)
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
         if not ok:
             raise RuntimeError("OpenCV could not encode a calibration image")
-        write_bytes(out_dir / f"calib_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
+        write_bytes(out_dir / f"{prefix}_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
     write_bytes(marker, json.dumps(stamp).encode())
+    _keep_shared_copy(out_dir, shared, prefix)
     return out_dir
+
+
+def _shared_copy(stamp: dict, prefix: str, photos: list[Path]) -> Path:
+    """Where generated crops are kept for every output folder ($XDG_CACHE_HOME/edgepipe/generated/KEY): the
+    key covers what the crops depend on (settings, the photos installed, OpenCV's JPEG encoder)."""
+    what = json.dumps([stamp, prefix, [(p.name, p.stat().st_size) for p in photos], cv2.__version__])
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepipe" / "generated"
+    return root / hashlib.sha256(what.encode()).hexdigest()[:20]
+
+
+def _keep_shared_copy(out_dir: Path, shared: Path, prefix: str) -> None:
+    """Copy the crops into the shared cache (a whole folder renamed into place; never a partial one)."""
+    try:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=shared.parent, prefix=".partial-"))
+        for src in out_dir.glob(f"{prefix}_*.jpg"):
+            shutil.copyfile(src, tmp / src.name)
+        try:
+            tmp.rename(shared)
+        except OSError:  # another run put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # a read-only home: no shared copy, nothing else changes
 
 
 def _random_crop(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:

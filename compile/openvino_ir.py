@@ -57,6 +57,7 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     from edgepipe.compile.mixed_precision import check_validation
+    from edgepipe.log import library_output
     isa, fast_bias_correction = cfg.isa, cfg.fast_bias_correction
     if isa not in OVERFLOW_FIX:
         raise UserError(f"stages.quantize.isa {isa!r}: choose {' or '.join(OVERFLOW_FIX)}")
@@ -82,13 +83,15 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
             hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in list(items)]
             return float(np.mean(hits))
 
-        model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=validate,
-                                                    max_drop=control.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
-                                                    advanced_quantization_parameters=advanced, **common)
+        with library_output():  # NNCF's progress bars: only with -v
+            model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=validate,
+                                                        max_drop=control.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
+                                                        advanced_quantization_parameters=advanced, **common)
         info["method"] = "nncf.quantize_with_accuracy_control"
         info["max_drop_points"] = control.max_drop
     else:
-        model = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
+        with library_output():
+            model = nncf.quantize(model, calib, advanced_parameters=advanced, **common)
     if isa == "portable":
         from edgepipe.compile.weight_ranges import bound_weight_ranges
         info.update(bound_weight_ranges(model, calibration, fp32_model=ov.convert_model(str(onnx_path))))

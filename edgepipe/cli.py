@@ -9,7 +9,7 @@ import signal
 import sys
 
 from edgepipe import UserError, __version__
-from edgepipe.helptext import ENVIRONMENT, HelpFormatter
+from edgepipe.helptext import ENVIRONMENT, ArgumentParser, HelpFormatter
 
 
 def cmd_run(args) -> int:
@@ -19,6 +19,38 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, profile=args.profile, overrides=(args.set or []) + resume)
     report = run(recipe, args.out)
     print(f"report: {args.out}/report.md  manifest: {args.out}/manifest.json  default variant: {report['default_variant']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from edgepipe.export import default_out, export_recipe, summary_lines
+    from edgepipe.pipeline import run
+    recipe = export_recipe(args.model, args.to, args.int8, args.calibration, args.labels, args.set or [])
+    out = args.out or default_out(args.model)
+    report = run(recipe, out)
+    print("\n".join(summary_lines(out, report)))
+    return 0 if report["defaults"] else 1
+
+
+def cmd_pack(args) -> int:
+    from edgepipe.pack import pack
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    done = pack(args.dir, args.out, variants)
+    size = f"{done['bytes'] / 1e6:.1f} MB" + (f", {done['compressed_bytes'] / 1e6:.1f} MB compressed" if done["compressed_bytes"] else "")
+    print(f"packed {', '.join(done['variants'])} ({done['files']} files, {size}) -> {done['out']}")
+    if done["other_served"]:
+        print(f"not packed: {', '.join(done['other_served'])} (served on other backends; add them with --variants)")
+    if done["compressed_bytes"]:
+        print(f"on the device: edgepipe unpack {os.path.basename(done['out'])} ~/model  (or tar xzf), then edgepipe verify on that folder")
+    else:
+        print(f"on the device: edgepipe verify {done['out']} (copy it with cp -a, scp -r or rsync -a)")
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    from edgepipe.pack import unpack
+    folder = unpack(args.archive, args.dest)
+    print(f"unpacked and checked (sha256 of every file): {folder}\nnext: edgepipe verify {folder}")
     return 0
 
 
@@ -109,8 +141,34 @@ def add_verbosity(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         help="less output: warnings and errors only; -qq: errors only (overrides EDGEPIPE_LOG)")
 
 
+def add_export_and_pack(sub) -> None:
+    """`edgepipe export` (one model, no recipe file), `pack` and `unpack` (the folder a device needs)."""
+    x = sub.add_parser("export", help="one model to deployable variants without a recipe file (e.g. --to openvino --int8)")
+    x.add_argument("model", help="an .onnx file, or a model name from `edgepipe models` (registered, torchvision, timm:NAME)")
+    x.add_argument("--to", metavar="BACKENDS", help="comma-separated: openvino, onnxruntime, tensorrt (default: ONNX Runtime "
+                                                   "fp32, OpenVINO fp32 and int8, as a recipe without targets)")
+    x.add_argument("--int8", action="store_true", help="int8 variants of the --to backends (calibrated, checked against fp32)")
+    x.add_argument("--calibration", metavar="DIR", help="calibration images: a folder or CSV (default: generated crops of "
+                                                        "the bundled photos)")
+    x.add_argument("--labels", metavar="FILE", help="class names, one per line or a JSON list (default: the model's own)")
+    x.add_argument("--out", help="output folder (default: out/MODEL)")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe value, as in `edgepipe run --set`")
+    x.set_defaults(fn=cmd_export)
+
+    k = sub.add_parser("pack", help="the folder a device needs: the served variants (or --variants), manifest, reference set")
+    k.add_argument("dir", help="artifact folder of `edgepipe run`")
+    k.add_argument("--variants", metavar="V,...", help="comma-separated variant names or globs (default: the variant the folder serves)")
+    k.add_argument("--out", required=True, help="a new folder, or FILE.tar.gz for `edgepipe unpack` / tar xzf on the device")
+    k.set_defaults(fn=cmd_pack)
+
+    u = sub.add_parser("unpack", help="extract a packed .tar.gz and check every file's sha256 (then: edgepipe verify)")
+    u.add_argument("archive", help="FILE.tar.gz written by `edgepipe pack`")
+    u.add_argument("dest", nargs="?", default=".", help="where to extract (default: here); the model folder is inside")
+    u.set_defaults(fn=cmd_unpack)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
+    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
                                 epilog=ENVIRONMENT, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
     add_verbosity(p, top=True)
@@ -124,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one recipe value (repeatable), e.g. data.evaluation=val.csv or targets.0.precision=int8")
     r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
     r.set_defaults(fn=cmd_run)
+
+    add_export_and_pack(sub)
 
     e = sub.add_parser("eval", help="top-1/top-5 of one variant on labeled images (prints one JSON object)")
     e.add_argument("dir", help="artifact folder with manifest.json")
@@ -250,6 +310,8 @@ def main(argv=None) -> int:
         print(f"edgepipe: error: {exc}", file=sys.stderr)
         return exc.exit_code
     log.configure(level)
+    if isinstance(getattr(args, "dir", None), str) and os.path.basename(args.dir) == "manifest.json" and os.path.isfile(args.dir):
+        args.dir = os.path.dirname(args.dir) or "."  # DIR/manifest.json means DIR
     if args.command != "camera":  # camera.py has its own clean-stop handling
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` stops a run like Ctrl-C: steps kept
     try:

@@ -39,7 +39,8 @@ class DataPlan:
 
 def _generated(out: Path, count: int, seed: int, folder: str) -> list[Path]:
     from edgepipe.compile.calibration import generate_calibration_images
-    return sorted(generate_calibration_images(out / folder, count=count, seed=seed).glob("calib_*.jpg"))
+    prefix = "calib" if folder == "calibration" else folder  # held-out crops are not called calib_*
+    return sorted(generate_calibration_images(out / folder, count=count, seed=seed, prefix=prefix).glob(f"{prefix}_*.jpg"))
 
 
 def calibration_source_images(recipe, out: Path, source: str) -> list[Path]:

@@ -4,7 +4,6 @@ generated from photos that the build extras install (no download, no private dat
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -14,9 +13,10 @@ import time
 from pathlib import Path
 
 from edgepipe import UserError, log
+from edgepipe.helptext import ArgumentParser
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgepipe.demo", description="same as `edgepipe demo`")
+    p = ArgumentParser(prog="python -m edgepipe.demo", description="same as `edgepipe demo`")
     p.add_argument("--out", default="out/default", help="output folder (default: out/default)")
     p.add_argument("--recipe", default="default", help="recipe YAML or built-in recipe name (default: default)")
     p.add_argument("--eval-data", help="labeled CSV/ImageFolder for top-1 in the report (optional)")

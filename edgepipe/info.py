@@ -99,7 +99,7 @@ def describe(info: dict) -> str:
     for r in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     lines.append("* measured on the build host by `edgepipe run`; `edgepipe bench DIR` measures here. "
-                 "vs torch: top-1 agreement with PyTorch on the parity images")
+                 "vs torch: top-1 agreement with the fp32 reference (PyTorch, or an ONNX source in ONNX Runtime) on the parity images")
     lines.append("")
     lines.append(f"installed backends here: {', '.join(info['installed_backends']) or 'none'}")
     auto = info["auto"]

@@ -5,8 +5,11 @@ error), else INFO. Library code prints progress through :func:`progress` so ``-q
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 ENV = "EDGEPIPE_LOG"
@@ -39,6 +42,24 @@ def configure(level: int) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO if level <= logging.DEBUG else logging.WARNING)
+    # importing NNCF's torch backend makes torch warn "No CUDA runtime is found" on every CPU-only host
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.NOTSET if level <= logging.DEBUG else logging.ERROR)
+
+
+@contextlib.contextmanager
+def library_output():
+    """Keep what a library prints itself (NNCF's rich progress bars) out of our output, unless -v; when the
+    call fails, what it printed follows on stderr."""
+    if logger.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield
+    except BaseException:
+        sys.stderr.write(buf.getvalue())
+        raise
 
 
 def progress(msg: str) -> None:

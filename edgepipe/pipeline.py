@@ -249,10 +249,14 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
     tolerance is marked failed); returns the reference model's own latency and accuracy."""
     from edgepipe.benchmarks.measure import measure_source_onnx, measure_torch, measure_variant
     recipe = ctx.recipe
-    if references["base"].model is not None:
-        torch_ref = measure_torch(references["base"].model, data.pre, data.evaluation, recipe)
+    ref_key = hash_key(references["base"].model_hash, data.pre.to_dict(), recipe.data.evaluation,
+                       data.fingerprints["evaluation"], recipe.bench.model_dump(), ctx.versions)
+    if references["base"].model is not None:  # cached: the same model on the same images measures the same
+        torch_ref = ctx.cache.run("measure-reference", ref_key,
+                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, recipe))
     else:  # an ONNX source: the reference is the user's file in ONNX Runtime
-        torch_ref = measure_source_onnx(base, data.pre, data.evaluation, recipe)
+        torch_ref = ctx.cache.run("measure-reference", ref_key,
+                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, recipe))
     count = reference_count(ctx, data)
     for name, v in manifest.variants.items():
         if v.status != "ok":
@@ -292,8 +296,11 @@ def report_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Refe
     for name, why in over.items():
         log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
         manifest.variants[name].budget = why
+    from edgepipe.serving_rounds import interleaved_p90
+    p90, rounds = interleaved_p90(ctx, manifest, data.check_batch[:1].copy(), lambda name, v: name not in over)
+    manifest.checks["serving_rounds"] = rounds
     choose_defaults(manifest, (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
-                    eligible=lambda name, v: name not in over)
+                    eligible=lambda name, v: name not in over, p90=p90)
     manifest.reference = {"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")}
     manifest.dump(ctx.out)
     return write_reports(ctx.out, recipe, manifest, torch_ref)

@@ -234,10 +234,19 @@ class Recipe(Section):
     data: DataConfig = DataConfig()
     stages: StagesConfig = StagesConfig()
     export: ExportConfig = ExportConfig()
-    targets: list[Target] = [Target(backend="onnxruntime"), Target(backend="openvino")]
+    targets: list[Target] = []     # none given: default_targets() (every model source gets the same ones)
     bench: BenchConfig = BenchConfig()
     budgets: list[Budget] = []     # the dataclasses of benchmarks/budgets.py: one schema for recipes and bench
     profiles: dict[str, dict] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_targets(cls, data):
+        if isinstance(data, dict) and "targets" not in data:
+            quantize = ((data.get("stages") or {}).get("quantize") or {}) if isinstance(data.get("stages"), dict) else {}
+            enabled = quantize.get("enabled", True) if isinstance(quantize, dict) else True
+            data = dict(data, targets=default_targets(bool(enabled)))
+        return data
 
     @field_validator("targets")
     @classmethod
@@ -245,6 +254,13 @@ class Recipe(Section):
         if not v:
             raise ValueError("give at least one target (backend x precision)")
         return v
+
+
+def default_targets(int8: bool = True) -> list[dict]:
+    """The targets of a recipe that names none, whatever the model source (a torchvision name, a checkpoint or
+    an ONNX file): ONNX Runtime fp32, OpenVINO fp32 and, unless stages.quantize is off, OpenVINO int8."""
+    fp32 = [{"backend": "onnxruntime", "precision": "fp32"}, {"backend": "openvino", "precision": "fp32"}]
+    return fp32 + ([{"backend": "openvino", "precision": "int8"}] if int8 else [])
 
 
 # ---------------------------------------------------------------- loading
@@ -461,4 +477,6 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
 def dump_recipe(recipe: Recipe) -> str:
     data = recipe.model_dump(mode="json", exclude={"profiles"})
+    if recipe.model.onnx and "name" not in recipe.model.model_fields_set:
+        del data["model"]["name"]  # an ONNX source is named after its file: re-running the file keeps that name
     return yaml.safe_dump(data, sort_keys=False)

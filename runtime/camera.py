@@ -18,19 +18,19 @@ import cv2
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
-from edgepipe.helptext import ENVIRONMENT, HelpFormatter
+from edgepipe.helptext import ENVIRONMENT, ArgumentParser, HelpFormatter
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
-from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
+from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, check_local_camera, parse_source, set_rtsp_transport
 from edgepipe.runtime.stream import Channel, Options, Pipeline
 
 GAVE_UP_EXIT = 3
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+    p = ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
                                 formatter_class=HelpFormatter)  # defaults and environment variables in --help
     p.add_argument("--model", required=True, help="artifact folder written by `edgepipe run` (has manifest.json)")
     p.add_argument("--source", required=True,
@@ -128,6 +128,8 @@ def start_classifier(args) -> Classifier:
         clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device, trust=trust)  # auto never serves a failed variant
     here = {True: "verified on this machine", False: "FAILED verification on this machine",
             None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
+    if clf.choice.verified_here is None and "not verified" in clf.choice.reason:
+        here = "add --verify to prove it here first"  # the reason already says it is not verified here
     log(f"camera.py: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
     return clf
 
@@ -177,6 +179,7 @@ def main(argv=None) -> int:
     codec = args.input_codec.upper() if args.input_codec else None
     spec = parse_source(args.source, CaptureFormat(args.input_width, args.input_height, args.input_rate, codec))
     check_gstreamer(spec)
+    check_local_camera(spec)
     set_rtsp_transport(args.rtsp_transport)
     if args.display:
         check_display()

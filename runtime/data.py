@@ -17,6 +17,12 @@ def load_labeled(path: str | Path, labels: list[str] | None = None) -> list[tupl
         raise UserError(f"data path {path} does not exist; give a CSV (file,class_index) or an ImageFolder tree")
     items = _from_csv(path) if path.is_file() else _from_folder(path, labels)
     if not items:
+        flat = [f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file()] if path.is_dir() else []
+        if flat:
+            raise UserError(f"{path} has {len(flat)} images but no labels (they are not in sub-folders named by class); "
+                            "give a CSV with header file,class_index, or put each class's images in a sub-folder "
+                            "named by its label or class index (ImageFolder); `edgepipe bench DIR --data "
+                            f"{path}` compares unlabeled images with fp32")
         raise UserError(f"no images found in {path}")
     return items
 

@@ -141,6 +141,8 @@ class Manifest:
         """Read and validate ``model_dir/manifest.json`` (structure only; hashes are checked per variant)."""
         root = Path(model_dir)
         path = root / MANIFEST_NAME
+        if root.name == MANIFEST_NAME and root.is_file():
+            raise ManifestError(f"{root} is the manifest; give its folder instead: {root.parent}")
         if not root.is_dir():
             raise ManifestError(f"model folder {root} does not exist; pass the --out folder of `edgepipe run`")
         if not path.is_file():

@@ -9,10 +9,10 @@ that failed on this machine is never chosen automatically.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed
+from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed, missing_package
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
 from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
 from edgepipe.runtime.measured import Row
@@ -55,17 +55,19 @@ def within_accuracy(v: Variant, reference_top1: float | None, max_drop: float) -
 
 
 def choose_defaults(manifest: Manifest, reference_top1: float | None = None, max_drop: float | None = None,
-                    eligible=lambda name, v: True) -> None:
+                    eligible=lambda name, v: True, p90: dict[str, float] | None = None) -> None:
     """Set manifest.defaults (backend -> variant) and manifest.default_variant from the build host's
-    measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets."""
+    measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets. ``p90``: latencies
+    that replace the variants' own (the build's interleaved rounds, robust to load)."""
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     variants = manifest.variants
-    rows = [Row.of_variant(name, v) for name, v in variants.items()]
+    p90 = p90 or {}
+    rows = [replace(r, p90_ms=p90.get(r.id, r.p90_ms)) for r in (Row.of_variant(name, v) for name, v in variants.items())]
     chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r.id], reference_top1, max_drop)
                                  and eligible(r.id, variants[r.id]))
     defaults = {backend: name for backend, name in chosen.items() if name}
     manifest.defaults = defaults
-    ranked = sorted(defaults.values(), key=lambda n: variants[n].p90_ms)
+    ranked = sorted(defaults.values(), key=lambda n: p90.get(n, variants[n].p90_ms))
     manifest.default_variant = ranked[0] if ranked else next(iter(variants))
 
 
@@ -93,6 +95,9 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
         backend = DEVICE_BACKENDS[0]
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    if backend != "auto" and not is_installed(backend):
+        raise BackendUnavailable(f"--backend {backend}: {missing_package(backend)} is not installed here; "
+                                 f"pip install 'edgepipe[{backend}]' (or choose --backend auto)")
     results = (record or {}).get("variants", {})
     if variant is not None:
         return _explicit(variants, variant, backend, results.get(variant))
@@ -114,6 +119,9 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
                       f"(p90 {results[name]['latency_ms']['p90']:.2f} ms here)", True)
 
     candidates = [n for n in usable if n not in failed_here]
+    benched = _bench_pick(manifest, (record or {}).get("bench"), candidates, backends)
+    if benched:
+        return benched
     default = manifest.default_variant
     if default in candidates and variants[default].backend in backends and _runnable(variants[default], variants[default].backend):
         return Choice(default, variants[default].backend, "the build host's measured default (not verified on this "
@@ -132,7 +140,24 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     wanted = "any of " + ", ".join(AUTO_ORDER) if backend == "auto" else backend
     left = ", ".join(n + " [" + variants[n].backend + "]" for n in candidates) or "none"
     extra = f"; failed `edgepipe verify` here: {', '.join(sorted(failed_here))}" if failed_here else ""
-    raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra})")
+    absent = sorted({variants[n].backend for n in candidates if variants[n].backend in BACKENDS
+                     and not is_installed(variants[n].backend)})
+    fix = ("; install one: " + " or ".join(f"pip install 'edgepipe[{b}]'" for b in absent)) if absent else ""
+    raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra}){fix}")
+
+
+def _bench_pick(manifest: Manifest, bench: dict | None, candidates: list[str], backends) -> Choice | None:
+    """What `edgepipe bench` recommended on this machine (its files unchanged since), first in AUTO_ORDER."""
+    from edgepipe.runtime.verify import variant_fingerprint
+    picks = (bench or {}).get("recommends") or {}
+    for backend in (b for b in backends if isinstance(picks.get(b), dict)):
+        name = picks[backend].get("variant")
+        if (name in candidates and _runnable(manifest.variants[name], backend)
+                and picks[backend].get("fingerprint") == variant_fingerprint(manifest.variants[name])):
+            return Choice(name, backend, f"recommended by `edgepipe bench` on this machine (p90 "
+                          f"{picks[backend].get('p90_ms') or float('nan'):.2f} ms here; not verified on this machine: "
+                          "run `edgepipe verify`)", None)
+    return None
 
 
 def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: dict | None) -> Choice:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,18 @@ def _parse(text: str, fmt: CaptureFormat) -> SourceSpec:
     if path.suffix.lower() in IMAGE_EXTS:
         return SourceSpec(text, "images", [str(path)], False)
     return SourceSpec(text, "file", str(path), False)
+
+
+def check_local_camera(spec: SourceSpec) -> None:
+    """A camera index or /dev/videoN that this Linux machine does not have: one line now instead of
+    reconnect attempts (a local device that does not exist is not a flaky network)."""
+    if spec.kind != "camera" or not sys.platform.startswith("linux"):
+        return
+    device = spec.target if isinstance(spec.target, str) else f"/dev/video{spec.target}"
+    if not os.path.exists(device):
+        present = ", ".join(sorted(glob.glob("/dev/video*"))) or "none"
+        raise SourceError(f"no camera {spec.text!r} here: {device} does not exist (video devices: {present}); "
+                          "plug it in, or give a video file, rtsp:// URL or image folder as --source")
 
 
 def has_gstreamer() -> bool:

@@ -322,6 +322,8 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
               "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results,
               "preprocessing": check_for_verify(model_dir, manifest, ref, results, trust, log)}
+    if "bench" in previous:
+        record["bench"] = previous["bench"]  # what `edgepipe bench` recommends here (benchmarks/bench_record.py)
     from edgepipe.runtime.serving import choose
     try:
         choice = choose(manifest, None, backend, record, device)
