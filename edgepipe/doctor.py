@@ -56,7 +56,8 @@ def kept_in_float(v: Variant) -> dict:
     """Which layers the build left in float, and why (from the variant's compile record)."""
     c = v.compile or {}
     mp = c.get("mixed_precision") or {}
-    why = ("NNCF accuracy control reverted them to meet max_drop" if c.get("method") == "nncf.quantize_with_accuracy_control"
+    why = ("left in float after NNCF accuracy control: reverted to meet max_drop, or never quantized, as a classifier "
+           "head often is" if c.get("method") == "nncf.quantize_with_accuracy_control"
            else "mixed precision kept the most sensitive in float to meet max_drop" if mp.get("float_layers")
            else "not quantized by the quantizer (e.g. the classifier head, or ops it does not quantize)")
     out = {"layers": list(c.get("float_layers") or []), "why": why if c.get("float_layers") else ""}
