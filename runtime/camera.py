@@ -23,7 +23,7 @@ from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
-from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
+from edgepipe.runtime.sources import RTSP_TRANSPORTS as RTSP_INPUT_TRANSPORTS, CaptureFormat, check_gstreamer, parse_source
 from edgepipe.runtime.stream import Channel, Options, Pipeline
 
 GAVE_UP_EXIT = 3
@@ -83,7 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--max-reconnects", type=int, default=10,
                    help="failed attempts in a row before giving up on a live source (exit 3)")
     p.add_argument("--backoff", type=float, default=0.5, metavar="S", help="first reconnect delay; doubles up to 30 s")
-    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (OpenCV asks for tcp by default)")
+    p.add_argument("--rtsp-transport", choices=RTSP_INPUT_TRANSPORTS, default="auto",
+                   help="RTSP transport of an rtsp:// source: auto tries TCP, then UDP (the one that worked is tried "
+                        "first on a reconnect)")
     args = p.parse_args(argv)
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
@@ -172,7 +174,6 @@ def main(argv=None) -> int:
     codec = args.input_codec.upper() if args.input_codec else None
     spec = parse_source(args.source, CaptureFormat(args.input_width, args.input_height, args.input_rate, codec))
     check_gstreamer(spec)
-    set_rtsp_transport(args.rtsp_transport)
     if args.display:
         check_display()
     rtsp = None
@@ -194,7 +195,8 @@ def serve(args, spec, mjpeg: MjpegServer | None, rtsp: RtspOutput | None) -> int
         log(f"camera.py: watch the annotated stream at {mjpeg.url}")
     opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop,
                    open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
-                   first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
+                   first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff,
+                   rtsp_transport=args.rtsp_transport, log=log)
     display = Channel(1, latest=True) if args.display else None
     pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
     outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl,

@@ -15,9 +15,11 @@ The string only ever reaches OpenCV (or glob/os for images) as an argument: noth
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,17 +150,69 @@ def check_gstreamer(spec: SourceSpec) -> None:
                       "with the venv created using --system-site-packages")
 
 
-def set_rtsp_transport(transport: str | None) -> None:
-    """OpenCV's FFmpeg backend asks RTSP servers for TCP unless told otherwise (env var read at open)."""
-    if not transport:
+RTSP_TRANSPORTS = ("auto", "tcp", "udp")
+FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+# the user's own choice in the environment wins over auto (read once: opens set the variable while they run)
+USER_SETS_TRANSPORT = "rtsp_transport;" in os.environ.get(FFMPEG_OPTIONS, "")
+ENV_HOLD_S = 1.0   # how long one open keeps the FFmpeg options variable to itself (it is read when the open starts)
+_env_lock = threading.Lock()
+
+
+def is_rtsp(spec: SourceSpec) -> bool:
+    return spec.kind == "stream" and spec.text.lower().startswith(("rtsp://", "rtsps://"))
+
+
+def transports_to_try(spec: SourceSpec, choice: str = "auto", first: str | None = None) -> list[str | None]:
+    """RTSP transports to open ``spec`` with, in order: auto tries TCP then UDP (some servers and NVRs speak
+    only UDP, others only TCP), the one that worked last time first; [None]: leave it to OpenCV/FFmpeg."""
+    if not is_rtsp(spec) or (choice == "auto" and USER_SETS_TRANSPORT):
+        return [None]
+    if choice in ("tcp", "udp"):
+        return [choice]
+    return sorted(["tcp", "udp"], key=lambda t: t != first)
+
+
+@contextlib.contextmanager
+def rtsp_transport_env(transport: str | None):
+    """OpenCV's FFmpeg backend takes the RTSP transport from a process-wide variable, read when an open starts
+    (it asks for TCP when the variable is unset). Each open sets it under a lock held until the open returns or
+    for ENV_HOLD_S, whichever is first, so a camera that hangs in its open does not hold up the others' opens."""
+    if transport is None:
+        yield
         return
-    opts = [o for o in os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS", "").split("|") if o and not o.startswith("rtsp_transport;")]
-    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "|".join(opts + [f"rtsp_transport;{transport}"])
+    _env_lock.acquire()
+    before = os.environ.get(FFMPEG_OPTIONS)
+    kept = [o for o in (before or "").split("|") if o and not o.startswith("rtsp_transport;")]
+    os.environ[FFMPEG_OPTIONS] = "|".join(kept + [f"rtsp_transport;{transport}"])
+    state = threading.Lock()
+    owned = [True]
+
+    def release() -> None:
+        with state:
+            if not owned[0]:
+                return
+            owned[0] = False
+            if before is None:
+                os.environ.pop(FFMPEG_OPTIONS, None)
+            else:
+                os.environ[FFMPEG_OPTIONS] = before
+            _env_lock.release()
+
+    timer = threading.Timer(ENV_HOLD_S, release)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        release()
 
 
-def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0):
-    """Open the source; returns an object with read() -> (ok, frame), release(), fps(). Raises OSError if it
-    cannot be opened (the caller decides whether to retry)."""
+def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
+                 rtsp_transport: str | None = None):
+    """Open the source; returns an object with read() -> (ok, frame), release(), fps(), pts_ms(). Raises OSError
+    if it cannot be opened (the caller decides whether to retry). ``rtsp_transport``: tcp or udp for an rtsp://
+    source (see `transports_to_try`); None: OpenCV's default."""
     if spec.kind == "images":
         return ImageSequence(spec.target)
     timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
@@ -173,7 +227,8 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
         if cap.isOpened():
             apply_format(cap, spec.fmt)
     else:
-        cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
+        with rtsp_transport_env(rtsp_transport):
+            cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
     if not cap.isOpened():
         cap.release()
         what = {"file": "not a video OpenCV can decode (corrupt, empty or unsupported codec)",
@@ -208,6 +263,11 @@ class VideoCaptureSource:
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         return float(fps) if 0 < fps < 1000 else 0.0
 
+    def pts_ms(self) -> float | None:
+        """The last frame's presentation timestamp in the stream's own clock (ms), when the backend knows it."""
+        pts = self.cap.get(cv2.CAP_PROP_POS_MSEC)
+        return float(pts) if pts and pts > 0 else None
+
     def release(self) -> None:
         self.cap.release()
 
@@ -228,6 +288,9 @@ class ImageSequence:
 
     def fps(self) -> float:
         return 0.0
+
+    def pts_ms(self) -> None:
+        return None
 
     def release(self) -> None:
         self.pos = len(self.paths)
