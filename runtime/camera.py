@@ -29,12 +29,12 @@ from edgepipe.runtime.stream import Channel, Options, Pipeline
 GAVE_UP_EXIT = 3
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+def parse_args(argv=None, prog: str = "camera.py"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
                                 formatter_class=HelpFormatter)  # defaults and environment variables in --help
     p.add_argument("--model", required=True, help="artifact folder written by `edgepipe run` (has manifest.json)")
-    p.add_argument("--source", required=True,
-                   help="camera index, /dev/videoN or v4l2:///dev/videoN (USB), csi://N (Jetson CSI), video file, "
+    p.add_argument("--source", action="append", default=[],
+                   help="(repeat for several streams in one process) camera index, /dev/videoN or v4l2:///dev/videoN (USB), csi://N (Jetson CSI), video file, "
                         "rtsp:// or http(s):// URL, GStreamer pipeline (ending in appsink), image folder or glob")
     p.add_argument("--variant", help="variant name from the manifest (default: the manifest's default for the backend)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
@@ -86,7 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--rtsp-transport", choices=RTSP_INPUT_TRANSPORTS, default="auto",
                    help="RTSP transport of an rtsp:// source: auto tries TCP, then UDP (the one that worked is tried "
                         "first on a reconnect)")
+    add_server_args(p)
     args = p.parse_args(argv)
+    args.server = prog != "camera.py" or len(args.source) > 1 or bool(args.streams) or args.api_port is not None
+    if not args.source and not args.streams:
+        p.error("give --source (repeat it for several streams) or --streams FILE")
+    if not args.server:
+        args.source = args.source[0]
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -103,6 +109,25 @@ def parse_args(argv=None):
     if args.output_transport and not (args.output and is_rtsp_url(args.output)):
         p.error("--output-transport applies to an rtsp:// --output only")
     return args
+
+
+def add_server_args(p) -> None:
+    """Flags of the multi-stream server (`edgepipe serve`, or camera.py with several sources)."""
+    g = p.add_argument_group("several streams (edgepipe serve; camera.py with more than one --source)")
+    g.add_argument("--streams", metavar="FILE", help="streams file (YAML): defaults: + streams: [{id, source, options, "
+                                                    "outputs}], see docs/camera.md")
+    g.add_argument("--api-port", type=int, metavar="PORT",
+                   help="serve the HTTP API (GET/POST /streams, DELETE /streams/ID, /healthz, /metrics, POST /model, "
+                        "POST /reload) on this port; the server then keeps running when no stream is left")
+    g.add_argument("--api-host", default="127.0.0.1", help="address the API listens on (0.0.0.0: every network)")
+    g.add_argument("--jsonl-dir", metavar="DIR", help="write one JSONL per stream here (ID.jsonl)")
+    g.add_argument("--mqtt", metavar="URL", help="publish each result to this MQTT broker: mqtt://[user:pass@]host[:port]")
+    g.add_argument("--mqtt-topic", default="edgepipe/{stream}", help="topic pattern; {stream} is the stream id")
+    g.add_argument("--mqtt-qos", type=int, choices=[0, 1, 2], default=0)
+    g.add_argument("--batch", type=int, metavar="N", help="frames per engine call (default: measured on this device "
+                                                          "at start; TensorRT: at most its profile's max)")
+    g.add_argument("--batch-wait-ms", type=float, metavar="MS",
+                   help="wait at most MS after a batch's first frame for more (default: measured)")
 
 
 def log(message: str) -> None:
@@ -165,12 +190,15 @@ class Signals:
             signal.signal(sig, handler)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "camera.py") -> int:
+    args = parse_args(argv, prog)
     # our own lines say what happened; OpenCV's and FFmpeg's are only noise (set these variables to debug)
     if "OPENCV_LOG_LEVEL" not in os.environ:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if args.server:
+        from edgepipe.runtime.serve_cli import run
+        return run(args)
     codec = args.input_codec.upper() if args.input_codec else None
     spec = parse_source(args.source, CaptureFormat(args.input_width, args.input_height, args.input_rate, codec))
     check_gstreamer(spec)
