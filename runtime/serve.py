@@ -78,7 +78,12 @@ class StreamPipeline(Pipeline):
         classified = self.outputs.frames if self.outputs else 0
         return {"state": self.state(), "source": self.cfg.source, "offered": self.capture.next_index,
                 "classified": classified, "dropped": self.dropped, "corrupt": self.capture.corrupt,
-                "reconnects": self.capture.reconnects, "transport": self.capture.transport}
+                "reconnects": self.capture.reconnects, "transport": self.transport()}
+
+    def transport(self) -> str | None:
+        """The RTSP transport of the connection now open, else the one that last delivered frames."""
+        reader = self.capture.readers[-1] if self.capture.readers else None
+        return (reader.transport if reader is not None and reader.frames else None) or self.capture.transport
 
     def report(self) -> dict:
         """The single-stream summary (camera.py's keys) plus state and counts."""
