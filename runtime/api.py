@@ -13,10 +13,10 @@ Errors are JSON {"error": "one line"} with 400 (bad request), 404 (no such strea
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from edgepipe import UserError
+from edgepipe.runtime.outputs import start_http_server
 from edgepipe.runtime.streams import StreamsError, stream_config
 
 MAX_BODY = 64 * 1024
@@ -25,16 +25,9 @@ MAX_BODY = 64 * 1024
 class Api:
     def __init__(self, server, port: int, host: str = "127.0.0.1"):
         self.server = server
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        except OSError as exc:
-            raise UserError(f"cannot serve the API on {host}:{port}: {exc.strerror or exc}; choose another --api-port") from None
-        self.httpd.daemon_threads = True
+        self.httpd = start_http_server(host, port, self._handler(), "the API", "--api-port")
         self.port = self.httpd.server_address[1]
         self.url = f"http://{host}:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="api-server", daemon=True)
-        self.thread.start()
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -231,6 +231,19 @@ def open_jsonl(path: str):
         raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
 
 
+def start_http_server(host: str, port: int, handler, what: str, flag: str) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer on host:port, serving on a daemon thread of its own; a port that cannot be bound
+    is one line naming ``flag``. ``shutdown()`` and ``server_close()`` stop it."""
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise UserError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}; choose another {flag} port") from None
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"{what}-server",
+                     daemon=True).start()
+    return httpd
+
+
 class MjpegServer:
     """The annotated frames as MJPEG over HTTP, so a headless device can be watched from a browser:
     http://HOST:PORT/ (a page), /stream.mjpg (multipart/x-mixed-replace), /snapshot.jpg (the newest frame).
@@ -243,16 +256,9 @@ class MjpegServer:
         self.image: np.ndarray | None = None
         self.seq = 0
         self.closed = False
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        except OSError as exc:
-            raise UserError(f"cannot serve MJPEG on {host}:{port}: {exc.strerror or exc}; choose another --serve-mjpeg port") from None
-        self.httpd.daemon_threads = True
+        self.httpd = start_http_server(host, port, self._handler(), "MJPEG", "--serve-mjpeg")
         self.port = self.httpd.server_address[1]
         self.url = f"http://{host}:{self.port}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="mjpeg-server", daemon=True)
-        self.thread.start()
 
     def publish(self, image: np.ndarray) -> None:
         with self.cond:

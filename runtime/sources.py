@@ -239,6 +239,42 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
     return VideoCaptureSource(cap)
 
 
+def open_trying(spec: SourceSpec, transports: list[str | None], open_timeout_s: float, read_timeout_s: float,
+                on_attempt=lambda: None, cancel=lambda: False):
+    """`open_capture` with each transport in turn (each gets the whole open timeout; ``on_attempt()`` before
+    each); the error names every transport tried. The result's ``transport`` says which one opened it."""
+    failed = []
+    for transport in transports:
+        on_attempt()
+        try:
+            src = open_capture(spec, open_timeout_s, read_timeout_s, transport)
+        except OSError as exc:
+            if transport is None or cancel():
+                raise
+            failed.append((transport, str(exc).strip().splitlines()[-1]))
+            continue
+        src.transport = transport
+        return src
+    tried = " and ".join(t.upper() for t, _ in failed)
+    raise OSError(f"{failed[-1][1]} (tried RTSP over {tried}; --rtsp-transport tcp or udp forces one)")
+
+
+class PtsClock:
+    """When a frame was due by its presentation timestamp, on our monotonic clock: the stream's clock is anchored
+    at the frame that arrived earliest relative to its PTS, so time queued in the network, the decoder or here
+    shows as the difference. One per connection (a reconnect restarts the stream's clock)."""
+
+    def __init__(self):
+        self.offset: float | None = None
+
+    def due(self, arrived: float, pts_ms: float | None) -> float | None:
+        if pts_ms is None:
+            return None
+        offset = arrived - pts_ms / 1000.0
+        self.offset = offset if self.offset is None else min(self.offset, offset)
+        return self.offset + pts_ms / 1000.0
+
+
 def apply_format(cap: cv2.VideoCapture, fmt: CaptureFormat) -> None:
     """Ask a V4L2 camera for a pixel format, size and rate (the pixel format first: it decides which sizes
     and rates the camera offers, e.g. 1280x720 at 30 fps only as MJPG on most USB webcams)."""
@@ -255,6 +291,7 @@ def apply_format(cap: cv2.VideoCapture, fmt: CaptureFormat) -> None:
 class VideoCaptureSource:
     def __init__(self, cap: cv2.VideoCapture):
         self.cap = cap
+        self.transport: str | None = None    # the RTSP transport it was opened with (open_trying)
 
     def read(self):
         return self.cap.read()
@@ -278,6 +315,7 @@ class ImageSequence:
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
         self.pos = 0
+        self.transport = None
 
     def read(self):
         if self.pos >= len(self.paths):

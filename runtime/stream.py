@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from edgepipe.runtime.preprocess import check_frame
-from edgepipe.runtime.sources import SourceError, SourceSpec, open_capture, transports_to_try
+from edgepipe.runtime.sources import PtsClock, SourceError, SourceSpec, open_trying, transports_to_try
 
 STAGES = ("capture", "preprocess", "infer", "postprocess", "write")
 MAX_SIDE = 16384          # larger frames are dropped as corrupt (a broken header, not a camera)
@@ -152,7 +152,7 @@ class Reader(threading.Thread):
         self.spec, self.opts, self.emit = spec, opts, emit
         self.transports = transports_to_try(spec, opts.rtsp_transport, first_transport)
         self.transport: str | None = None                      # the RTSP transport that opened it
-        self.pts_base: float | None = None                     # min(arrival - pts): the stream clock -> ours
+        self.pts_clock = PtsClock()                            # this connection's PTS -> our clock
         self.busy_since: float | None = time.monotonic()      # set while inside a blocking OpenCV call
         self.opening = True
         self.abandoned = False
@@ -195,32 +195,11 @@ class Reader(threading.Thread):
             src.release()
 
     def _open(self):
-        """Open with each transport to try in turn (each gets the whole open timeout); the error names them all."""
         longest = max(self.opts.read_timeout_s, self.opts.first_frame_timeout_s)
-        failed = []
-        for transport in self.transports:
-            self.busy_since = time.monotonic()
-            try:
-                src = open_capture(self.spec, self.opts.open_timeout_s, backstop_read_timeout(longest), transport)
-            except OSError as exc:
-                if transport is None or self.abandoned:
-                    raise
-                failed.append((transport, str(exc).strip().splitlines()[-1]))
-                continue
-            self.transport = transport
-            return src
-        tried = " and ".join(t.upper() for t, _ in failed)
-        raise OSError(f"{failed[-1][1]} (tried RTSP over {tried}; --rtsp-transport tcp or udp forces one)")
-
-    def arrival_by_pts(self, arrived: float, pts_ms: float | None) -> float | None:
-        """When the frame was due by its presentation timestamp, on our clock: the stream clock is anchored at
-        the frame that arrived earliest relative to its PTS, so queueing in the network, the decoder or here
-        shows up as the difference."""
-        if pts_ms is None:
-            return None
-        offset = arrived - pts_ms / 1000.0
-        self.pts_base = offset if self.pts_base is None else min(self.pts_base, offset)
-        return self.pts_base + pts_ms / 1000.0
+        src = open_trying(self.spec, self.transports, self.opts.open_timeout_s, backstop_read_timeout(longest),
+                          on_attempt=lambda: setattr(self, "busy_since", time.monotonic()), cancel=lambda: self.abandoned)
+        self.transport = src.transport
+        return src
 
 
 def stall_reason(reader: Reader, opts: Options) -> str:
@@ -354,7 +333,7 @@ class Capture(threading.Thread):
         if self.opts.realtime and reader.fps:
             self._wait_for_schedule(index, reader.fps)
             now = time.monotonic()                       # a paced file frame "arrives" when it is handed on
-        t_pts = reader.arrival_by_pts(now, pts_ms) if self.spec.live else None
+        t_pts = reader.pts_clock.due(now, pts_ms) if self.spec.live else None
         frame = Frame(index, image, now, time.time() - (time.monotonic() - now), pts_ms=pts_ms, t_pts=t_pts)
         return self.out.put(frame, cancel=lambda: self.stop.is_set() or reader.abandoned)
 
