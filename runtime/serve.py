@@ -129,6 +129,9 @@ class Server:
         with self.lock:
             if cfg.id in self.streams:
                 raise StreamsError(f"a stream {cfg.id!r} is already served; remove it first or choose another id")
+            if cfg.mqtt_topic:
+                from edgepipe.runtime.mqtt_output import check_topic
+                check_topic(cfg.mqtt_topic)
             stream = StreamPipeline(cfg, self.engine, self.log)
             outputs = self._outputs(stream)
             self.streams[cfg.id] = stream
@@ -159,7 +162,7 @@ class Server:
                 pts_age = record.get("pts_age_ms")
                 metrics.classified(sid, record["age_ms"] / 1000.0, None if pts_age is None else pts_age / 1000.0)
             if mqtt is not None:
-                mqtt.publish(sid, record)
+                mqtt.publish(sid, record, cfg.mqtt_topic)
         return on_result
 
     def remove(self, sid: str) -> dict:

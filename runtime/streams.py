@@ -6,7 +6,7 @@ A streams file::
       rtsp_transport: auto
       top_k: 3
     streams:
-      - {id: door, source: "rtsp://10.0.0.5/stream1", jsonl: logs/door.jsonl}
+      - {id: door, source: "rtsp://10.0.0.5/stream1", jsonl: logs/door.jsonl, mqtt_topic: shop/door}
       - {id: yard, source: "rtsp://10.0.0.6/live", smooth: 0.7, output: yard.mp4, mqtt: false}
 
 Unknown keys are refused with the closest known one; every problem is one line naming the file and the entry.
@@ -48,7 +48,8 @@ class StreamConfig:
     max_frames: int = 0
     jsonl: str | None = None        # one JSON line per classified frame
     output: str | None = None       # annotated video file, or rtsp:// URL to publish it to
-    mqtt: bool = True               # publish to the server's --mqtt broker (topic: --mqtt-topic with {stream})
+    mqtt: bool = True               # publish to the server's --mqtt broker
+    mqtt_topic: str | None = None   # this stream's topic ({stream}: its id); None: the server's --mqtt-topic
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
