@@ -134,7 +134,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def start_classifier(args) -> Classifier:
+def start_classifier(args, name: str = "camera.py") -> Classifier:
     """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first."""
     clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device)
     tried = set()
@@ -150,7 +150,7 @@ def start_classifier(args) -> Classifier:
         clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device)  # auto never serves a failed variant
     here = {True: "verified on this machine", False: "FAILED verification on this machine",
             None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
-    log(f"camera.py: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
+    log(f"{name}: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
     return clf
 
 

@@ -15,6 +15,7 @@ import time
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.runtime.serve import Server, Settings, engine_for
+from edgepipe.runtime.sources import check_gstreamer, parse_source
 from edgepipe.runtime.streams import OPTION_NAMES, StreamConfig, StreamsError, check_unique, from_sources, load_streams_file
 
 GAVE_UP_EXIT = 3
@@ -48,6 +49,8 @@ def stream_configs(args) -> list[StreamConfig]:
     configs = load_streams_file(args.streams, defaults) if args.streams else []
     configs += from_sources(args.source, defaults)
     check_unique(configs, "--streams and --source")
+    for cfg in configs:                      # a source that cannot be used is said before the model loads
+        check_gstreamer(parse_source(cfg.source))
     per_stream = {"jsonl": args.jsonl, "output": args.output}
     if any(per_stream.values()):
         if len(configs) != 1:
@@ -86,7 +89,7 @@ def run(args) -> int:
     from edgepipe.runtime.camera import start_classifier
     from edgepipe.runtime.metrics import ServeMetrics
     configs = stream_configs(args)
-    clf = start_classifier(args)
+    clf = start_classifier(args, "serve")
     metrics = ServeMetrics(variant=clf.variant_name, backend=clf.backend_name, device=clf.device)
     mqtt = None
     if args.mqtt:
