@@ -13,10 +13,9 @@ Errors are JSON {"error": "one line"} with 400 (bad request), 404 (no such strea
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 from edgepipe import UserError
-from edgepipe.runtime.outputs import start_http_server
+from edgepipe.runtime.outputs import QuietHandler, start_http_server
 from edgepipe.runtime.streams import StreamsError, stream_config
 
 MAX_BODY = 64 * 1024
@@ -36,10 +35,7 @@ class Api:
     def _handler(self):
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):      # no per-request lines on stderr
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 self._answer(api.get, self.path.split("?", 1)[0])
 

@@ -231,6 +231,11 @@ def open_jsonl(path: str):
         raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):      # no per-request lines on stderr
+        pass
+
+
 def start_http_server(host: str, port: int, handler, what: str, flag: str) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer on host:port, serving on a daemon thread of its own; a port that cannot be bound
     is one line naming ``flag``. ``shutdown()`` and ``server_close()`` stop it."""
@@ -286,10 +291,7 @@ class MjpegServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):      # no per-request lines on stderr
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 if self.path in ("/", "/index.html"):
                     body = (b"<!doctype html><title>edgepipe</title><body style='margin:0;background:#000'>"

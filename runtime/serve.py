@@ -12,23 +12,18 @@ the old one serves, and switched in between two batches.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe import UserError
-from edgepipe.atomic import write_json
 from edgepipe.runtime.engine import Engine, PreparedChannel, max_batch, measure_batches, pick_batch
 from edgepipe.runtime.outputs import Outputs
 from edgepipe.runtime.rtsp_output import RtspOutput, is_rtsp_url
 from edgepipe.runtime.sources import check_gstreamer, parse_source
 from edgepipe.runtime.stream import Channel, Options, Pipeline
-from edgepipe.runtime.streams import (OPTION_NAMES, StreamConfig, StreamsError, check_unique, from_sources,
-                                      load_streams_file)
+from edgepipe.runtime.streams import StreamConfig, StreamsError, load_streams_file
 
 
 class StreamPipeline(Pipeline):

@@ -16,7 +16,7 @@ from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.runtime.serve import Server, Settings, engine_for
 from edgepipe.runtime.sources import check_gstreamer, parse_source
-from edgepipe.runtime.streams import OPTION_NAMES, StreamConfig, StreamsError, check_unique, from_sources, load_streams_file
+from edgepipe.runtime.streams import OPTION_NAMES, StreamConfig, check_unique, from_sources, load_streams_file
 
 GAVE_UP_EXIT = 3
 DRAIN_S = 10.0       # on stop, how long the streams get to classify and write what they queued

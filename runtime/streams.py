@@ -77,7 +77,8 @@ def _typed(key: str, value, where: str):
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
           "str": isinstance(value, (str, int)) and not isinstance(value, bool)}[kind]
     if not ok:
-        raise StreamsError(f"{where}: {key} must be {'a number' if kind == 'float' else 'an integer' if kind == 'int' else 'true or false' if kind == 'bool' else 'text'}, got {value!r}")
+        want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text"}[kind]
+        raise StreamsError(f"{where}: {key} must be {want}, got {value!r}")
     return float(value) if kind == "float" else str(value) if kind == "str" else value
 
 
