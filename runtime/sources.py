@@ -154,8 +154,7 @@ RTSP_TRANSPORTS = ("auto", "tcp", "udp")
 FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 # the user's own choice in the environment wins over auto (read once: opens set the variable while they run)
 USER_SETS_TRANSPORT = "rtsp_transport;" in os.environ.get(FFMPEG_OPTIONS, "")
-ENV_HOLD_S = 1.0   # how long one open keeps the FFmpeg options variable to itself (it is read when the open starts)
-_env_lock = threading.Lock()
+_ffmpeg_open_lock = threading.Lock()
 
 
 def is_rtsp(spec: SourceSpec) -> bool:
@@ -173,46 +172,43 @@ def transports_to_try(spec: SourceSpec, choice: str = "auto", first: str | None 
 
 
 @contextlib.contextmanager
+def one_open_at_a_time(spec: SourceSpec):
+    """OpenCV's FFmpeg backend opens one capture at a time per process (a mutex inside OpenCV, held for the
+    whole open: seconds for an RTSP camera, which waits for codec parameters). Waiting here instead, before the
+    watchdog starts timing, means a camera queued behind others is never abandoned for being slow to open (an
+    abandoned open would still wait its turn inside OpenCV and make the queue longer)."""
+    if spec.kind not in ("stream", "file"):
+        yield
+        return
+    with _ffmpeg_open_lock:
+        yield
+
+
+@contextlib.contextmanager
 def rtsp_transport_env(transport: str | None):
     """OpenCV's FFmpeg backend takes the RTSP transport from a process-wide variable, read when an open starts
-    (it asks for TCP when the variable is unset). Each open sets it under a lock held until the open returns or
-    for ENV_HOLD_S, whichever is first, so a camera that hangs in its open does not hold up the others' opens."""
+    (it asks for TCP when the variable is unset). Set for one open, under `one_open_at_a_time`."""
     if transport is None:
         yield
         return
-    _env_lock.acquire()
     before = os.environ.get(FFMPEG_OPTIONS)
     kept = [o for o in (before or "").split("|") if o and not o.startswith("rtsp_transport;")]
     os.environ[FFMPEG_OPTIONS] = "|".join(kept + [f"rtsp_transport;{transport}"])
-    state = threading.Lock()
-    owned = [True]
-
-    def release() -> None:
-        with state:
-            if not owned[0]:
-                return
-            owned[0] = False
-            if before is None:
-                os.environ.pop(FFMPEG_OPTIONS, None)
-            else:
-                os.environ[FFMPEG_OPTIONS] = before
-            _env_lock.release()
-
-    timer = threading.Timer(ENV_HOLD_S, release)
-    timer.daemon = True
-    timer.start()
     try:
         yield
     finally:
-        timer.cancel()
-        release()
+        if before is None:
+            os.environ.pop(FFMPEG_OPTIONS, None)
+        else:
+            os.environ[FFMPEG_OPTIONS] = before
 
 
 def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
                  rtsp_transport: str | None = None):
     """Open the source; returns an object with read() -> (ok, frame), release(), fps(), pts_ms(). Raises OSError
     if it cannot be opened (the caller decides whether to retry). ``rtsp_transport``: tcp or udp for an rtsp://
-    source (see `transports_to_try`); None: OpenCV's default."""
+    source (see `transports_to_try`; it sets a process-wide variable: open through `open_trying`, which holds
+    `one_open_at_a_time`); None: OpenCV's default."""
     if spec.kind == "images":
         return ImageSequence(spec.target)
     timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
@@ -242,12 +238,16 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
 def open_trying(spec: SourceSpec, transports: list[str | None], open_timeout_s: float, read_timeout_s: float,
                 on_attempt=lambda: None, cancel=lambda: False):
     """`open_capture` with each transport in turn (each gets the whole open timeout; ``on_attempt()`` before
-    each); the error names every transport tried. The result's ``transport`` says which one opened it."""
+    each, once it is this open's turn); the error names every transport tried. The result's ``transport`` says
+    which one opened it."""
     failed = []
     for transport in transports:
-        on_attempt()
         try:
-            src = open_capture(spec, open_timeout_s, read_timeout_s, transport)
+            with one_open_at_a_time(spec):
+                if cancel():
+                    raise OSError("abandoned before its turn to open")
+                on_attempt()
+                src = open_capture(spec, open_timeout_s, read_timeout_s, transport)
         except OSError as exc:
             if transport is None or cancel():
                 raise

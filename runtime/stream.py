@@ -153,7 +153,7 @@ class Reader(threading.Thread):
         self.transports = transports_to_try(spec, opts.rtsp_transport, first_transport)
         self.transport: str | None = None                      # the RTSP transport that opened it
         self.pts_clock = PtsClock()                            # this connection's PTS -> our clock
-        self.busy_since: float | None = time.monotonic()      # set while inside a blocking OpenCV call
+        self.busy_since: float | None = None                  # set while inside a blocking OpenCV call
         self.opening = True
         self.abandoned = False
         self.frames = 0
