@@ -82,6 +82,11 @@ def cmd_camera(args) -> int:
     return camera_main(args.rest)
 
 
+def cmd_serve(args) -> int:
+    from edgepipe.runtime.camera import main as camera_main
+    return camera_main(args.rest, prog="edgepipe serve")
+
+
 def cmd_models(args) -> int:
     from edgepipe.train.models import available_models, timm_installed
     rows = available_models(args.pattern)
@@ -272,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("camera", help="classify a camera, video, stream or image folder (= python -m edgepipe.runtime.camera; its flags: edgepipe camera --help)", add_help=False, prefix_chars="+")
     c.add_argument("rest", nargs=argparse.REMAINDER)
     c.set_defaults(fn=cmd_camera)
+    s = sub.add_parser("serve", help="serve many cameras with one model: batched, with an HTTP API, metrics, MQTT, "
+                                     "model swaps (its flags: edgepipe serve --help)", add_help=False, prefix_chars="+")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_serve)
     for name, parser in sub.choices.items():
-        if name != "camera":
+        if name not in ("camera", "serve"):
             parser.formatter_class = HelpFormatter
             parser.epilog = parser.epilog or ENVIRONMENT
             add_verbosity(parser)
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
     log.configure(level)
     if isinstance(getattr(args, "dir", None), str) and os.path.basename(args.dir) == "manifest.json" and os.path.isfile(args.dir):
         args.dir = os.path.dirname(args.dir) or "."  # DIR/manifest.json means DIR
-    if args.command != "camera":  # camera.py has its own clean-stop handling
+    if args.command not in ("camera", "serve"):  # camera.py has its own clean-stop handling
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` stops a run like Ctrl-C: steps kept
     try:
         return args.fn(args)

@@ -23,18 +23,19 @@ from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
-from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, check_local_camera, parse_source, set_rtsp_transport
+from edgepipe.runtime.sources import (RTSP_TRANSPORTS as RTSP_INPUT_TRANSPORTS, CaptureFormat, check_gstreamer,
+                                      check_local_camera, parse_source)
 from edgepipe.runtime.stream import Channel, Options, Pipeline
 
 GAVE_UP_EXIT = 3
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(prog="camera.py", description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
+def parse_args(argv=None, prog: str = "camera.py"):
+    p = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=ENVIRONMENT,
                                 formatter_class=HelpFormatter)  # defaults and environment variables in --help
     p.add_argument("--model", required=True, help="artifact folder written by `edgepipe run` (has manifest.json)")
-    p.add_argument("--source", required=True,
-                   help="camera index, /dev/videoN or v4l2:///dev/videoN (USB), csi://N (Jetson CSI), video file, "
+    p.add_argument("--source", action="append", default=[],
+                   help="(repeat for several streams in one process) camera index, /dev/videoN or v4l2:///dev/videoN (USB), csi://N (Jetson CSI), video file, "
                         "rtsp:// or http(s):// URL, GStreamer pipeline (ending in appsink), image folder or glob")
     p.add_argument("--variant", help="variant name from the manifest (default: the manifest's default for the backend)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
@@ -86,8 +87,16 @@ def parse_args(argv=None):
     p.add_argument("--max-reconnects", type=int, default=10,
                    help="failed attempts in a row before giving up on a live source (exit 3)")
     p.add_argument("--backoff", type=float, default=0.5, metavar="S", help="first reconnect delay; doubles up to 30 s")
-    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (OpenCV asks for tcp by default)")
+    p.add_argument("--rtsp-transport", choices=RTSP_INPUT_TRANSPORTS, default="auto",
+                   help="RTSP transport of an rtsp:// source: auto tries TCP, then UDP (the one that worked is tried "
+                        "first on a reconnect)")
+    add_server_args(p)
     args = p.parse_args(argv)
+    args.server = prog != "camera.py" or len(args.source) > 1 or bool(args.streams) or args.api_port is not None
+    if not args.source and not args.streams:
+        p.error("give --source (repeat it for several streams) or --streams FILE")
+    if not args.server:
+        args.source = args.source[0]
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -106,11 +115,30 @@ def parse_args(argv=None):
     return args
 
 
+def add_server_args(p) -> None:
+    """Flags of the multi-stream server (`edgepipe serve`, or camera.py with several sources)."""
+    g = p.add_argument_group("several streams (edgepipe serve; camera.py with more than one --source)")
+    g.add_argument("--streams", metavar="FILE", help="streams file (YAML): defaults: + streams: [{id, source, options, "
+                                                    "outputs}], see docs/camera.md")
+    g.add_argument("--api-port", type=int, metavar="PORT",
+                   help="serve the HTTP API (GET/POST /streams, DELETE /streams/ID, /healthz, /metrics, POST /model, "
+                        "POST /reload) on this port; the server then keeps running when no stream is left")
+    g.add_argument("--api-host", default="127.0.0.1", help="address the API listens on (0.0.0.0: every network)")
+    g.add_argument("--jsonl-dir", metavar="DIR", help="write one JSONL per stream here (ID.jsonl)")
+    g.add_argument("--mqtt", metavar="URL", help="publish each result to this MQTT broker: mqtt://[user:pass@]host[:port]")
+    g.add_argument("--mqtt-topic", default="edgepipe/{stream}", help="topic pattern; {stream} is the stream id")
+    g.add_argument("--mqtt-qos", type=int, choices=[0, 1, 2], default=0)
+    g.add_argument("--batch", type=int, metavar="N", help="frames per engine call (default: measured on this device "
+                                                          "at start; TensorRT: at most its profile's max)")
+    g.add_argument("--batch-wait-ms", type=float, metavar="MS",
+                   help="wait at most MS after a batch's first frame for more (default: measured)")
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def start_classifier(args) -> Classifier:
+def start_classifier(args, name: str = "camera.py") -> Classifier:
     """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first."""
     from edgepipe.runtime.signing import load_trust
     trust = load_trust(args.trust)
@@ -130,7 +158,7 @@ def start_classifier(args) -> Classifier:
             None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
     if clf.choice.verified_here is None and "not verified" in clf.choice.reason:
         here = "add --verify to prove it here first"  # the reason already says it is not verified here
-    log(f"camera.py: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
+    log(f"{name}: serving {clf.variant_name} on {clf.backend_name} -- {clf.choice.reason}; {here}")
     return clf
 
 
@@ -170,17 +198,19 @@ class Signals:
             signal.signal(sig, handler)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "camera.py") -> int:
+    args = parse_args(argv, prog)
     # our own lines say what happened; OpenCV's and FFmpeg's are only noise (set these variables to debug)
     if "OPENCV_LOG_LEVEL" not in os.environ:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if args.server:
+        from edgepipe.runtime.serve_cli import run
+        return run(args)
     codec = args.input_codec.upper() if args.input_codec else None
     spec = parse_source(args.source, CaptureFormat(args.input_width, args.input_height, args.input_rate, codec))
     check_gstreamer(spec)
     check_local_camera(spec)
-    set_rtsp_transport(args.rtsp_transport)
     if args.display:
         check_display()
     rtsp = None
@@ -202,7 +232,8 @@ def serve(args, spec, mjpeg: MjpegServer | None, rtsp: RtspOutput | None) -> int
         log(f"camera.py: watch the annotated stream at {mjpeg.url}")
     opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop,
                    open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
-                   first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff, log=log)
+                   first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff,
+                   rtsp_transport=args.rtsp_transport, log=log)
     display = Channel(1, latest=True) if args.display else None
     pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
     outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl,

@@ -231,6 +231,24 @@ def open_jsonl(path: str):
         raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):      # no per-request lines on stderr
+        pass
+
+
+def start_http_server(host: str, port: int, handler, what: str, flag: str) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer on host:port, serving on a daemon thread of its own; a port that cannot be bound
+    is one line naming ``flag``. ``shutdown()`` and ``server_close()`` stop it."""
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise UserError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}; choose another {flag} port") from None
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"{what}-server",
+                     daemon=True).start()
+    return httpd
+
+
 class MjpegServer:
     """The annotated frames as MJPEG over HTTP, so a headless device can be watched from a browser:
     http://HOST:PORT/ (a page), /stream.mjpg (multipart/x-mixed-replace), /snapshot.jpg (the newest frame).
@@ -243,16 +261,9 @@ class MjpegServer:
         self.image: np.ndarray | None = None
         self.seq = 0
         self.closed = False
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        except OSError as exc:
-            raise UserError(f"cannot serve MJPEG on {host}:{port}: {exc.strerror or exc}; choose another --serve-mjpeg port") from None
-        self.httpd.daemon_threads = True
+        self.httpd = start_http_server(host, port, self._handler(), "MJPEG", "--serve-mjpeg")
         self.port = self.httpd.server_address[1]
         self.url = f"http://{host}:{self.port}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="mjpeg-server", daemon=True)
-        self.thread.start()
 
     def publish(self, image: np.ndarray) -> None:
         with self.cond:
@@ -280,10 +291,7 @@ class MjpegServer:
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):      # no per-request lines on stderr
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 if self.path in ("/", "/index.html"):
                     body = (b"<!doctype html><title>edgepipe</title><body style='margin:0;background:#000'>"
@@ -325,14 +333,29 @@ class MjpegServer:
         return Handler
 
 
+def stream_times(frame, now: float) -> dict:
+    """A server's record: the frame's presentation timestamp (ms, the stream's clock) and its age counted from
+    when that timestamp says it was due (see stream.Reader.arrival_by_pts), where the source has one."""
+    if frame.pts_ms is None:
+        return {}
+    times = {"pts_ms": round(frame.pts_ms, 1)}
+    if frame.t_pts is not None:
+        times["pts_age_ms"] = round((now - frame.t_pts) * 1000.0, 1)
+    return times
+
+
 class Outputs:
     """Called once per classified frame, in order: postprocess, then JSONL / video / RTSP / window / MJPEG.
     Closes the video and the RTSP output it is given."""
 
     def __init__(self, labels: list[str], stats, stop, *, jsonl: str | None = None, video: str | None = None,
                  fps_hint=lambda: 0.0, top_k: int = 1, smooth: float = 0.0, max_frames: int = 0, display=None,
-                 encoder: str = "auto", mjpeg: MjpegServer | None = None, rtsp: RtspOutput | None = None):
+                 encoder: str = "auto", mjpeg: MjpegServer | None = None, rtsp: RtspOutput | None = None,
+                 stream_id: str | None = None, on_result=None):
+        """``stream_id``: a server's stream (its records name it and carry the frame's PTS); ``on_result(record,
+        frame)``: called after each record is written (MQTT, metrics)."""
         self.labels, self.stats, self.stop = labels, stats, stop
+        self.stream_id, self.on_result = stream_id, on_result
         self.top_k = max(1, min(int(top_k), len(labels)))
         self.smoother = Smoother(smooth)
         self.max_frames = max_frames
@@ -350,18 +373,23 @@ class Outputs:
         if self.max_frames and self.frames >= self.max_frames:
             return
         t = time.monotonic()
+        labels = frame.labels or self.labels        # a server's model swap may bring other labels
         probs = self.smoother(softmax(frame.logits.astype(np.float32))[0])
         top = np.argsort(-probs)[:self.top_k]
         k = int(top[0])
         self.stats.add("postprocess", time.monotonic() - t)
         t = time.monotonic()
-        record = {"frame": frame.index, "class_index": k, "label": self.labels[k], "score": round(float(probs[k]), 5),
+        record = {"frame": frame.index, "class_index": k, "label": labels[k], "score": round(float(probs[k]), 5),
                   "latency_ms": round(frame.infer_ms, 3), "age_ms": round((t - frame.t_capture) * 1000.0, 1),
                   "ts": round(frame.ts, 3)}
+        if self.stream_id is not None:
+            record = {"stream": self.stream_id, **record, **stream_times(frame, t)}
         if self.top_k > 1:
-            record["top_k"] = [{"class_index": int(i), "label": self.labels[i], "score": round(float(probs[i]), 5)} for i in top]
+            record["top_k"] = [{"class_index": int(i), "label": labels[i], "score": round(float(probs[i]), 5)} for i in top]
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
+        if self.on_result is not None:
+            self.on_result(record, frame)
         fps = self.rate.tick()
         if self.video_path or self.display is not None or self.mjpeg is not None or self.rtsp is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])

@@ -15,10 +15,12 @@ The string only ever reaches OpenCV (or glob/os for images) as an argument: noth
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,17 +163,65 @@ def check_gstreamer(spec: SourceSpec) -> None:
                       "with the venv created using --system-site-packages")
 
 
-def set_rtsp_transport(transport: str | None) -> None:
-    """OpenCV's FFmpeg backend asks RTSP servers for TCP unless told otherwise (env var read at open)."""
-    if not transport:
+RTSP_TRANSPORTS = ("auto", "tcp", "udp")
+FFMPEG_OPTIONS = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+# the user's own choice in the environment wins over auto (read once: opens set the variable while they run)
+USER_SETS_TRANSPORT = "rtsp_transport;" in os.environ.get(FFMPEG_OPTIONS, "")
+_ffmpeg_open_lock = threading.Lock()
+
+
+def is_rtsp(spec: SourceSpec) -> bool:
+    return spec.kind == "stream" and spec.text.lower().startswith(("rtsp://", "rtsps://"))
+
+
+def transports_to_try(spec: SourceSpec, choice: str = "auto", first: str | None = None) -> list[str | None]:
+    """RTSP transports to open ``spec`` with, in order: auto tries TCP then UDP (some servers and NVRs speak
+    only UDP, others only TCP), the one that worked last time first; [None]: leave it to OpenCV/FFmpeg."""
+    if not is_rtsp(spec) or (choice == "auto" and USER_SETS_TRANSPORT):
+        return [None]
+    if choice in ("tcp", "udp"):
+        return [choice]
+    return sorted(["tcp", "udp"], key=lambda t: t != first)
+
+
+@contextlib.contextmanager
+def one_open_at_a_time(spec: SourceSpec):
+    """OpenCV's FFmpeg backend opens one capture at a time per process (a mutex inside OpenCV, held for the
+    whole open: seconds for an RTSP camera, which waits for codec parameters). Waiting here instead, before the
+    watchdog starts timing, means a camera queued behind others is never abandoned for being slow to open (an
+    abandoned open would still wait its turn inside OpenCV and make the queue longer)."""
+    if spec.kind not in ("stream", "file"):
+        yield
         return
-    opts = [o for o in os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS", "").split("|") if o and not o.startswith("rtsp_transport;")]
-    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "|".join(opts + [f"rtsp_transport;{transport}"])
+    with _ffmpeg_open_lock:
+        yield
 
 
-def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0):
-    """Open the source; returns an object with read() -> (ok, frame), release(), fps(). Raises OSError if it
-    cannot be opened (the caller decides whether to retry)."""
+@contextlib.contextmanager
+def rtsp_transport_env(transport: str | None):
+    """OpenCV's FFmpeg backend takes the RTSP transport from a process-wide variable, read when an open starts
+    (it asks for TCP when the variable is unset). Set for one open, under `one_open_at_a_time`."""
+    if transport is None:
+        yield
+        return
+    before = os.environ.get(FFMPEG_OPTIONS)
+    kept = [o for o in (before or "").split("|") if o and not o.startswith("rtsp_transport;")]
+    os.environ[FFMPEG_OPTIONS] = "|".join(kept + [f"rtsp_transport;{transport}"])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FFMPEG_OPTIONS, None)
+        else:
+            os.environ[FFMPEG_OPTIONS] = before
+
+
+def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
+                 rtsp_transport: str | None = None):
+    """Open the source; returns an object with read() -> (ok, frame), release(), fps(), pts_ms(). Raises OSError
+    if it cannot be opened (the caller decides whether to retry). ``rtsp_transport``: tcp or udp for an rtsp://
+    source (see `transports_to_try`; it sets a process-wide variable: open through `open_trying`, which holds
+    `one_open_at_a_time`); None: OpenCV's default."""
     if spec.kind == "images":
         return ImageSequence(spec.target)
     timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
@@ -186,7 +236,8 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
         if cap.isOpened():
             apply_format(cap, spec.fmt)
     else:
-        cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
+        with rtsp_transport_env(rtsp_transport):
+            cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
     if not cap.isOpened():
         cap.release()
         what = {"file": "not a video OpenCV can decode (corrupt, empty or unsupported codec)",
@@ -195,6 +246,46 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
                 "gstreamer": "the pipeline did not start"}[spec.kind]
         raise OSError(f"cannot open {spec.kind} {spec.text!r}: {what}")
     return VideoCaptureSource(cap)
+
+
+def open_trying(spec: SourceSpec, transports: list[str | None], open_timeout_s: float, read_timeout_s: float,
+                on_attempt=lambda: None, cancel=lambda: False):
+    """`open_capture` with each transport in turn (each gets the whole open timeout; ``on_attempt()`` before
+    each, once it is this open's turn); the error names every transport tried. The result's ``transport`` says
+    which one opened it."""
+    failed = []
+    for transport in transports:
+        try:
+            with one_open_at_a_time(spec):
+                if cancel():
+                    raise OSError("abandoned before its turn to open")
+                on_attempt()
+                src = open_capture(spec, open_timeout_s, read_timeout_s, transport)
+        except OSError as exc:
+            if transport is None or cancel():
+                raise
+            failed.append((transport, str(exc).strip().splitlines()[-1]))
+            continue
+        src.transport = transport
+        return src
+    tried = " and ".join(t.upper() for t, _ in failed)
+    raise OSError(f"{failed[-1][1]} (tried RTSP over {tried}; --rtsp-transport tcp or udp forces one)")
+
+
+class PtsClock:
+    """When a frame was due by its presentation timestamp, on our monotonic clock: the stream's clock is anchored
+    at the frame that arrived earliest relative to its PTS, so time queued in the network, the decoder or here
+    shows as the difference. One per connection (a reconnect restarts the stream's clock)."""
+
+    def __init__(self):
+        self.offset: float | None = None
+
+    def due(self, arrived: float, pts_ms: float | None) -> float | None:
+        if pts_ms is None:
+            return None
+        offset = arrived - pts_ms / 1000.0
+        self.offset = offset if self.offset is None else min(self.offset, offset)
+        return self.offset + pts_ms / 1000.0
 
 
 def apply_format(cap: cv2.VideoCapture, fmt: CaptureFormat) -> None:
@@ -213,6 +304,7 @@ def apply_format(cap: cv2.VideoCapture, fmt: CaptureFormat) -> None:
 class VideoCaptureSource:
     def __init__(self, cap: cv2.VideoCapture):
         self.cap = cap
+        self.transport: str | None = None    # the RTSP transport it was opened with (open_trying)
 
     def read(self):
         return self.cap.read()
@@ -220,6 +312,11 @@ class VideoCaptureSource:
     def fps(self) -> float:
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         return float(fps) if 0 < fps < 1000 else 0.0
+
+    def pts_ms(self) -> float | None:
+        """The last frame's presentation timestamp in the stream's own clock (ms), when the backend knows it."""
+        pts = self.cap.get(cv2.CAP_PROP_POS_MSEC)
+        return float(pts) if pts and pts > 0 else None
 
     def release(self) -> None:
         self.cap.release()
@@ -231,6 +328,7 @@ class ImageSequence:
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
         self.pos = 0
+        self.transport = None
 
     def read(self):
         if self.pos >= len(self.paths):
@@ -241,6 +339,9 @@ class ImageSequence:
 
     def fps(self) -> float:
         return 0.0
+
+    def pts_ms(self) -> None:
+        return None
 
     def release(self) -> None:
         self.pos = len(self.paths)

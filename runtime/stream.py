@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from edgepipe.runtime.preprocess import check_frame
-from edgepipe.runtime.sources import SourceError, SourceSpec, open_capture
+from edgepipe.runtime.sources import PtsClock, SourceError, SourceSpec, open_trying, transports_to_try
 
 STAGES = ("capture", "preprocess", "infer", "postprocess", "write")
 MAX_SIDE = 16384          # larger frames are dropped as corrupt (a broken header, not a camera)
@@ -48,6 +48,7 @@ class Options:
     max_reconnects: int = 10         # failures in a row before giving up
     backoff_s: float = 0.5           # first reconnect delay; doubles up to backoff_max_s
     backoff_max_s: float = 30.0
+    rtsp_transport: str = "auto"     # auto (TCP, then UDP), tcp or udp
     log: object = print              # one-line status messages (stderr in the CLI)
 
 
@@ -55,11 +56,15 @@ class Options:
 class Frame:
     index: int                       # position in the source (gaps = dropped frames)
     image: np.ndarray
-    t_capture: float                 # time.monotonic() when read
-    ts: float                        # wall clock when read
+    t_capture: float                 # time.monotonic() when it arrived (read() returned; --realtime: handed on)
+    ts: float                        # wall clock when it arrived
     tensor: np.ndarray | None = None
     logits: np.ndarray | None = None
     infer_ms: float = 0.0
+    pts_ms: float | None = None      # presentation timestamp in the stream's clock, when the source has one
+    t_pts: float | None = None       # monotonic time the PTS says it was due (anchored at the earliest arrival)
+    prep: object = None              # the Preprocess that made ``tensor`` (a model swap may change it)
+    labels: list | None = None       # the labels of the model that classified it (None: the outputs' own)
 
 
 class Channel:
@@ -142,10 +147,13 @@ class StageStats:
 class Reader(threading.Thread):
     """One connection: open the source, read until it ends, fails or is abandoned by the watchdog."""
 
-    def __init__(self, spec: SourceSpec, opts: Options, emit):
+    def __init__(self, spec: SourceSpec, opts: Options, emit, first_transport: str | None = None):
         super().__init__(name="camera-reader", daemon=True)   # a stuck read must not keep the process alive
         self.spec, self.opts, self.emit = spec, opts, emit
-        self.busy_since: float | None = time.monotonic()      # set while inside a blocking OpenCV call
+        self.transports = transports_to_try(spec, opts.rtsp_transport, first_transport)
+        self.transport: str | None = None                      # the RTSP transport that opened it
+        self.pts_clock = PtsClock()                            # this connection's PTS -> our clock
+        self.busy_since: float | None = None                  # set while inside a blocking OpenCV call
         self.opening = True
         self.abandoned = False
         self.frames = 0
@@ -155,9 +163,8 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         # OpenCV's read timeout is fixed at open, so it must also cover the first (keyframe) wait
-        longest = max(self.opts.read_timeout_s, self.opts.first_frame_timeout_s)
         try:
-            src = open_capture(self.spec, self.opts.open_timeout_s, backstop_read_timeout(longest))
+            src = self._open()
         except SourceError as exc:
             self.outcome, self.error = "fatal", str(exc)
             return
@@ -173,6 +180,7 @@ class Reader(threading.Thread):
                 except cv2.error as exc:               # some backends raise instead of returning False
                     ok, frame, self.error = False, None, f"read failed: {str(exc).strip().splitlines()[-1]}"
                 self.busy_since = None
+                arrived = time.monotonic()
                 if self.abandoned:
                     return
                 if not ok:
@@ -180,11 +188,18 @@ class Reader(threading.Thread):
                     self.error = self.error or ("the stream ended" if self.spec.live else "")
                     return
                 self.frames += 1
-                if not self.emit(self, frame, t0):
+                if not self.emit(self, frame, t0, arrived, src.pts_ms() if ok else None):
                     self.outcome = "stopped"
                     return
         finally:
             src.release()
+
+    def _open(self):
+        longest = max(self.opts.read_timeout_s, self.opts.first_frame_timeout_s)
+        src = open_trying(self.spec, self.transports, self.opts.open_timeout_s, backstop_read_timeout(longest),
+                          on_attempt=lambda: setattr(self, "busy_since", time.monotonic()), cancel=lambda: self.abandoned)
+        self.transport = src.transport
+        return src
 
 
 def stall_reason(reader: Reader, opts: Options) -> str:
@@ -212,6 +227,7 @@ class Capture(threading.Thread):
         self.t_first: float | None = None
         self.t_started = time.monotonic()   # reset by the pipeline when it starts
         self._pace = None            # (t0, index0) for --realtime
+        self.transport: str | None = None   # the RTSP transport that last delivered frames
         self.readers: list[Reader] = []
         self._lock = threading.Lock()
 
@@ -226,7 +242,7 @@ class Capture(threading.Thread):
     def _supervise(self) -> None:
         failures, frames_total = 0, 0
         while not self.stop.is_set():
-            reader = Reader(self.spec, self.opts, self._emit)
+            reader = Reader(self.spec, self.opts, self._emit, self.transport)
             self.readers = [r for r in self.readers if r.is_alive()] + [reader]
             reader.start()
             outcome = self._watch(reader)
@@ -235,6 +251,7 @@ class Capture(threading.Thread):
                 self.reconnected += 1
             if reader.frames:
                 failures = 0                              # it works again: the count starts over
+                self.transport = reader.transport or self.transport   # tried first next time
             if outcome == "stopped":
                 return
             if outcome == "fatal":
@@ -291,9 +308,9 @@ class Capture(threading.Thread):
             reader.join(max(0.0, deadline - time.monotonic()))
         return sum(r.is_alive() for r in self.readers)
 
-    def _emit(self, reader: Reader, image, t0: float) -> bool:
-        """Called by the reader for each frame read; False tells it to stop."""
-        now = time.monotonic()
+    def _emit(self, reader: Reader, image, t0: float, now: float, pts_ms: float | None = None) -> bool:
+        """Called by the reader for each frame read (``t0``: the read began, ``now``: it returned); False tells
+        it to stop."""
         if self.stop.is_set():
             return False
         self.stats.add("capture", now - t0)
@@ -315,7 +332,9 @@ class Capture(threading.Thread):
             return True
         if self.opts.realtime and reader.fps:
             self._wait_for_schedule(index, reader.fps)
-        frame = Frame(index, image, t0, time.time())
+            now = time.monotonic()                       # a paced file frame "arrives" when it is handed on
+        t_pts = reader.pts_clock.due(now, pts_ms) if self.spec.live else None
+        frame = Frame(index, image, now, time.time() - (time.monotonic() - now), pts_ms=pts_ms, t_pts=t_pts)
         return self.out.put(frame, cancel=lambda: self.stop.is_set() or reader.abandoned)
 
     def _wait_for_schedule(self, index: int, fps: float) -> None:
@@ -338,12 +357,16 @@ class Pipeline:
         self.stats = StageStats()
         self.errors: list[Exception] = []
         live = opts.live
-        self.raw = Channel(1 if live else 4, latest=live)
+        self.raw = self.frames_channel(live)
         self.ready = Channel(1 if live else 2, latest=live)
         self.done = Channel(16)                       # computed results are never dropped
         self.capture = Capture(spec, opts, self.raw, self.stats, self.stop)
         self.threads = [self.capture]
         self.t_start = self.t_end = None
+
+    def frames_channel(self, live: bool) -> Channel:
+        """Where capture puts frames: the newest only for a live source, a short blocking queue for a file."""
+        return Channel(1 if live else 4, latest=live)
 
     @property
     def dropped(self) -> int:

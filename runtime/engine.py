@@ -1,0 +1,211 @@
+"""The one inference worker of a server: frames from every stream -> batches -> one engine call -> each result
+back to its own stream.
+
+- Fair: a batch is filled round-robin, one frame per stream per pass, starting one stream further each time,
+  so under overload every stream gets its share and none starves another (live streams offer only their
+  newest frame anyway).
+- A batch is up to ``batch`` frames; the worker waits at most ``wait_s`` after the first frame for more.
+- Each row of the logits goes back to the stream its frame came from: the pairing (stream, frame) is kept from
+  collection to routing, never re-derived.
+- Model swap: ``swap(clf)`` replaces the classifier between two batches; a frame preprocessed for the old
+  model's input is preprocessed again for the new one, so no frame is lost or misfed.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+from edgepipe.runtime.stream import Channel
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+GAIN = 0.9             # a larger batch is worth it while it cuts the per-image time by 10% or more
+WAIT_RANGE_S = (0.001, 0.010)
+
+
+def max_batch(clf) -> int:
+    """The largest batch this classifier takes in one call: TensorRT's optimization profile max, 1 for a
+    static-batch model (or an NPU), else any (capped at the largest size measured)."""
+    batch_range = getattr(clf.backend, "batch_range", None)
+    if batch_range:
+        return int(batch_range[1])
+    return BATCH_SIZES[-1] if clf.dynamic_batch else 1
+
+
+def measure_batches(clf, repeats: int = 5, largest: int = 16) -> dict[int, float]:
+    """Milliseconds per image at each batch size up to ``largest`` (and the engine's max), best of ``repeats``
+    calls after one warm-up (which also compiles a dynamic-batch model)."""
+    shape = clf.preprocess.input_shape[1:]
+    per_image = {}
+    for size in (s for s in BATCH_SIZES if s <= min(largest, max_batch(clf))):
+        x = np.zeros((size, *shape), np.float32)
+        clf.logits(x)
+        best = min(_timed(clf, x) for _ in range(repeats))
+        per_image[size] = round(best * 1000.0 / size, 4)
+    return per_image
+
+
+def _timed(clf, x: np.ndarray) -> float:
+    t = time.perf_counter()
+    clf.logits(x)
+    return time.perf_counter() - t
+
+
+def pick_batch(per_image: dict[int, float]) -> tuple[int, float]:
+    """(batch, wait_s): the largest batch whose per-image time still improves by GAIN over the best smaller
+    one; wait half that batch's run time (so waiting costs less than it saves), within WAIT_RANGE_S."""
+    best = min(per_image)
+    for size in sorted(per_image):
+        if per_image[size] <= GAIN * per_image[best]:
+            best = size
+    run_s = per_image[best] * best / 1000.0
+    return best, min(max(run_s / 2.0, WAIT_RANGE_S[0]), WAIT_RANGE_S[1])
+
+
+class Engine(threading.Thread):
+    """Collect -> infer -> route, on one thread. ``streams`` have ``raw`` (frames in, `Channel`), ``done``
+    (results out), ``stats`` and ``sid``; see serve.StreamPipeline."""
+
+    def __init__(self, clf, batch: int, wait_s: float, metrics=None, log=print):
+        super().__init__(name="engine", daemon=True)
+        self.clf, self.batch, self.wait_s = clf, batch, wait_s
+        self.metrics, self.log = metrics, log
+        self.streams: list = []
+        self.lock = threading.Lock()            # guards ``streams``
+        self.cond = threading.Condition()       # a frame arrived somewhere (``seq`` counts them)
+        self.seq = 0
+        self.stop = threading.Event()
+        self.sizes: collections.Counter = collections.Counter()   # batch size -> batches run
+        self.frames = 0
+        self.error: Exception | None = None
+        self._turn = 0
+        self._ended: list = []                  # streams drained: their results close after the batch in hand
+
+    def wake(self) -> None:
+        with self.cond:
+            self.seq += 1
+            self.cond.notify()
+
+    def add(self, stream) -> None:
+        with self.lock:
+            self.streams.append(stream)
+        self.wake()
+
+    def swap(self, clf) -> None:
+        """Serve ``clf`` from the next batch on (one assignment: a batch is run by one model)."""
+        self.clf = clf
+        self.batch = min(self.batch, max_batch(clf))
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                items = self.collect()
+                if items:
+                    self.classify(items)
+                self._close_ended()
+        except Exception as exc:  # noqa: BLE001 - the server reports it in one line and stops
+            self.error = exc
+        finally:
+            with self.lock:
+                streams, self.streams = self.streams + self._ended, []
+            for stream in streams:
+                stream.done.close()
+
+    def collect(self) -> list[tuple]:
+        """Up to ``batch`` (stream, frame) pairs: as soon as the batch is full, or ``wait_s`` after its first frame."""
+        items, first_at = [], None
+        while not self.stop.is_set():
+            with self.cond:
+                seen = self.seq
+            items += self._take(self.batch - len(items))
+            now = time.monotonic()
+            if items and first_at is None:
+                first_at = now
+            if len(items) >= self.batch or (items and now >= first_at + self.wait_s) or self._ended:
+                break                           # full, waited enough, or a stream's results are to be closed
+            with self.cond:
+                if self.seq == seen:            # nothing arrived since the pass began
+                    self.cond.wait(first_at + self.wait_s - now if items else 0.1)
+        return items
+
+    def _take(self, room: int) -> list[tuple]:
+        """One pass round-robin over the streams (repeated while frames remain and there is room); a stream
+        whose capture has ended and whose frames are all taken is finished here (its outputs then close)."""
+        with self.lock:
+            streams = list(self.streams)
+        if not streams:
+            return []
+        self._turn = (self._turn + 1) % len(streams)
+        order = streams[self._turn:] + streams[:self._turn]
+        taken, progress = [], True
+        while room > 0 and progress:
+            progress = False
+            for stream in order:
+                if room == 0:
+                    break
+                frame = stream.raw.get(timeout=0)
+                if frame is None:
+                    if stream.raw.closed:
+                        self._finish(stream)
+                    continue
+                taken.append((stream, frame))
+                room -= 1
+                progress = True
+        return taken
+
+    def _finish(self, stream) -> None:
+        with self.lock:
+            if stream in self.streams:
+                self.streams.remove(stream)
+                self._ended.append(stream)
+
+    def _close_ended(self) -> None:
+        ended, self._ended = self._ended, []
+        for stream in ended:
+            stream.done.close()
+
+    def classify(self, items: list[tuple]) -> None:
+        clf = self.clf                          # one snapshot: a swap takes effect from the next batch
+        pre, labels = clf.preprocess, clf.labels
+        batch = np.concatenate([frame.tensor if frame.prep == pre else pre(frame.image) for _, frame in items])
+        t = time.monotonic()
+        logits = clf.logits(batch)
+        infer_s = time.monotonic() - t
+        for row, (stream, frame) in enumerate(items):
+            frame.logits, frame.tensor, frame.labels = logits[row:row + 1], None, labels
+            frame.infer_ms = infer_s * 1000.0
+            stream.stats.add("infer", infer_s)
+            stream.done.put(frame, cancel=stream.stop.is_set)
+        self.sizes[len(items)] += 1
+        self.frames += len(items)
+        if self.metrics is not None:
+            self.metrics.batch(len(items), infer_s)
+            self.metrics.queue_depth(self.queued())
+
+    def queued(self) -> int:
+        with self.lock:
+            return sum(len(s.raw.items) for s in self.streams)
+
+    def describe(self) -> dict:
+        return {"batch": self.batch, "batch_wait_ms": round(self.wait_s * 1000.0, 2), "frames": self.frames,
+                "batches": dict(sorted(self.sizes.items()))}
+
+
+class PreparedChannel(Channel):
+    """A stream's frame slot: each frame is preprocessed on the thread that puts it (the stream's reader;
+    OpenCV releases the GIL) before it is queued, and the engine is woken."""
+
+    def __init__(self, maxsize: int, latest: bool, engine: Engine, stats):
+        super().__init__(maxsize, latest)
+        self.engine, self.stats = engine, stats
+
+    def put(self, item, cancel=lambda: False) -> bool:
+        t = time.monotonic()
+        pre = self.engine.clf.preprocess
+        item.tensor, item.prep = pre(item.image), pre
+        self.stats.add("preprocess", time.monotonic() - t)
+        ok = super().put(item, cancel)
+        self.engine.wake()
+        return ok
