@@ -26,7 +26,7 @@ def require(part: str, available: bool, why: str = "") -> None:
         return
     line = f"missing required part: {part}" + (f" -- {why}" if why else "")
     if IN_CI:
-        pytest.fail(f"{line} (CI=true: `make setup` must provide it)", pytrace=False)
+        pytest.fail(f"{line} (CI=true: a missing part fails the test)", pytrace=False)
     pytest.skip(line)
 
 
@@ -52,7 +52,8 @@ SKIPS: list[tuple[str, str]] = []
 
 def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, "wasxfail"):
-        SKIPS.append((report.nodeid, report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)))
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        SKIPS.append((report.nodeid, reason.removeprefix("Skipped: ")))
 
 
 def pytest_sessionfinish(session, exitstatus):

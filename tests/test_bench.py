@@ -98,8 +98,8 @@ def test_bench_passing_budgets_exit_0(tiny_artifacts, tmp_path, sample_video):
     backends: openvino
     throughput_fps_min: 0.1
     p90_ms_max: 60000
-"""  # the absolute checks pass on any machine that is not hung (10 s, 60 s per image); the verdict logic on
-     # measured samples and an impossible budget are tested above and below)
+""")  # the absolute checks pass on any machine that is not hung (10 s, 60 s an image): their verdicts on
+      # measured samples and an impossible budget are tested above and below
     out, junit = tmp_path / "bench", tmp_path / "junit.xml"
     proc = run_edgepipe("bench", tiny_artifacts, "--data", tiny_artifacts / "calibration", "--budgets", budgets,
                         "--junit", junit, "--out", out, "--video", sample_video, *FAST)

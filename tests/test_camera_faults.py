@@ -218,17 +218,17 @@ def test_case17_corrupt_file_is_a_clear_error(tiny_artifacts, tmp_path, content)
 
 @needs_ffmpeg
 def test_case18_slow_inference_processes_latest_frame_with_bounded_memory(tiny_artifacts, tmp_path):
-    """A 10000 fps file of 64x48 frames played in real time: a frame is due every 0.1 ms and decoding one costs
-    a few thousand pixels, while classifying it runs a 224 px CNN (about 10^8 multiply-adds, plus its
-    preprocessing), so on any CPU the model cannot keep up: frames are dropped (counted) and each processed
-    frame is a current one; indices only go up."""
+    """A file of 64x48 frames at 10000 fps (a rate no camera has: camera.py reads it as fast as it decodes) as a
+    live source: decoding a frame of a few thousand pixels is far quicker than classifying it with a 224 px CNN
+    (about 10^8 multiply-adds), so on any CPU the model cannot keep up: frames are dropped (counted) and each
+    processed frame is a current one; indices only go up."""
     fast = make_video(tmp_path / "fast.mp4", frames=400, fps=10000, size="64x48")
     jsonl = tmp_path / "f.jsonl"
     proc = run_camera(tiny_artifacts, fast, "--realtime", "--jsonl", jsonl)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = summary_of(proc)
-    stages = summary["stages"]        # the premise, as ratios of this run: reading a frame is much quicker than classifying it
-    assert summary["source_fps"] == 10000 and stages["capture"]["p50"] * 2 < stages["infer"]["p50"], stages
+    stages = summary["stages"]        # the premise, as a ratio of this run: reading a frame is much quicker than classifying it
+    assert stages["capture"]["p50"] * 2 < stages["infer"]["p50"], stages
     lines = read_jsonl(jsonl)
     frames = [r["frame"] for r in lines]
     assert summary["dropped"] > 0 and len(frames) == summary["frames"] < 400
