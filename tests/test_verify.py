@@ -42,8 +42,9 @@ def test_checks_and_reference_set_use_held_out_images_only(tiny_artifacts):
 # int8 floors on the held-out check images, with margin from what the current code gives (Xeon, AVX-512 VNNI;
 # isa portable: an AVX2 CPU computes the same int8 sums). Tiny recipe (16 calibration crops): agreement 0.875
 # (1 flip of its 8 check crops), relative logit error 0.106. Default recipe: 0.875 and 0.092 on its 200 check
-# crops. Status ok already means verify's bound for int8 on generated crops (0.78 + one flip, 0.18).
-@pytest.mark.parametrize("artifacts, min_agreement, max_rel", [("tiny_artifacts", 0.75, 0.14), ("lite0_artifacts", 0.82, 0.13)],
+# crops (with the calibration images negated, a scratch change: 0.85 and 0.123). Status ok already means
+# verify's bound for int8 on generated crops (0.78 + one flip, 0.18).
+@pytest.mark.parametrize("artifacts, min_agreement, max_rel", [("tiny_artifacts", 0.75, 0.14), ("lite0_artifacts", 0.82, 0.11)],
                          ids=["tiny-recipe", "default-recipe"])
 def test_every_int8_variant_passes_its_held_out_check_above_the_recipe_floor(request, artifacts, min_agreement, max_rel):
     folder = request.getfixturevalue(artifacts)
