@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from conftest import requires
 
 REPO = Path(__file__).resolve().parent.parent
 CAMERA = REPO / "runtime" / "camera.py"
@@ -26,7 +26,7 @@ CODECS = {
     "ts": ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"],
 }
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+needs_ffmpeg = requires("ffmpeg", shutil.which("ffmpeg") is not None, "Debian package ffmpeg (make setup)")
 
 
 def make_video(path: Path, frames: int = 48, fps: int = 25, size: str = "320x240", pattern: str = "testsrc2") -> Path:
@@ -232,20 +232,36 @@ def rtsp_available() -> bool:
     return shutil.which("rtsp-server-perl") is not None and shutil.which("ffmpeg") is not None
 
 
+needs_rtsp = requires("rtsp-server-perl and ffmpeg", rtsp_available(), "Debian packages rtsp-server-perl ffmpeg (make setup)")
+
+
 GST_RTSP_SERVER = Path(__file__).resolve().parent / "gst_rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"   # GStreamer's Python bindings are a Debian package, not in the venv
 
 
-def gst_rtsp_available(elements=("x264enc", "rtph264pay", "videotestsrc")) -> bool:
-    """GStreamer's RTSP server with these elements (by default those of tests/gst_rtsp_server.py; make setup
-    installs them on Debian, see the Makefile's APT_PACKAGES)."""
+def gst_rtsp_problem(elements=("x264enc", "rtph264pay", "videotestsrc")) -> str:
+    """Why GStreamer's RTSP server with these elements cannot run here ("" when it can); by default the elements
+    of tests/gst_rtsp_server.py. make setup installs them on Debian (the Makefile's APT_PACKAGES)."""
     check = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
              "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
-             f"assert all(Gst.ElementFactory.find(e) for e in {tuple(elements)!r})")
+             f"missing = [e for e in {tuple(elements)!r} if not Gst.ElementFactory.find(e)]; "
+             "assert not missing, f'no GStreamer element {missing}'")
     try:
-        return subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        proc = subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{SYSTEM_PYTHON} with GStreamer: {exc}"
+    return "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+
+
+def gst_rtsp_available(elements=("x264enc", "rtph264pay", "videotestsrc")) -> bool:
+    return not gst_rtsp_problem(elements)
+
+
+def needs_gst(elements=("x264enc", "rtph264pay", "videotestsrc")):
+    """The mark of a test that runs GStreamer's RTSP server with these elements (conftest.require)."""
+    problem = gst_rtsp_problem(elements)
+    return requires("GStreamer's RTSP server", not problem, f"{problem}; Debian packages python3-gi "
+                    "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good/-bad/-ugly (make setup)")
 
 
 def start_gst_rtsp(port: int, keyframe_s: float, transport: str = "tcp") -> subprocess.Popen:

@@ -96,9 +96,10 @@ def test_bench_passing_budgets_exit_0(tiny_artifacts, tmp_path, sample_video):
     p90_ratio_max: {of: torch_eager, ratio: 5}
   - variants: "*int8*"
     backends: openvino
-    throughput_fps_min: 1
-    p90_ms_max: 100000
-""")
+    throughput_fps_min: 0.1
+    p90_ms_max: 60000
+""")  # the absolute checks pass on any machine that is not hung (10 s, 60 s an image): their verdicts on
+      # measured samples and an impossible budget are tested above and below
     out, junit = tmp_path / "bench", tmp_path / "junit.xml"
     proc = run_edgepipe("bench", tiny_artifacts, "--data", tiny_artifacts / "calibration", "--budgets", budgets,
                         "--junit", junit, "--out", out, "--video", sample_video, *FAST)
@@ -134,8 +135,9 @@ def test_bench_passing_budgets_exit_0(tiny_artifacts, tmp_path, sample_video):
     assert suite.get("failures") == "0" and int(suite.get("tests")) == len(report["budgets"]) + len(report["variants"])
     video = report["video"]
     assert video["variant"] in ids
-    # runtime/camera.py --stats (issue 4's contract): stage breakdown when present, else the reason
-    assert ("stats" in video and "infer" in video["stats"]["stages"]) or video["error"]
+    # runtime/camera.py --stats (issue 4's contract): the sample video ran, with its stage breakdown
+    assert "error" not in video, video
+    assert video["stats"]["frames"] > 0 and video["stats"]["stages"]["infer"]["p50"] > 0, video
 
 
 def test_impossible_budget_exits_1(tiny_artifacts, tmp_path):

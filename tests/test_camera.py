@@ -250,12 +250,13 @@ def test_mjpeg_output_serves_annotated_frames_on_loopback(tiny_artifacts, videos
         assert snapshot, "no frame served"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mjpg", timeout=10) as resp:
             assert resp.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
-            parts = []
-            while len(parts) < 3:
+            parts, deadline = [], time.monotonic() + 60
+            while len(parts) < 3 and time.monotonic() < deadline:
                 line = resp.readline()
                 if line.lower().startswith(b"content-length:"):
                     resp.readline()
                     parts.append(resp.read(int(line.split(b":")[1])))
+            assert len(parts) == 3, f"{len(parts)} MJPEG parts within 60 s"
         proc = finish(cam, signal.SIGTERM)
     finally:
         stop_process(cam)

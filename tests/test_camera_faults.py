@@ -12,13 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, gst_rtsp_available,
-                            http_stream, live_camera_input, make_video, needs_ffmpeg, read_jsonl, rtsp_available,
-                            run_camera, start_camera, start_gst_rtsp, stop_process, summary_of, wait_for_lines)
+from camera_helpers import (RtspServer, assert_clean_stderr, count_frames, finish, free_port, http_stream,
+                            live_camera_input, make_video, needs_ffmpeg, needs_gst, needs_rtsp, read_jsonl, run_camera,
+                            start_camera, start_gst_rtsp, stop_process, summary_of, wait_for_lines)
 
 FAST_RETRY = ["--backoff", "0.2", "--open-timeout", "2", "--read-timeout", "1.5"]
-needs_rtsp = pytest.mark.skipif(not rtsp_available(), reason="needs rtsp-server-perl and ffmpeg")
-needs_gst_rtsp = pytest.mark.skipif(not gst_rtsp_available(), reason="needs GStreamer's RTSP server (make setup)")
+needs_gst_rtsp = needs_gst()
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,10 @@ def test_case13_unreachable_source_gives_up_within_open_timeout_with_backoff(tin
     assert proc.stderr.strip().splitlines()[-1].startswith(f"camera.py: error: gave up on '{url}'")
     summary = summary_of(proc)
     assert summary["frames"] == 0 and summary["reconnects"] == retries and summary["stopped_by"] == "gave-up"
-    # each of the 3 attempts waited for the open timeout (not less, not forever)
+    # each of the 3 attempts waited for the open timeout: a floor the timeouts set on any machine (a faster one
+    # cannot wait less); the ceiling only catches a hang (no open timeout: the silent server holds it forever)
     expected = (retries + 1) * open_timeout + 0.2 + 0.4
-    assert expected * 0.8 <= summary["run_s"] <= expected * 3
+    assert expected * 0.8 <= summary["run_s"] < expected + 120
     assert read_jsonl(tmp_path / "f.jsonl") == []
 
 
@@ -218,13 +218,17 @@ def test_case17_corrupt_file_is_a_clear_error(tiny_artifacts, tmp_path, content)
 
 @needs_ffmpeg
 def test_case18_slow_inference_processes_latest_frame_with_bounded_memory(tiny_artifacts, tmp_path):
-    """A 500 fps file played in real time: the real model cannot keep up, so frames are dropped (counted) and
-    each processed frame is a current one; indices only go up."""
-    fast = make_video(tmp_path / "fast.mp4", frames=400, fps=500)
+    """A file of 64x48 frames at 10000 fps (a rate no camera has: camera.py reads it as fast as it decodes) as a
+    live source: decoding a frame of a few thousand pixels is far quicker than classifying it with a 224 px CNN
+    (about 10^8 multiply-adds), so on any CPU the model cannot keep up: frames are dropped (counted) and each
+    processed frame is a current one; indices only go up."""
+    fast = make_video(tmp_path / "fast.mp4", frames=400, fps=10000, size="64x48")
     jsonl = tmp_path / "f.jsonl"
     proc = run_camera(tiny_artifacts, fast, "--realtime", "--jsonl", jsonl)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = summary_of(proc)
+    stages = summary["stages"]        # the premise, as a ratio of this run: reading a frame is much quicker than classifying it
+    assert stages["capture"]["p50"] * 2 < stages["infer"]["p50"], stages
     lines = read_jsonl(jsonl)
     frames = [r["frame"] for r in lines]
     assert summary["dropped"] > 0 and len(frames) == summary["frames"] < 400
@@ -259,7 +263,7 @@ def test_case19_signal_while_open_hangs_stops_without_waiting_for_opencv(tiny_ar
     """SIGTERM while OpenCV is blocked opening a camera that never answers: the main thread is not stuck in
     OpenCV, so camera.py stops long before the open timeout, with its summary and exit 0."""
     port, held = silent_server
-    open_timeout = 60
+    open_timeout = 3600                                      # waiting for OpenCV's open would outlast finish()'s deadline
     cam = start_camera(tiny_artifacts, f"http://127.0.0.1:{port}/stream", "--open-timeout", open_timeout)
     try:
         deadline = time.monotonic() + 120
@@ -273,7 +277,7 @@ def test_case19_signal_while_open_hangs_stops_without_waiting_for_opencv(tiny_ar
     assert_clean_stderr(proc)
     summary = summary_of(proc)
     assert summary["stopped_by"] == "signal" and summary["frames"] == 0
-    assert summary["run_s"] < open_timeout / 4
+    assert summary["run_s"] < open_timeout / 4              # bounded by the waits above: a hang deadline
 
 
 @pytest.mark.parametrize("template", ["x; touch {marker}", "rtsp://127.0.0.1:9/x;touch${{IFS}}{marker}",
@@ -327,7 +331,9 @@ def test_long_gop_stream_first_frame_waits_for_the_keyframe_without_reconnecting
     assert summary["frames"] == 5 == len(read_jsonl(jsonl)) and summary["reconnects"] == 0
     assert summary["device"] == "AUTO" and summary["stopped_by"] == "max-frames"
     assert "reconnecting" not in proc.stderr and "first frame from" in proc.stderr
-    assert summary["first_frame_s"] > 1.5          # it waited longer than the stall watchdog, without a reconnect
+    # the test's premise, by construction: joined 2 s into a 25 s GOP, the first frame waits for the next keyframe,
+    # longer than the 1.5 s stall watchdog, unless camera.py took over 20 s to start (a hang, not a slow CPU)
+    assert summary["first_frame_s"] > 1.5, "joined at a keyframe: camera.py took over 20 s to start"
     # the same stream with a first-frame wait shorter than the keyframe interval: reconnects, says why, gives up
     assert hasty_proc.returncode == 3, hasty_proc.stderr[-2000:]
     assert "connected, but no frame within --first-frame-timeout 3 s" in hasty_proc.stderr
@@ -360,5 +366,7 @@ def test_rtsp_over_tcp_long_gop_first_frame_without_reconnecting(tiny_artifacts,
     summary = summary_of(proc)
     assert summary["frames"] == 5 == len(read_jsonl(jsonl)) and summary["reconnects"] == 0
     assert "reconnecting" not in proc.stderr
-    assert 1.5 < summary["first_frame_s"] <= keyframe_s + 5
+    # premise as above (joined 3 s into a 20 s GOP); the first frame came within --first-frame-timeout (keyframe_s
+    # + 10; --max-reconnects 0 would have made a longer wait exit 3)
+    assert summary["first_frame_s"] > 1.5, "joined at a keyframe: camera.py took over 15 s to start"
 

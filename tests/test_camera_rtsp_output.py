@@ -14,14 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import (RtspServer, assert_clean_stderr, camera_cmd, count_frames, finish, free_port,
-                            gst_rtsp_available, needs_ffmpeg, read_jsonl, read_rtsp_frames, rtsp_available, run_camera,
-                            start_camera, start_gst_rtsp_recorder, stop_process, summary_of, wait_for_lines)
+from camera_helpers import (RtspServer, assert_clean_stderr, camera_cmd, count_frames, finish, free_port, needs_ffmpeg,
+                            needs_gst, needs_rtsp, read_jsonl, read_rtsp_frames, run_camera, start_camera,
+                            start_gst_rtsp_recorder, stop_process, summary_of, wait_for_lines)
 from edgepipe.runtime.rtsp_output import RtspOutput
 
-needs_rtsp = pytest.mark.skipif(not rtsp_available(), reason="needs rtsp-server-perl and ffmpeg")
-needs_gst_recorder = pytest.mark.skipif(not gst_rtsp_available(("rtph264depay", "h264parse", "mpegtsmux")),
-                                        reason="needs GStreamer's RTSP server and plugins (make setup)")
+needs_gst_recorder = needs_gst(("rtph264depay", "h264parse", "mpegtsmux"))
 UDP = ["--output-transport", "udp"]        # rtsp-server-perl relays only what is published over UDP
 
 

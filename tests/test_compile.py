@@ -23,7 +23,7 @@ from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.backends.trt import engine_mismatch
 from edgepipe.runtime.verify import compare_logits
 
-from conftest import run_edgepipe
+from conftest import assert_int8_held_out, run_edgepipe
 
 PRE = Preprocess(resize=146, crop=128, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], color="RGB")
 
@@ -311,8 +311,10 @@ def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
     assert manifest["preprocess"]["crop"] == 160 and manifest["input"]["shape"][2:] == [160, 160]
     assert manifest["preprocess"]["resize"] == round(160 * own["resize"] / own["crop"]) > 160
     v = manifest["variants"]["onnxruntime-int8"]
-    assert v["compile"]["tensorrt_qdq_check"]["ok"] and "top1_agreement" in v["parity"]
-    assert v["status"] == ("ok" if v["parity"]["ok"] else "failed")  # out of tolerance: marked, not shipped silently
+    assert v["compile"]["tensorrt_qdq_check"]["ok"]
+    # within verify's bound on the 16 held-out check crops (status ok), above a floor: measured agreement 1.0,
+    # relative logit error 0.163 (Xeon, AVX-512 VNNI; isa portable); out of tolerance it would be marked failed
+    assert_int8_held_out(manifest, min_agreement=0.875, max_rel_mean_abs=0.18)
     trt = manifest["variants"]["tensorrt-int8"]
     assert trt["status"] == "pending-build" and trt["files"][0]["path"] == "tensorrt-int8/model.onnx"  # its own s8s8 QDQ
     report = json.loads((out / "report.json").read_text())

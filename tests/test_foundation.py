@@ -187,9 +187,13 @@ def test_sigterm_stops_a_run_like_ctrl_c(tiny_recipe, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "edgepipe", "run", str(tiny_recipe), "--out", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    steps = out / ".edgepipe" / "steps"
-    while proc.poll() is None and not (steps.is_dir() and any(steps.glob("*.json"))):
+    steps, deadline = out / ".edgepipe" / "steps", time.monotonic() + 600
+    while proc.poll() is None and not (steps.is_dir() and any(steps.glob("*.json"))) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if time.monotonic() >= deadline:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the run wrote no step record within 600 s")
     assert proc.poll() is None, "the run finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)

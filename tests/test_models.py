@@ -2,6 +2,7 @@
 labels, preprocessing overrides, `edgepipe models`. Real files, real ONNX Runtime / OpenVINO, small models."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 import torchvision
 from onnx import TensorProto, helper
 
-from conftest import REPO, run_edgepipe
+from conftest import REPO, assert_int8_held_out, require, run_edgepipe
 from edgepipe import UserError
 from edgepipe.runtime.preprocess import Preprocess
 
@@ -25,20 +26,35 @@ NAMES = ["cat", "dog", "bird", "fish", "frog"]
 OFFLINE = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
+class Standardize(torch.nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean[None, :, None, None])
+        self.register_buffer("std", std[None, :, None, None])
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
 def export_squeezenet(path: Path, size: int = 96, layout: str = "NCHW", opset: int = 13, dynamic: bool = True) -> Path:
-    """A small torchvision classifier with random weights whose head is centred on the features of a few
-    real photos, so that different images get different classes (a random head picks one class for all)."""
+    """A small torchvision classifier with random weights whose head sees the features standardized over a
+    few real photos, so that different images get different classes (a random head picks one class for all),
+    and its int8 model keeps them: the standardizing is a layer of its own, not folded into huge head weights
+    that int8 activations cannot follow."""
     from edgepipe.compile.calibration import generate_calibration_images
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(num_classes=len(NAMES)).eval()
     model.classifier[2] = torch.nn.Identity()  # no ReLU on the class scores
     photos = sorted(generate_calibration_images(path.parent / "photos", count=16, seed=7, size=160).glob("*.jpg"))
     with torch.no_grad():
-        x = torch.from_numpy(Preprocess(resize=round(size / 0.875), crop=size).batch([cv2.imread(str(p)) for p in photos]))
+        x = torch.from_numpy(Preprocess(resize=round(size / 0.875), crop=size, mean=(0.5,) * 3, std=(0.25,) * 3)  # the recipe's
+                             .batch([cv2.imread(str(p)) for p in photos]))
         feats = model.features(x).mean((2, 3))
+        spread = feats.std(0)   # (a channel that hardly varies is not blown up: int8 noise would be all it carries)
+        model.classifier[0] = Standardize(feats.mean(0), spread + spread.median() + 1e-3)   # in place of Dropout
         head = model.classifier[1]
-        head.weight.copy_(torch.randn(len(NAMES), feats.shape[1], 1, 1) / (feats.std(0)[None, :, None, None] + 1e-3))
-        head.bias.copy_(-(head.weight[:, :, 0, 0] @ feats.mean(0)))
+        head.weight.copy_(torch.randn(len(NAMES), feats.shape[1], 1, 1) / feats.shape[1] ** 0.5)
+        head.bias.zero_()
     x = torch.randn(1, 3, size, size)
     if layout == "NHWC":
         class Nhwc(torch.nn.Module):
@@ -102,9 +118,11 @@ def test_onnx_source_builds_every_variant_with_its_labels_and_preprocessing(onnx
     assert parity["ok"] and parity["n"] == 4 and parity["max_abs"] <= 1e-5
     assert set(manifest["variants"]) == {"onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8"}
     for name, v in manifest["variants"].items():
-        assert v["parity"]["n"] == 4 and v["status"] in ("ok", "failed"), name
+        assert v["parity"]["n"] == 4 and v["status"] == "ok", (name, v["status"], v["parity"])
         assert v["macs"] and v["macs"] > 0
-    assert manifest["variants"]["openvino-fp32"]["parity"]["ok"]
+    # int8 within verify's bound on the 4 check crops, and a floor: measured agreement 0.75 (one near tie of 4,
+    # verify allows one), relative logit error 0.084 (Xeon, AVX-512 VNNI)
+    assert_int8_held_out(manifest, min_agreement=0.75, max_rel_mean_abs=0.13)
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert json.loads(meta["labels"]) == NAMES
 
@@ -329,8 +347,13 @@ def test_models_command_lists_sources_sizes_and_offline_weights(tmp_path, monkey
     assert {r["name"]: r["weights_offline"] for r in available_models("squeezenet*")} == {"squeezenet1_0": False, "squeezenet1_1": True}
 
 
+def require_timm() -> None:
+    require("timm", importlib.util.find_spec("timm") is not None, "pip install -e '.[dev]' (make setup) installs it")
+
+
 def test_timm_model_from_a_local_weights_file_with_its_data_config(tmp_path):
-    timm = pytest.importorskip("timm")
+    require_timm()
+    import timm
     from safetensors.torch import save_file
 
     from edgepipe.recipe import ModelConfig
@@ -346,7 +369,7 @@ def test_timm_model_from_a_local_weights_file_with_its_data_config(tmp_path):
 
 
 def test_timm_pretrained_offline_is_one_line_naming_the_file(tmp_path):
-    pytest.importorskip("timm")
+    require_timm()
     recipe = write_recipe(tmp_path, '{name: "timm:mobilenetv3_small_050.lamb_in1k"}')
     out = tmp_path / "out"
     proc = run_edgepipe("run", recipe, "--out", out,

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import itertools
 
+import matplotlib  # edgepipe[bench], part of [dev]: a missing one fails here, it does not skip
 import pytest
 
 from edgepipe.benchmarks.budgets import Budget, BudgetFile, RatioBudget
 from edgepipe.benchmarks.pareto import draw, plot_pareto
-
-matplotlib = pytest.importorskip("matplotlib")
 
 
 def row(rid, backend, precision, p90, top1, status="ok"):

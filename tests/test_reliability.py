@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, run_edgepipe
+from conftest import REPO, require, run_edgepipe
 from fuzz import KINDS, check, make_input, rehash
 from edgepipe import UserError
 from edgepipe.runtime.errors import InputMismatch, IntegrityError, ManifestError
@@ -136,8 +136,7 @@ def tmpfs(path: Path, options: str):
     """A real small or read-only file system (needs root + mount); skips where mounting is not permitted."""
     path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); needs root with CAP_SYS_ADMIN")
+    require("tmpfs", proc.returncode == 0, f"mount -t tmpfs: {proc.stderr.strip() or proc.returncode}; needs root with CAP_SYS_ADMIN")
     try:
         yield path
     finally:

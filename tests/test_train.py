@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import requires
 from edgepipe import UserError, datasets
 from edgepipe.recipe import PruneStage, TrainStage
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.train import data as tdata
 from edgepipe.train.finetune import fit, load_training_state
 
-pytestmark = pytest.mark.skipif(not (datasets.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="dataset-fashion-mnist is not installed")
+pytestmark = requires("Fashion-MNIST", (datasets.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                      f"Debian package dataset-fashion-mnist (make setup) at {datasets.FASHION_MNIST_DIR}")
 
 LITE = dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3, color="RGB")
 
