@@ -6,7 +6,6 @@ lost and did not come back after --max-reconnects attempts; 1 an unexpected erro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
