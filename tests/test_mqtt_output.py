@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires
 from edgepipe import UserError
 from edgepipe.runtime.mqtt_output import MqttSink, check_topic, mask_url, parse_url
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+import paho.mqtt.client as mqtt  # noqa: E402  (the mqtt extra, part of [dev])
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-needs_broker = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (make setup installs it)")
+needs_broker = requires("mosquitto", MOSQUITTO is not None, "Debian package mosquitto (make setup installs it)")
 
 
 def _free_port(lo=18700, hi=18799) -> int:

@@ -16,9 +16,10 @@ import pytest
 
 from camera_helpers import (assert_clean_stderr, finish, free_port, make_video, needs_ffmpeg, read_jsonl,
                             rtsp_available, run_camera, stop_process, summary_of)
+from conftest import requires
 from serve_helpers import RtspCameras, api, classified, frames_of, start_serve, wait_api, wait_until
 
-needs_rtsp = pytest.mark.skipif(not rtsp_available(), reason="needs rtsp-server-perl and ffmpeg")
+needs_rtsp = requires("rtsp-server-perl and ffmpeg", rtsp_available(), "Debian packages rtsp-server-perl, ffmpeg (make setup)")
 FAST = ["--batch", "4", "--batch-wait-ms", "5"]      # no start-up measurement in tests
 
 
@@ -282,7 +283,7 @@ def test_model_swap_verifies_first_and_loses_no_frame(tiny_artifacts, loop_clip,
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
-@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (make setup installs it)")
+@requires("mosquitto", MOSQUITTO is not None, "Debian package mosquitto (make setup installs it)")
 def test_every_result_reaches_a_real_mqtt_broker_on_its_streams_topic(tiny_artifacts, imagenet_sample, tmp_path):
     import paho.mqtt.client as mqtt
     port = api_port(50)
