@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -25,8 +26,9 @@ import numpy as np
 
 from edgepipe import UserError, __version__
 from edgepipe.runtime.errors import ManifestError
-from edgepipe.runtime.integrity import safe_join, sha256_file
+from edgepipe.runtime.integrity import verify_entry
 from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.safe_files import load_json
 
 RECORD_DIR = "devices"
 RECORD_FORMAT = 1
@@ -161,12 +163,7 @@ def load_reference(model_dir: Path, manifest: Manifest) -> dict:
     entries = {"inputs": ref.inputs, **{f"logits:{k}": e for k, e in ref.logits.items()}}
     arrays = {}
     for key, entry in entries.items():
-        path = safe_join(model_dir, entry.path, "reference set path")
-        if not path.is_file():
-            raise ManifestError(f"reference set file {entry.path} is missing from {model_dir}; copy the whole folder")
-        if sha256_file(path) != entry.sha256:
-            raise ManifestError(f"reference set file {entry.path} does not match its sha256 in the manifest; "
-                                "re-copy the folder or re-run `edgepipe run`")
+        path, _ = verify_entry(model_dir, entry, "reference set")   # size, type and sha256 before np.load
         try:
             arrays[key] = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -184,14 +181,28 @@ def record_path(model_dir: Path, mid: str) -> Path:
     return Path(model_dir) / RECORD_DIR / f"{mid}.json"
 
 
+def read_record(path: Path) -> dict | None:
+    """One device record, or None when absent or unusable (a FIFO, huge, too deep, not JSON: said on stderr in
+    one line, and the folder is served as if `edgepipe verify` had not run here)."""
+    try:
+        return load_json(path, "device record", "served as if `edgepipe verify` had not run; it rewrites the record")
+    except FileNotFoundError:
+        return None
+    except ManifestError as exc:
+        if str(path) not in _REFUSED:   # one line per file, however often it is looked at
+            _REFUSED.add(str(path))
+            print(f"edgepipe: warning: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+_REFUSED: set[str] = set()
+
+
 def load_device_records(model_dir) -> list[dict]:
     """Every readable device record in the folder (any machine), newest first."""
     records = []
     for path in sorted((Path(model_dir) / RECORD_DIR).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        rec = read_record(path)
         if isinstance(rec, dict) and isinstance(rec.get("variants"), dict):
             records.append(rec)
     return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
@@ -203,11 +214,7 @@ def variant_fingerprint(variant: Variant) -> str:
 
 def device_record_for_this_machine(model_dir: Path, manifest: Manifest) -> dict | None:
     """This machine's record, keeping only the results whose variant files are still the ones verified."""
-    path = record_path(model_dir, machine_id())
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    rec = read_record(record_path(model_dir, machine_id()))
     if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
         return None
     variants = manifest.variants
