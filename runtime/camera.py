@@ -22,6 +22,7 @@ from edgepipe.helptext import ENVIRONMENT, HelpFormatter
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
+from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
 from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
 from edgepipe.runtime.stream import Channel, Options, Pipeline
@@ -104,7 +105,7 @@ def parse_args(argv=None):
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(mask_secrets(message), file=sys.stderr, flush=True)   # no URL password in any line
 
 
 def start_classifier(args) -> Classifier:
@@ -270,7 +271,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except UserError as exc:
-        print(f"camera.py: error: {exc}", file=sys.stderr)
+        log(f"camera.py: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:            # Ctrl-C while the model loads (afterwards the pipeline handles it)
         print("camera.py: interrupted before the first frame", file=sys.stderr)

@@ -13,6 +13,7 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.runtime.outputs import FfmpegEncoder, ffmpeg_available
 from edgepipe.runtime.stream import Channel
+from edgepipe.runtime.redact import mask_secrets
 
 
 RTSP_TRANSPORTS = ("tcp", "udp")
@@ -37,10 +38,7 @@ def check_rtsp_url(url: str) -> str:
 
 
 def hide_password(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    return mask_secrets(url)
 
 
 class RtspOutput:

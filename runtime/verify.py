@@ -185,7 +185,7 @@ def read_record(path: Path) -> dict | None:
     """One device record, or None when absent or unusable (a FIFO, huge, too deep, not JSON: said on stderr in
     one line, and the folder is served as if `edgepipe verify` had not run here)."""
     try:
-        return load_json(path, "device record", "served as if `edgepipe verify` had not run; it rewrites the record")
+        return load_json(path, "device record", "the folder is served as if `edgepipe verify` had not run here (running it rewrites the record)")
     except FileNotFoundError:
         return None
     except ManifestError as exc:
