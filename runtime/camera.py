@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    help="serve the annotated frames as MJPEG over HTTP (watch at http://HOST:PORT/ in a browser)")
     p.add_argument("--serve-host", default="127.0.0.1",
                    help="address --serve-mjpeg listens on (default 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    p.add_argument("--serve-max-clients", type=int, default=8, metavar="N",
+                   help="at most N MJPEG viewers at a time; more get HTTP 503 (every viewer shares one encoder)")
+    p.add_argument("--serve-fps", type=float, default=15.0, metavar="FPS",
+                   help="MJPEG frames encoded per second at most, whatever the classifier's rate")
     p.add_argument("--stats", help="write the summary as JSON here (atomically; refreshed every --stats-interval s)")
     p.add_argument("--stats-interval", type=float, default=5.0, metavar="S")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N classified frames (0: no limit)")
@@ -95,6 +99,8 @@ def parse_args(argv=None):
         p.error("--smooth is the weight of previous frames: 0 (off) <= ALPHA < 1")
     if any(v is not None and v <= 0 for v in (args.input_width, args.input_height, args.input_rate)):
         p.error("--input-width, --input-height and --input-rate must be > 0")
+    if args.serve_max_clients < 1 or args.serve_fps <= 0:
+        p.error("--serve-max-clients must be >= 1 and --serve-fps > 0")
     if args.serve_mjpeg is not None and not 0 <= args.serve_mjpeg <= 65535:
         p.error("--serve-mjpeg is a TCP port (1-65535; 0 picks a free one)")
     if args.output and is_rtsp_url(args.output) and args.output_encoder == "opencv":
@@ -179,7 +185,8 @@ def main(argv=None) -> int:
     rtsp = None
     if args.output and is_rtsp_url(args.output):
         rtsp = RtspOutput(args.output, args.output_transport or "tcp", log=lambda message: log(f"camera.py: {message}"))
-    mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host) if args.serve_mjpeg is not None else None
+    mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host, max_clients=args.serve_max_clients,
+                        max_fps=args.serve_fps) if args.serve_mjpeg is not None else None
     try:
         return serve(args, spec, mjpeg, rtsp)
     finally:

@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.runtime.mjpeg_server import MjpegServer
 from edgepipe.runtime.model import softmax
 
 if TYPE_CHECKING:
@@ -231,100 +231,6 @@ def open_jsonl(path: str):
         raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
 
 
-class MjpegServer:
-    """The annotated frames as MJPEG over HTTP, so a headless device can be watched from a browser:
-    http://HOST:PORT/ (a page), /stream.mjpg (multipart/x-mixed-replace), /snapshot.jpg (the newest frame).
-    Binds 127.0.0.1 unless told otherwise. Frames are JPEG-encoded on the client's own HTTP thread, only
-    while someone watches; a slow client skips frames (it always gets the newest)."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", quality: int = 80):
-        self.quality = quality
-        self.cond = threading.Condition()
-        self.image: np.ndarray | None = None
-        self.seq = 0
-        self.closed = False
-        try:
-            self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        except OSError as exc:
-            raise UserError(f"cannot serve MJPEG on {host}:{port}: {exc.strerror or exc}; choose another --serve-mjpeg port") from None
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="mjpeg-server", daemon=True)
-        self.thread.start()
-
-    def publish(self, image: np.ndarray) -> None:
-        with self.cond:
-            self.image, self.seq = image, self.seq + 1
-            self.cond.notify_all()
-
-    def next_jpeg(self, seen: int) -> tuple[int, bytes | None]:
-        """Wait for a frame newer than ``seen``; (seq, JPEG bytes), or (seen, None) once closed."""
-        with self.cond:
-            while self.seq == seen and not self.closed:
-                self.cond.wait(0.5)
-            if self.closed or self.image is None:
-                return seen, None
-            seq, image = self.seq, self.image
-        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-        return seq, buf.tobytes() if ok else None
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):      # no per-request lines on stderr
-                pass
-
-            def do_GET(self):
-                if self.path in ("/", "/index.html"):
-                    body = (b"<!doctype html><title>edgepipe</title><body style='margin:0;background:#000'>"
-                            b"<img src='/stream.mjpg' style='max-width:100%'></body>")
-                    self._send(200, "text/html", body)
-                elif self.path.startswith("/snapshot.jpg"):
-                    _, jpeg = server.next_jpeg(-1) if server.image is not None else (0, None)
-                    self._send(200, "image/jpeg", jpeg) if jpeg else self._send(503, "text/plain", b"no frame yet\n")
-                elif self.path.startswith("/stream.mjpg"):
-                    self._stream()
-                else:
-                    self._send(404, "text/plain", b"try / or /stream.mjpg\n")
-
-            def _send(self, code, ctype, body):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _stream(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                seen = -1
-                try:
-                    while True:
-                        seen, jpeg = server.next_jpeg(seen)
-                        if jpeg is None:
-                            if server.closed:
-                                return
-                            continue
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                                         + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    return                     # the viewer went away
-
-        return Handler
-
-
 class Outputs:
     """Called once per classified frame, in order: postprocess, then JSONL / video / RTSP / window / MJPEG.
     Closes the video and the RTSP output it is given."""
@@ -363,7 +269,8 @@ class Outputs:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
         fps = self.rate.tick()
-        if self.video_path or self.display is not None or self.mjpeg is not None or self.rtsp is not None:
+        watched = self.mjpeg is not None and self.mjpeg.watched     # no viewer: no annotation, no encoding
+        if self.video_path or self.display is not None or watched or self.rtsp is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])
             if self.video_path:
                 if self.video is None:
@@ -373,7 +280,7 @@ class Outputs:
                 self.rtsp.write(image)
             if self.display is not None:
                 self.display.put(image)
-            if self.mjpeg is not None:
+            if watched:
                 self.mjpeg.publish(image)
         frame.image = None
         self.stats.add("write", time.monotonic() - t)
