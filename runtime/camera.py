@@ -20,6 +20,7 @@ from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.helptext import ENVIRONMENT, HelpFormatter
 from edgepipe.runtime.backends.base import BACKENDS
+from edgepipe.runtime.errors import OutputFailed
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
 from edgepipe.runtime.redact import mask_secrets
@@ -189,6 +190,10 @@ def main(argv=None) -> int:
                         max_fps=args.serve_fps) if args.serve_mjpeg is not None else None
     try:
         return serve(args, spec, mjpeg, rtsp)
+    except OSError as exc:   # --stats on a full disk, say: the machine refused (exit 1), in one line naming the file
+        if os.environ.get("EDGEPIPE_DEBUG"):
+            raise
+        raise OutputFailed(f"{exc.filename or 'I/O'}: {exc.strerror or exc}") from None
     finally:
         if mjpeg is not None:
             mjpeg.close()

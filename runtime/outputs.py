@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import queue
 import re
 import shutil
@@ -21,6 +22,7 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.runtime.errors import OutputFailed
 from edgepipe.runtime.mjpeg_server import MjpegServer
 from edgepipe.runtime.model import softmax
 
@@ -88,7 +90,7 @@ class VideoFile:
         self.size = (width, height)
         try:
             if self.use_ffmpeg:
-                self.writer = FfmpegWriter(tmp, width, height, self.fps)
+                self.writer = FfmpegWriter(tmp, width, height, self.fps, target=self.path)
             else:
                 self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*self.codec), self.fps, (width, height))
                 if not self.writer.isOpened():
@@ -104,10 +106,20 @@ class VideoFile:
             writer, self.writer = self.writer, None
             try:
                 writer.release()
+                if not self.use_ffmpeg and _disk_full(self.path):   # OpenCV's writer drops failed writes silently
+                    raise OutputFailed(f"cannot write {self.path}: No space left on device (the video would be cut short)")
             except UserError as err:
                 self._atomic.__exit__(UserError, err, None)
                 raise
-            self._atomic.__exit__(None, None, None)   # rename onto the target
+            try:
+                self._atomic.__exit__(None, None, None)   # fsync, rename onto the target
+            except OSError as exc:
+                raise output_error(str(self.path), exc.strerror or str(exc)) from None
+
+
+def _disk_full(path: Path) -> bool:
+    st = os.statvfs(path.parent if str(path.parent) else ".")
+    return st.f_bavail * st.f_frsize < (64 << 10)
 
 
 class FfmpegEncoder:
@@ -165,8 +177,8 @@ class FfmpegWriter:
 
     QUEUE = 8
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast"):
-        self.path = path
+    def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast", target=None):
+        self.path, self.target = path, target or path       # target: the name the user gave (path: its temporary)
         self.encoder = FfmpegEncoder(width, height, ["-r", f"{fps:g}"],
                                      ["-preset", preset, "-movflags", "+faststart", str(path)])
         self.queue: queue.Queue = queue.Queue(self.QUEUE)
@@ -185,7 +197,7 @@ class FfmpegWriter:
 
     def write(self, image: np.ndarray) -> None:
         if self.error:
-            raise UserError(f"cannot write {self.path.name}: {self.error}: {self.encoder.reason()}")
+            raise output_error(str(self.target), f"{self.error}: {self.encoder.reason()}")
         self.queue.put(image)
 
     def release(self) -> None:
@@ -193,7 +205,7 @@ class FfmpegWriter:
         self.thread.join()
         code = self.encoder.finish()
         if code != 0 or self.error:
-            raise UserError(f"ffmpeg could not encode the video (exit {code}): {self.encoder.reason()}")
+            raise output_error(str(self.target), f"ffmpeg could not encode the video (exit {code}): {self.encoder.reason()}")
 
 
 def annotate(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -222,13 +234,44 @@ class RateMeter:
         return (len(self.times) - 1) / max(1e-9, self.times[-1] - self.times[0])
 
 
-def open_jsonl(path: str):
-    """The per-frame log, line-buffered so every line is on disk as soon as it is written."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "w", encoding="utf-8", buffering=1)
-    except OSError as exc:
-        raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
+MACHINE_REFUSALS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                    "Input/output error", "Permission denied")
+
+
+def output_error(what: str, reason: str) -> UserError:
+    """An output that could not be written: exit 1 when the machine refused (disk full, ...), else 2."""
+    machine = any(text in reason for text in MACHINE_REFUSALS)
+    return (OutputFailed if machine else UserError)(f"cannot write {what}: {reason}")
+
+
+class JsonlFile:
+    """The per-frame log. Each record goes to disk as one whole line (an unbuffered append), so a reader or a
+    crash never sees a partial one; when the disk refuses a line (full, file size limit), what was written of
+    it is cut off again and the error names the file: it ends with the last complete record."""
+
+    def __init__(self, path: str):
+        self.path, self.size, self.records = path, 0, 0
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise output_error(f"--jsonl {path}", exc.strerror or str(exc)) from None
+
+    def write(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise output_error(f"--jsonl {self.path}", f"{exc.strerror or exc}; it holds the first {self.records} "
+                               "records, each complete") from None
+        self.size += len(line.encode("utf-8"))
+        self.records += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Outputs:
@@ -245,7 +288,7 @@ class Outputs:
         self.display = display                 # a latest-frame Channel read by the main thread, or None
         self.frames = 0
         self.rate = RateMeter()
-        self.jsonl = open_jsonl(jsonl) if jsonl else None
+        self.jsonl = JsonlFile(jsonl) if jsonl else None
         self.video_path, self.fps_hint = video, fps_hint   # fps_hint(): the source's fps, known once it is open
         self.encoder = encoder
         self.video: VideoFile | None = None
@@ -267,7 +310,7 @@ class Outputs:
         if self.top_k > 1:
             record["top_k"] = [{"class_index": int(i), "label": self.labels[i], "score": round(float(probs[i]), 5)} for i in top]
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
+            self.jsonl.write(json.dumps(record) + "\n")      # one whole line per write
         fps = self.rate.tick()
         watched = self.mjpeg is not None and self.mjpeg.watched     # no viewer: no annotation, no encoding
         if self.video_path or self.display is not None or watched or self.rtsp is not None:

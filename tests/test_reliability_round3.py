@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import make_video, needs_ffmpeg, read_jsonl, run_camera, start_camera, stop_process
+from camera_helpers import camera_cmd, make_video, needs_ffmpeg, read_jsonl, run_camera, start_camera, stop_process
 from conftest import run_edgepipe
+from test_reliability import tmpfs
 from edgepipe.runtime.verify import machine_id
 
 
@@ -137,3 +138,79 @@ def test_case1_thirty_mjpeg_viewers_keep_the_classifier_rate(tiny_artifacts, tmp
         assert max(served) <= 15 * 4.0 * 1.2 + 2, received        # --serve-fps 15: encoded at a capped rate
     statuses = [s for v in viewers for s in v.statuses]
     assert statuses.count(503) >= 22 and set(statuses) == {200, 503}
+
+
+# ------------------------------------------------------------------ 7. slow and huge images in a folder
+
+def big_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG of zeros, compressed row by row (a 20000x20000 one is 2 MB on disk, 1.2 GB decoded)."""
+    import struct
+    import zlib
+    comp = zlib.compressobj(1)
+    row = bytes(1 + 3 * width)
+    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_case7_slow_and_huge_images_do_not_abort_a_folder_run(tiny_artifacts, tmp_path):
+    """A folder: a photo, an 8000x8000 PNG that takes far longer than --read-timeout to decode (classified: the
+    read timeout is for live sources), a 20000x20000 PNG (refused from its header, counted in corrupt), a photo."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photos = sorted((tiny_artifacts / "calibration").glob("*.jpg"))
+    shutil.copy(photos[0], folder / "a.jpg")
+    big_png(folder / "b-slow.png", 8000, 8000)
+    big_png(folder / "c-huge.png", 20000, 20000)
+    shutil.copy(photos[1], folder / "d.jpg")
+    proc = run_camera(tiny_artifacts, folder, "--read-timeout", "0.05", "--jsonl", tmp_path / "f.jsonl")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["frames"], summary["corrupt"], summary["frames_read"]) == (3, 1, 4), summary
+    assert [r["frame"] for r in read_jsonl(tmp_path / "f.jsonl")] == [0, 1, 3]
+
+
+# ------------------------------------------------------------------ 8. full disks, exit codes, long paths
+
+@needs_ffmpeg
+def test_case8_video_output_on_a_full_disk_exits_1_naming_the_file(tiny_artifacts, tmp_path):
+    """A 1 MB tmpfs fills while ffmpeg writes the annotated video: exit 1 (the machine refused), one line naming
+    the file, and neither the file nor its temporary is left."""
+    video = make_video(tmp_path / "in.mp4", frames=120, size="640x480", pattern="mandelbrot")
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
+        proc = run_camera(tiny_artifacts, video, "--output", disk / "annotated.mp4")
+        one_error_line(proc, 1, "annotated.mp4", "No space left on device")
+        assert list(disk.iterdir()) == []
+
+
+def test_case8_jsonl_on_a_full_disk_names_the_file_and_keeps_whole_records(tiny_artifacts, tmp_path):
+    """RLIMIT_FSIZE (EFBIG, no root needed) and a 64 kB tmpfs (ENOSPC) under --jsonl: exit 1, one line naming
+    the JSONL file, and the file holds only complete records."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    images, jsonl = tiny_artifacts / "calibration", tmp_path / "frames.jsonl"
+    proc = subprocess.run(camera_cmd(tiny_artifacts, images, "--loop", "--jsonl", jsonl), capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size)
+    one_error_line(proc, 1, str(jsonl), "File too large")
+    assert_whole_records(jsonl)
+    with tmpfs(tmp_path / "disk", "size=64k") as disk:
+        proc = run_camera(tiny_artifacts, images, "--loop", "--jsonl", disk / "frames.jsonl")
+        one_error_line(proc, 1, str(disk / "frames.jsonl"), "No space left on device")
+        assert_whole_records(disk / "frames.jsonl")
+
+
+def assert_whole_records(path: Path) -> None:
+    text = path.read_text()
+    assert text.endswith("\n") and len(text) > 10000, text[-300:]
+    assert [json.loads(line)["frame"] for line in text.splitlines()] == list(range(len(text.splitlines())))
+
+
+def test_case8_overlong_manifest_path_is_exit_2(tiny_artifacts, tmp_path):
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    edit_manifest(model, lambda m: m["variants"]["onnxruntime-fp32"]["files"][0].update(path="a" * 300 + "/model.onnx"))
+    proc = run_camera(model, tiny_artifacts / "calibration", "--variant", "onnxruntime-fp32")
+    one_error_line(proc, 2, "longer than a file name may be")
