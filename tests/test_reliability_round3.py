@@ -24,6 +24,7 @@ import pytest
 from camera_helpers import camera_cmd, make_video, needs_ffmpeg, read_jsonl, run_camera, start_camera, stop_process
 from conftest import run_edgepipe
 from test_reliability import tmpfs
+from edgepipe import UserError
 from edgepipe.runtime.verify import machine_id
 
 
@@ -138,6 +139,136 @@ def test_case1_thirty_mjpeg_viewers_keep_the_classifier_rate(tiny_artifacts, tmp
         assert max(served) <= 15 * 4.0 * 1.2 + 2, received        # --serve-fps 15: encoded at a capped rate
     statuses = [s for v in viewers for s in v.statuses]
     assert statuses.count(503) >= 22 and set(statuses) == {200, 503}
+
+
+# ------------------------------------------------------------------ 2. every file a model loads is listed
+
+def test_case2_openvino_bin_left_out_of_the_manifest_is_refused(tiny_artifacts, tmp_path):
+    """The .bin dropped from the variant's files and a weight byte flipped: refused in one line, exit 2, before
+    OpenVINO reads it (it used to be served, verify then showing agreement 0.000)."""
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    files = json.loads((model / "manifest.json").read_text())["variants"]["openvino-int8"]["files"]
+    weights = model / next(f["path"] for f in files if f["path"].endswith(".bin"))
+    edit_manifest(model, lambda m: m["variants"]["openvino-int8"].update(
+        files=[f for f in files if not f["path"].endswith(".bin")]))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = run_camera(model, tiny_artifacts / "calibration", "--variant", "openvino-int8")
+    one_error_line(proc, 2, weights.name, "not listed in the manifest")
+
+
+# ------------------------------------------------------------------ 3. credentials masked
+
+def test_case3_passwords_in_urls_are_masked_everywhere(tiny_artifacts, tmp_path):
+    """A password and a token in the source URL and a password in the RTSP output URL: never on stderr, stdout,
+    the --stats file or the JSONL; shown as ***."""
+    secrets = ("S3cretPW", "T0kenXYZ", "PubPW")
+    source = f"rtsp://admin:{secrets[0]}@127.0.0.1:1/stream?token={secrets[1]}"
+    proc = run_camera(tiny_artifacts, source, "--open-timeout", "1", "--max-reconnects", "1", "--backoff", "0.1",
+                      "--stats", tmp_path / "stats.json", "--jsonl", tmp_path / "f.jsonl",
+                      "--output", f"rtsp://pub:{secrets[2]}@127.0.0.1:1/out")
+    assert proc.returncode in (2, 3), proc.stderr[-2000:]
+    recorded = proc.stdout + proc.stderr + (tmp_path / "stats.json").read_text() + (tmp_path / "f.jsonl").read_text()
+    assert not [s for s in secrets if s in recorded], recorded[-3000:]
+    assert "rtsp://admin:***@127.0.0.1:1/stream?token=***" in proc.stderr
+    assert json.loads((tmp_path / "stats.json").read_text())["source"] == "stream 'rtsp://admin:***@127.0.0.1:1/stream?token=***'"
+
+
+def test_case3_mask_secrets_covers_userinfo_tokens_and_query_parameters():
+    from edgepipe.runtime.redact import mask_secrets
+    assert mask_secrets("rtsp://admin:p@ss@cam:554/s") == "rtsp://admin:***@cam:554/s"
+    assert mask_secrets("https://TOKEN@host/x") == "https://***@host/x"
+    assert mask_secrets("err: http://cam/v.cgi?user=a&pwd=x1&res=1 failed") == "err: http://cam/v.cgi?user=a&pwd=***&res=1 failed"
+    assert mask_secrets("mqtt://u:pw@broker:1883") == "mqtt://u:***@broker:1883"
+    assert mask_secrets("/videos/a:b@c.mp4 and rtsp://cam/s") == "/videos/a:b@c.mp4 and rtsp://cam/s"
+
+
+# ------------------------------------------------------------------ 4, 5. device records: FIFOs, deep nesting
+
+@pytest.mark.parametrize("damage", ["fifo", "deep", "folder", "huge"])
+def test_case4_5_unusable_device_record_is_one_line_and_ignored(tiny_artifacts, tmp_path, damage):
+    """devices/<MID>.json as a FIFO (rsync -a copies them), nested 200000 deep, a folder, or 70 MB: camera and
+    info say so in one line, serve as if there were no record (the documented behaviour), and do not hang."""
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    record = model / "devices" / f"{machine_id()}.json"
+    record.parent.mkdir()
+    if damage == "fifo":
+        os.mkfifo(record)
+    elif damage == "deep":
+        record.write_text("[" * 200000 + "]" * 200000)
+    elif damage == "folder":
+        record.mkdir()
+    else:
+        with open(record, "wb") as fh:
+            fh.truncate(70 << 20)
+    camera = run_camera(model, tiny_artifacts / "calibration", "--max-frames", "2", timeout=120)
+    info = run_edgepipe("info", model, timeout=120)
+    for proc in (camera, info):
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        warned = [line for line in proc.stderr.splitlines() if "device record" in line]
+        assert len(warned) == 1 and "the folder is served as if `edgepipe verify` had not run here" in warned[0]
+    assert "not verified on this machine" in camera.stderr
+    assert "device records: none" in info.stdout
+
+
+def test_case5_every_json_reader_is_bounded(tiny_artifacts, tmp_path):
+    """The one helper behind the manifest, device records, step records and labels: type, size and depth."""
+    from edgepipe.compile.onnx_source import read_labels
+    from edgepipe.runtime.errors import ManifestError
+    from edgepipe.runtime.manifest import Manifest
+    from edgepipe.runtime.safe_files import load_json
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    (model / "manifest.json").write_text('{"a": ' * 100000 + "1" + "}" * 100000)
+    with pytest.raises(ManifestError, match="nests more than 64 levels"):
+        Manifest.load(model)
+    (model / "manifest.json").unlink()
+    os.mkfifo(model / "manifest.json")
+    with pytest.raises(ManifestError, match="FIFO"):
+        Manifest.load(model)
+    deep = tmp_path / "labels.json"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(UserError, match="nested more than 64"):
+        read_labels(deep)
+    (tmp_path / "ok.json").write_text('["[[[{{{", {"a": [1]}]')      # brackets inside strings do not count
+    assert load_json(tmp_path / "ok.json", "x", max_depth=3) == ["[[[{{{", {"a": [1]}]
+    steps = tmp_path / "run" / ".edgepipe" / "steps"
+    steps.mkdir(parents=True)
+    os.mkfifo(steps / "export.json")
+    from edgepipe.steps import StepCache
+    assert StepCache(tmp_path / "run").lookup("export", "key") is None     # the step runs again: no hang
+
+
+# ------------------------------------------------------------------ 6. a huge model file
+
+def test_case6_huge_model_file_is_refused_by_its_size_before_hashing(tiny_artifacts, tmp_path):
+    """A listed .onnx replaced by a 30 GB sparse file: refused from its size in one line, exit 2 (it used to be
+    read whole: MemoryError); a file without a recorded size is hashed in 1 MB chunks."""
+    from edgepipe.runtime.integrity import FileEntry, verify_files
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    onnx = model / "onnxruntime-fp32" / "model.onnx"
+    with open(onnx, "r+b") as fh:
+        fh.truncate(30 << 30)
+    proc = run_camera(model, tiny_artifacts / "calibration", "--variant", "onnxruntime-fp32", timeout=120)
+    one_error_line(proc, 2, "model.onnx", "32212254720 bytes but the manifest says")
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as fh:
+        fh.truncate(64 << 20)
+    with pytest.raises(UserError, match="sha256"):
+        verify_files(tmp_path, [FileEntry("sparse.bin", "0" * 64)], "x")
+    with pytest.raises(UserError, match="more than an ONNX file can hold"):
+        verify_files(model, [FileEntry("onnxruntime-fp32/model.onnx", "0" * 64)], "x")
+
+
+# ------------------------------------------------------------------ 9. defaults naming no variant
+
+def test_case9_defaults_naming_a_missing_variant_is_refused(tiny_artifacts, tmp_path):
+    model = copy_folder(tiny_artifacts, tmp_path / "m")
+    edit_manifest(model, lambda m: m["defaults"].update(openvino="openvino-int4"))
+    for proc in (run_camera(model, tiny_artifacts / "calibration"), run_edgepipe("info", model)):
+        one_error_line(proc, 2, "defaults['openvino'] names variant 'openvino-int4'", "did you mean 'openvino-int8'")
+    edit_manifest(model, lambda m: (m["defaults"].update(openvino="openvino-int8"), m.update(default_variant="gone")))
+    one_error_line(run_edgepipe("info", model), 2, "default_variant names variant 'gone'")
 
 
 # ------------------------------------------------------------------ 7. slow and huge images in a folder
