@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -208,6 +209,13 @@ def load_device_records(model_dir) -> list[dict]:
     return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
 
 
+def measured_p90(result) -> float | None:
+    """A device record result's p90 latency, when it is a number (records come from copied folders)."""
+    latency = result.get("latency_ms") if isinstance(result, dict) else None
+    p90 = latency.get("p90") if isinstance(latency, dict) else None
+    return float(p90) if isinstance(p90, (int, float)) and not isinstance(p90, bool) and math.isfinite(p90) else None
+
+
 def variant_fingerprint(variant: Variant) -> str:
     return hashlib.sha256("".join(f.sha256 for f in variant.files).encode()).hexdigest()[:16]
 
@@ -221,7 +229,7 @@ def device_record_for_this_machine(model_dir: Path, manifest: Manifest) -> dict 
     kept = {n: r for n, r in rec["variants"].items()
             if isinstance(r, dict) and n in variants and r.get("fingerprint") == variant_fingerprint(variants[n])
             and isinstance(r.get("backend"), str)
-            and (r.get("verdict") != "pass" or isinstance((r.get("latency_ms") or {}).get("p90"), (int, float)))}
+            and (r.get("verdict") != "pass" or measured_p90(r) is not None)}
     return dict(rec, variants=kept)
 
 
