@@ -2,7 +2,8 @@
 
 One JSON line per classified frame (flushed line by line), a summary JSON line at the end.
 Exit codes: 0 done or stopped by SIGINT/SIGTERM; 2 bad arguments, model or source; 3 a live source was
-lost and did not come back after --max-reconnects attempts; 1 an unexpected error in the pipeline.
+lost and did not come back after --max-reconnects attempts; 1 the machine refused an output (disk full) or an
+unexpected error in the pipeline.
 """
 from __future__ import annotations
 
