@@ -15,8 +15,6 @@ import signal
 import sys
 import time
 
-import cv2
-
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.helptext import ENVIRONMENT, HelpFormatter
@@ -28,6 +26,8 @@ from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
 from edgepipe.runtime.sources import CaptureFormat, check_gstreamer, parse_source, set_rtsp_transport
 from edgepipe.runtime.stream import Channel, Options, Pipeline
+
+import cv2  # noqa: E402 - after edgepipe.runtime, which sets OpenCV's image size cap before cv2 loads
 
 GAVE_UP_EXIT = 3
 

@@ -28,7 +28,6 @@ from edgepipe import UserError
 from edgepipe.runtime.data import IMAGE_EXTS
 from edgepipe.runtime.redact import mask_secrets
 
-MAX_IMAGE_PIXELS = 16384 * 16384   # larger images are refused unread (stream.MAX_SIDE drops larger frames)
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtp", "http", "https", "udp", "tcp", "srt")
 
 
@@ -226,16 +225,16 @@ class ImageSequence:
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
         self.pos = 0
-        # OpenCV refuses an image whose header claims more pixels than this before decoding it (read once, at
-        # the first imread): a 20000x20000 PNG is dropped as corrupt at once instead of decoding for seconds
-        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
     def read(self):
         if self.pos >= len(self.paths):
             return False, None
         path = self.paths[self.pos]
         self.pos += 1
-        return True, cv2.imread(path, cv2.IMREAD_COLOR)
+        try:
+            return True, cv2.imread(path, cv2.IMREAD_COLOR)
+        except cv2.error:    # OpenCV 5 raises for an image over its size cap (edgepipe.runtime sets it)
+            return True, None
 
     def fps(self) -> float:
         return 0.0
