@@ -142,7 +142,7 @@ class RtspOutput:
             self.log(self._failure(self.killed_because or self.encoder.reason()))
 
     def _failure(self, reason: str) -> str:
-        return f"RTSP output {self.name}: {'lost' if self.connected else 'cannot publish'} ({reason})"
+        return mask_secrets(f"RTSP output {self.name}: {'lost' if self.connected else 'cannot publish'} ({reason})")
 
     def _start(self, image: np.ndarray) -> None:
         """ffmpeg for this frame size; it connects to the server once it has encoded the first frame."""
