@@ -87,8 +87,9 @@ def verify_entry(root: Path, entry: FileEntry, what: str, keep: bool = False) ->
         st = os.fstat(fd)
         check_regular(st, entry.path, f"{what}: file")
         if entry.bytes is not None and st.st_size != entry.bytes:
-            raise IntegrityError(f"{what}: {entry.path} has {st.st_size} bytes but the manifest says {entry.bytes}; "
-                                 "refusing to load a modified file (re-copy the folder or rebuild with `edgepipe run`)")
+            raise IntegrityError(f"{what}: {entry.path} has {st.st_size} bytes but the manifest says {entry.bytes} "
+                                 "(checked before its sha256); refusing to load a modified file (re-copy the folder or "
+                                 "rebuild with `edgepipe run`)")
         if keep and st.st_size > ONNX_MAX_BYTES:
             raise IntegrityError(f"{what}: {entry.path} has {st.st_size} bytes, more than an ONNX file can hold "
                                  "(2 GB; larger weights are external data); refusing it")
