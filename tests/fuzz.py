@@ -217,8 +217,8 @@ def make_input(kind: str, rng: random.Random, work: Path, template: Path, video:
 
 
 def _nested(rng: random.Random) -> bytes:
-    depth = rng.choice((65, 1000, 100000))
-    return (b'{"variants": ' * depth + b"1" + b"}" * depth) if rng.random() < 0.5 else b"[" * depth + b"]" * depth
+    n = rng.choice((65, 1000, 100000))
+    return (b'{"variants": ' * n + b"1" + b"}" * n) if rng.random() < 0.5 else b"[" * n + b"]" * n
 
 
 def _damaged_record(rng: random.Random, work: Path, template: Path) -> Path:
@@ -230,18 +230,12 @@ def _damaged_record(rng: random.Random, work: Path, template: Path) -> Path:
         n: {"backend": v.backend, "verdict": rng.choice(("pass", "fail")), "fingerprint": variant_fingerprint(v),
             "latency_ms": {"p90": rng.uniform(0.5, 50)}} for n, v in _usable_variants(template).items()}}
     style = rng.random()
-    if style < 0.1:
-        os.mkfifo(path)
-    elif style < 0.15:
-        path.mkdir()
-    elif style < 0.3:
-        path.write_bytes(_nested(rng))
-    elif style < 0.45:
-        path.write_bytes(random_bytes(rng))
-    elif style < 0.6:
-        path.write_bytes(mutate_bytes(rng, json.dumps(record).encode()))
+    if style < 0.15:
+        os.mkfifo(path) if style < 0.1 else path.mkdir()       # special files: rsync -a copies FIFOs
     else:
-        path.write_text(json.dumps(mutate_tree(rng, record)))
+        path.write_bytes(_nested(rng) if style < 0.3 else random_bytes(rng) if style < 0.45 else
+                         mutate_bytes(rng, json.dumps(record).encode()) if style < 0.6 else
+                         json.dumps(mutate_tree(rng, record)).encode())
     return work
 
 
