@@ -132,6 +132,7 @@ def test_case1_thirty_mjpeg_viewers_keep_the_classifier_rate(tiny_artifacts, tmp
     rates = [(watched, np.count_nonzero((ts >= t0) & (ts < t1)) / (t1 - t0)) for watched, t0, t1, _ in phases]
     alone = np.mean([r for w, r in rates if not w])
     watched = np.mean([r for w, r in rates if w])
+    print(f"classifier: {alone:.1f} fps without viewers, {watched:.1f} fps with 30 ({watched / alone:.2f}); phases {rates}")
     assert watched >= 0.9 * alone, f"classifier {alone:.1f} fps alone, {watched:.1f} fps with 30 viewers"
     for _, _, _, received in (p for p in phases if p[0]):
         served = [n for n in received if n > 0]
