@@ -28,6 +28,7 @@ from edgepipe.runtime.data import load_items
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.measured import Row
+from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.timing import measure, measure_stable
 
@@ -282,7 +283,7 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
     """Glass-to-glass: the camera pipeline on a video file, its per-stage times next to engine-only speed."""
     import edgepipe.runtime as runtime_pkg
     camera = Path(runtime_pkg.__file__).resolve().parent / "camera.py"
-    result = {"variant": row["id"], "source": str(video), "engine_fps": row["throughput_fps"],
+    result = {"variant": row["id"], "source": mask_secrets(str(video)), "engine_fps": row["throughput_fps"],
               "engine_batch1_fps": round(1000.0 / row["latency"]["mean"], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         stats = Path(tmp) / "stats.json"
@@ -290,7 +291,7 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
                "--variant", row["name"], "--backend", row["backend"]]
         if row.get("device") and BACKENDS[row["backend"]].devices:
             cmd += ["--device", row["device"]]
-        log(f"[video] {' '.join(cmd[1:])}")
+        log(mask_secrets(f"[video] {' '.join(cmd[1:])}"))
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VIDEO_TIMEOUT_S)
         except subprocess.TimeoutExpired:

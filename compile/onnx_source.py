@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
+from edgepipe.runtime.safe_files import MAX_JSON_DEPTH, json_depth, read_bounded
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # per-channel QuantizeLinear/DequantizeLinear (the int8 QDQ targets) exist from opset 13: older graphs are
 # converted with onnx's version converter, and the parity check against the source file covers the conversion
 MIN_OPSET = 13
+MAX_LABELS_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------- labels and preprocessing (any source)
@@ -27,11 +29,14 @@ MIN_OPSET = 13
 def read_labels(path: str | Path) -> list[str]:
     """Class names from a text file (one per line) or JSON (a list, or {"0": "name", ...} as id2label)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # bounded: a FIFO, a device or gigabytes in its place are one line, not a hang
+        raw = read_bounded(path, MAX_LABELS_BYTES, "model.labels")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"model.labels {path}: cannot read it as UTF-8 text ({exc}); give a text file with one name per line") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        if json_depth(raw) > MAX_JSON_DEPTH:
+            raise UserError(f"model.labels {path}: JSON nested more than {MAX_JSON_DEPTH} deep; give a list of names")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -78,12 +78,13 @@ def _record_line(record) -> str:
     """One line per device record (`edgepipe verify`): machine, date, each variant's verdict and p90."""
     if not isinstance(record, dict):
         return str(record)
-    machine = record.get("machine") or {}
+    from edgepipe.runtime.verify import measured_p90
+    machine = record.get("machine") if isinstance(record.get("machine"), dict) else {}
     results = []
     for name, v in (record.get("variants") or {}).items():
         v = v if isinstance(v, dict) else {}
-        p90 = (v.get("latency_ms") or {}).get("p90")
-        results.append(f"{name} {str(v.get('verdict', '?')).upper()}" + (f" {p90:.2f} ms" if isinstance(p90, (int, float)) else ""))
+        p90 = measured_p90(v)
+        results.append(f"{name} {str(v.get('verdict', '?')).upper()}" + (f" {p90:.2f} ms" if p90 is not None else ""))
     return (f"{record.get('machine_id', '?')} ({machine.get('cpu', 'unknown CPU')}), {record.get('created', '?')}: "
             + (", ".join(results) or "no variant verified"))
 

@@ -20,6 +20,7 @@ from typing import Callable
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.runtime.integrity import FileEntry, sha256_file
+from edgepipe.runtime.safe_files import load_json
 
 TOOLS = ("edgepipe", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "torch-pruning",
          "onnxslim", "opencv-python-headless", "numpy")
@@ -119,9 +120,9 @@ class StepCache:
 
     def lookup(self, name: str, key: str) -> dict | None:
         path = self._record(name)
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:  # a FIFO, huge or deeply nested file in its place is refused unread: the step runs again
+            rec = load_json(path, "step record")
+        except (OSError, UserError):
             return None
         try:  # a record edited or damaged by hand is ignored (the step runs again), never a crash
             if rec.get("key") != key:

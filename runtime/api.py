@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from edgepipe import UserError
-from edgepipe.runtime.outputs import QuietHandler, start_http_server
+from edgepipe.runtime.mjpeg_server import QuietHandler, start_http_server
 from edgepipe.runtime.streams import StreamsError, stream_config
 
 MAX_BODY = 64 * 1024

@@ -2,7 +2,8 @@
 
 One JSON line per classified frame (flushed line by line), a summary JSON line at the end.
 Exit codes: 0 done or stopped by SIGINT/SIGTERM; 2 bad arguments, model or source; 3 a live source was
-lost and did not come back after --max-reconnects attempts; 1 an unexpected error in the pipeline.
+lost and did not come back after --max-reconnects attempts; 1 the machine refused an output (disk full) or an
+unexpected error in the pipeline.
 """
 from __future__ import annotations
 
@@ -13,18 +14,20 @@ import signal
 import sys
 import time
 
-import cv2
-
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.helptext import ENVIRONMENT, ArgumentParser, HelpFormatter
 from edgepipe.runtime.backends.base import BACKENDS
+from edgepipe.runtime.errors import OutputFailed
 from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.outputs import MjpegServer, Outputs
+from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.rtsp_output import RTSP_TRANSPORTS, RtspOutput, is_rtsp_url
 from edgepipe.runtime.sources import (RTSP_TRANSPORTS as RTSP_INPUT_TRANSPORTS, CaptureFormat, check_gstreamer,
                                       check_local_camera, parse_source)
 from edgepipe.runtime.stream import Channel, Options, Pipeline
+
+import cv2  # noqa: E402 - after edgepipe.runtime, which sets OpenCV's image size cap before cv2 loads
 
 GAVE_UP_EXIT = 3
 
@@ -60,6 +63,10 @@ def parse_args(argv=None, prog: str = "camera.py"):
                    help="serve the annotated frames as MJPEG over HTTP (watch at http://HOST:PORT/ in a browser)")
     p.add_argument("--serve-host", default="127.0.0.1",
                    help="address --serve-mjpeg listens on (default 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    p.add_argument("--serve-max-clients", type=int, default=8, metavar="N",
+                   help="at most N MJPEG viewers at a time; more get HTTP 503 (every viewer shares one encoder)")
+    p.add_argument("--serve-fps", type=float, default=15.0, metavar="FPS",
+                   help="MJPEG frames encoded per second at most, whatever the classifier's rate")
     p.add_argument("--stats", help="write the summary as JSON here (atomically; refreshed every --stats-interval s)")
     p.add_argument("--stats-interval", type=float, default=5.0, metavar="S")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N classified frames (0: no limit)")
@@ -105,6 +112,8 @@ def parse_args(argv=None, prog: str = "camera.py"):
         p.error("--smooth is the weight of previous frames: 0 (off) <= ALPHA < 1")
     if any(v is not None and v <= 0 for v in (args.input_width, args.input_height, args.input_rate)):
         p.error("--input-width, --input-height and --input-rate must be > 0")
+    if args.serve_max_clients < 1 or args.serve_fps <= 0:
+        p.error("--serve-max-clients must be >= 1 and --serve-fps > 0")
     if args.serve_mjpeg is not None and not 0 <= args.serve_mjpeg <= 65535:
         p.error("--serve-mjpeg is a TCP port (1-65535; 0 picks a free one)")
     if args.output and is_rtsp_url(args.output) and args.output_encoder == "opencv":
@@ -134,7 +143,7 @@ def add_server_args(p) -> None:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(mask_secrets(message), file=sys.stderr, flush=True)   # no URL password in any line
 
 
 def start_classifier(args, name: str = "camera.py") -> Classifier:
@@ -215,9 +224,14 @@ def main(argv=None, prog: str = "camera.py") -> int:
     rtsp = None
     if args.output and is_rtsp_url(args.output):
         rtsp = RtspOutput(args.output, args.output_transport or "tcp", log=lambda message: log(f"camera.py: {message}"))
-    mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host) if args.serve_mjpeg is not None else None
+    mjpeg = MjpegServer(args.serve_mjpeg, args.serve_host, max_clients=args.serve_max_clients,
+                        max_fps=args.serve_fps) if args.serve_mjpeg is not None else None
     try:
         return serve(args, spec, mjpeg, rtsp)
+    except OSError as exc:   # --stats on a full disk, say: the machine refused (exit 1), in one line naming the file
+        if os.environ.get("EDGEPIPE_DEBUG"):
+            raise
+        raise OutputFailed(f"{exc.filename or 'I/O'}: {exc.strerror or exc}") from None
     finally:
         if mjpeg is not None:
             mjpeg.close()
@@ -308,7 +322,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except UserError as exc:
-        print(f"camera.py: error: {exc}", file=sys.stderr)
+        log(f"camera.py: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:            # Ctrl-C while the model loads (afterwards the pipeline handles it)
         print("camera.py: interrupted before the first frame", file=sys.stderr)

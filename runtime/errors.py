@@ -16,3 +16,10 @@ class BackendUnavailable(UserError):
 
 class InputMismatch(UserError, ValueError):
     """Input of the wrong shape/dtype reached a backend, or a frame is not an image (also a ValueError)."""
+
+
+class OutputFailed(UserError):
+    """The machine refused to write an output (disk full, file too large, read-only, I/O error): exit 1, as the
+    CLIs' OSError lines; the message names the file."""
+
+    exit_code = 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe.runtime.errors import IntegrityError, ManifestError
+from edgepipe.runtime.safe_files import check_path_length, check_regular
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -37,6 +38,7 @@ def safe_join(root: Path, rel: str, what: str = "manifest path") -> Path:
         raise ManifestError(f"{what} {rel!r} is absolute or empty; artifact paths must be relative to {root}")
     if "\0" in rel:
         raise ManifestError(f"{what} {rel!r} contains a NUL character")
+    check_path_length(rel, what)
     root_real = root.resolve()
     full = (root / rel)
     try:
@@ -49,27 +51,68 @@ def safe_join(root: Path, rel: str, what: str = "manifest path") -> Path:
 
 
 def verify_files(model_dir: str | os.PathLike, entries: list[FileEntry], name: str = "") -> list[Path]:
-    """Check every file of a variant against its sha256; return their paths. Raises before anything loads."""
+    """Check every file of a variant against its size and sha256; return their paths. Raises before anything
+    loads. Every file a backend will open must be listed: ONNX external data and an OpenVINO IR's weights."""
     root = Path(model_dir)
     paths = []
     onnx_bytes = {}  # an .onnx file is read once: the bytes hashed are the bytes checked for external data
     for entry in entries:
-        path = safe_join(root, entry.path)
-        if not path.is_file():
-            raise IntegrityError(f"variant {name!r}: file {entry.path} listed in the manifest is missing from {root}")
-        if path.suffix == ".onnx":
-            onnx_bytes[path] = path.read_bytes()  # protobuf caps an .onnx file at 2 GB; bigger weights are external
-            digest = hashlib.sha256(onnx_bytes[path]).hexdigest()
-        else:
-            digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise IntegrityError(
-                f"variant {name!r}: {entry.path} has sha256 {digest[:12]}... but the manifest says "
-                f"{entry.sha256[:12]}...; refusing to load a modified file (rebuild with `edgepipe run`)")
+        path, data = verify_entry(root, entry, f"variant {name!r}", keep=Path(entry.path).suffix == ".onnx")
+        if data is not None:
+            onnx_bytes[path] = data
         paths.append(path)
     for path, data in onnx_bytes.items():
         check_onnx_external_data(path, paths, data)
+    check_openvino_weights(paths, name)
     return paths
+
+
+ONNX_MAX_BYTES = 2 << 30   # protobuf caps an .onnx file at 2 GB; bigger weights are external data
+
+
+def verify_entry(root: Path, entry: FileEntry, what: str, keep: bool = False) -> tuple[Path, bytes | None]:
+    """One listed file: inside ``root``, a regular file, of the recorded size (checked before a byte is read,
+    so a 30 GB file in its place costs nothing), then its sha256, read in chunks. ``keep``: also return its
+    bytes (an .onnx file, at most 2 GB). ``what`` starts the error line ("variant 'x'", "reference set")."""
+    path = safe_join(root, entry.path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise IntegrityError(f"{what}: file {entry.path} listed in the manifest is missing from {root}; "
+                             "copy the whole folder") from None
+    except OSError as exc:
+        raise IntegrityError(f"{what}: file {entry.path} cannot be opened ({exc.strerror or exc})") from None
+    digest, buf = hashlib.sha256(), bytearray()
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        check_regular(st, entry.path, f"{what}: file")
+        if entry.bytes is not None and st.st_size != entry.bytes:
+            raise IntegrityError(f"{what}: {entry.path} has {st.st_size} bytes but the manifest says {entry.bytes} "
+                                 "(checked before its sha256); refusing to load a modified file (re-copy the folder or "
+                                 "rebuild with `edgepipe run`)")
+        if keep and st.st_size > ONNX_MAX_BYTES:
+            raise IntegrityError(f"{what}: {entry.path} has {st.st_size} bytes, more than an ONNX file can hold "
+                                 "(2 GB; larger weights are external data); refusing it")
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            if keep:
+                buf += block
+    if digest.hexdigest() != entry.sha256:
+        raise IntegrityError(
+            f"{what}: {entry.path} has sha256 {digest.hexdigest()[:12]}... but the manifest says "
+            f"{entry.sha256[:12]}...; refusing to load a modified file (rebuild with `edgepipe run`)")
+    return path, bytes(buf) if keep else None
+
+
+def check_openvino_weights(paths: list[Path], name: str) -> None:
+    """OpenVINO reads an IR's weights from the .bin next to its .xml, listed or not: it must be listed."""
+    listed = {p.resolve() for p in paths}
+    for xml in (p for p in paths if p.suffix == ".xml"):
+        weights = xml.with_suffix(".bin")
+        if os.path.lexists(weights) and weights.resolve() not in listed:
+            raise IntegrityError(f"variant {name!r}: {weights.name}, the weights OpenVINO loads with {xml.name}, is not "
+                                 "listed in the manifest, so its sha256 cannot be checked; refusing it (rebuild with "
+                                 "`edgepipe run`)")
 
 
 # ---------------------------------------------------------------- ONNX external data

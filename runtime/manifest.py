@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
 from edgepipe.runtime.measured import Accuracy, Check, Latency
 from edgepipe.runtime.preprocess import Preprocess
+from edgepipe.runtime.safe_files import load_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2          # 2: typed variants that say what they were made from (made_from, quantization)
@@ -145,14 +145,10 @@ class Manifest:
             raise ManifestError(f"{root} is the manifest; give its folder instead: {root.parent}")
         if not root.is_dir():
             raise ManifestError(f"model folder {root} does not exist; pass the --out folder of `edgepipe run`")
-        if not path.is_file():
-            raise ManifestError(f"no {MANIFEST_NAME} in {root}; pass the --out folder of `edgepipe run`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path} is not valid JSON ({exc}); re-run `edgepipe run` to rewrite it") from None
-        except RecursionError:
-            raise ManifestError(f"{path} is nested too deeply to be a manifest; re-run `edgepipe run` to rewrite it") from None
+        try:  # a FIFO or a folder in its place is refused by load_json (one line), not taken as absent
+            data = load_json(path, "manifest", "re-run `edgepipe run` to rewrite it")
+        except FileNotFoundError:
+            raise ManifestError(f"no {MANIFEST_NAME} in {root}; pass the --out folder of `edgepipe run`") from None
         return cls.from_dict(data, str(path))
 
     def dump(self, model_dir: str | os.PathLike) -> Path:
@@ -187,6 +183,13 @@ class Manifest:
             raise ManifestError(f"{where}: defaults must map backend names to variant names")
         if not isinstance(data.get("default_variant"), (str, type(None))):
             raise ManifestError(f"{where}: default_variant must be a variant name")
+        named = [(f"defaults[{b!r}]", n) for b, n in defaults.items()] + [("default_variant", data.get("default_variant"))]
+        for key, name in named:
+            if name is not None and name not in variants:
+                close = difflib.get_close_matches(name, list(variants), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ManifestError(f"{where}: {key} names variant {name!r}, which is not in variants{hint}; fix it or "
+                                    "re-run `edgepipe run` to rewrite the manifest")
         for key in ("input", "output", "versions", "export", "checks", "reference"):
             if not isinstance(data.get(key) or {}, dict):
                 raise ManifestError(f"{where}: {key} must be an object")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import queue
 import re
 import shutil
@@ -13,7 +14,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,8 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.atomic import atomic_path
+from edgepipe.runtime.errors import OutputFailed
+from edgepipe.runtime.mjpeg_server import MjpegServer
 from edgepipe.runtime.model import softmax
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ class VideoFile:
         self.size = (width, height)
         try:
             if self.use_ffmpeg:
-                self.writer = FfmpegWriter(tmp, width, height, self.fps)
+                self.writer = FfmpegWriter(tmp, width, height, self.fps, target=self.path)
             else:
                 self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*self.codec), self.fps, (width, height))
                 if not self.writer.isOpened():
@@ -104,10 +106,20 @@ class VideoFile:
             writer, self.writer = self.writer, None
             try:
                 writer.release()
+                if not self.use_ffmpeg and _disk_full(self.path):   # OpenCV's writer drops failed writes silently
+                    raise OutputFailed(f"cannot write {self.path}: No space left on device (the video would be cut short)")
             except UserError as err:
                 self._atomic.__exit__(UserError, err, None)
                 raise
-            self._atomic.__exit__(None, None, None)   # rename onto the target
+            try:
+                self._atomic.__exit__(None, None, None)   # fsync, rename onto the target
+            except OSError as exc:
+                raise output_error(str(self.path), exc.strerror or str(exc)) from None
+
+
+def _disk_full(path: Path) -> bool:
+    st = os.statvfs(path.parent if str(path.parent) else ".")
+    return st.f_bavail * st.f_frsize < (64 << 10)
 
 
 class FfmpegEncoder:
@@ -165,8 +177,8 @@ class FfmpegWriter:
 
     QUEUE = 8
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast"):
-        self.path = path
+    def __init__(self, path: Path, width: int, height: int, fps: float, preset: str = "ultrafast", target=None):
+        self.path, self.target = path, target or path       # target: the name the user gave (path: its temporary)
         self.encoder = FfmpegEncoder(width, height, ["-r", f"{fps:g}"],
                                      ["-preset", preset, "-movflags", "+faststart", str(path)])
         self.queue: queue.Queue = queue.Queue(self.QUEUE)
@@ -185,7 +197,7 @@ class FfmpegWriter:
 
     def write(self, image: np.ndarray) -> None:
         if self.error:
-            raise UserError(f"cannot write {self.path.name}: {self.error}: {self.encoder.reason()}")
+            raise output_error(str(self.target), f"{self.error}: {self.encoder.reason()}")
         self.queue.put(image)
 
     def release(self) -> None:
@@ -193,7 +205,7 @@ class FfmpegWriter:
         self.thread.join()
         code = self.encoder.finish()
         if code != 0 or self.error:
-            raise UserError(f"ffmpeg could not encode the video (exit {code}): {self.encoder.reason()}")
+            raise output_error(str(self.target), f"ffmpeg could not encode the video (exit {code}): {self.encoder.reason()}")
 
 
 def annotate(image: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -222,115 +234,44 @@ class RateMeter:
         return (len(self.times) - 1) / max(1e-9, self.times[-1] - self.times[0])
 
 
-def open_jsonl(path: str):
-    """The per-frame log, line-buffered so every line is on disk as soon as it is written."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "w", encoding="utf-8", buffering=1)
-    except OSError as exc:
-        raise UserError(f"cannot write --jsonl {path}: {exc.strerror}") from None
+MACHINE_REFUSALS = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                    "Input/output error", "Permission denied")
 
 
-class QuietHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):      # no per-request lines on stderr
-        pass
+def output_error(what: str, reason: str) -> UserError:
+    """An output that could not be written: exit 1 when the machine refused (disk full, ...), else 2."""
+    machine = any(text in reason for text in MACHINE_REFUSALS)
+    return (OutputFailed if machine else UserError)(f"cannot write {what}: {reason}")
 
 
-def start_http_server(host: str, port: int, handler, what: str, flag: str) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer on host:port, serving on a daemon thread of its own; a port that cannot be bound
-    is one line naming ``flag``. ``shutdown()`` and ``server_close()`` stop it."""
-    try:
-        httpd = ThreadingHTTPServer((host, port), handler)
-    except OSError as exc:
-        raise UserError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}; choose another {flag} port") from None
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"{what}-server",
-                     daemon=True).start()
-    return httpd
+class JsonlFile:
+    """The per-frame log. Each record goes to disk as one whole line (an unbuffered append), so a reader or a
+    crash never sees a partial one; when the disk refuses a line (full, file size limit), what was written of
+    it is cut off again and the error names the file: it ends with the last complete record."""
 
+    def __init__(self, path: str):
+        self.path, self.size, self.records = path, 0, 0
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise output_error(f"--jsonl {path}", exc.strerror or str(exc)) from None
 
-class MjpegServer:
-    """The annotated frames as MJPEG over HTTP, so a headless device can be watched from a browser:
-    http://HOST:PORT/ (a page), /stream.mjpg (multipart/x-mixed-replace), /snapshot.jpg (the newest frame).
-    Binds 127.0.0.1 unless told otherwise. Frames are JPEG-encoded on the client's own HTTP thread, only
-    while someone watches; a slow client skips frames (it always gets the newest)."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", quality: int = 80):
-        self.quality = quality
-        self.cond = threading.Condition()
-        self.image: np.ndarray | None = None
-        self.seq = 0
-        self.closed = False
-        self.httpd = start_http_server(host, port, self._handler(), "MJPEG", "--serve-mjpeg")
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}/"
-
-    def publish(self, image: np.ndarray) -> None:
-        with self.cond:
-            self.image, self.seq = image, self.seq + 1
-            self.cond.notify_all()
-
-    def next_jpeg(self, seen: int) -> tuple[int, bytes | None]:
-        """Wait for a frame newer than ``seen``; (seq, JPEG bytes), or (seen, None) once closed."""
-        with self.cond:
-            while self.seq == seen and not self.closed:
-                self.cond.wait(0.5)
-            if self.closed or self.image is None:
-                return seen, None
-            seq, image = self.seq, self.image
-        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-        return seq, buf.tobytes() if ok else None
+    def write(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise output_error(f"--jsonl {self.path}", f"{exc.strerror or exc}; it holds the first {self.records} "
+                               "records, each complete") from None
+        self.size += len(line.encode("utf-8"))
+        self.records += 1
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handler(self):
-        server = self
-
-        class Handler(QuietHandler):
-            def do_GET(self):
-                if self.path in ("/", "/index.html"):
-                    body = (b"<!doctype html><title>edgepipe</title><body style='margin:0;background:#000'>"
-                            b"<img src='/stream.mjpg' style='max-width:100%'></body>")
-                    self._send(200, "text/html", body)
-                elif self.path.startswith("/snapshot.jpg"):
-                    _, jpeg = server.next_jpeg(-1) if server.image is not None else (0, None)
-                    self._send(200, "image/jpeg", jpeg) if jpeg else self._send(503, "text/plain", b"no frame yet\n")
-                elif self.path.startswith("/stream.mjpg"):
-                    self._stream()
-                else:
-                    self._send(404, "text/plain", b"try / or /stream.mjpg\n")
-
-            def _send(self, code, ctype, body):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _stream(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                seen = -1
-                try:
-                    while True:
-                        seen, jpeg = server.next_jpeg(seen)
-                        if jpeg is None:
-                            if server.closed:
-                                return
-                            continue
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                                         + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    return                     # the viewer went away
-
-        return Handler
+        os.close(self.fd)
 
 
 def stream_times(frame, now: float) -> dict:
@@ -362,7 +303,7 @@ class Outputs:
         self.display = display                 # a latest-frame Channel read by the main thread, or None
         self.frames = 0
         self.rate = RateMeter()
-        self.jsonl = open_jsonl(jsonl) if jsonl else None
+        self.jsonl = JsonlFile(jsonl) if jsonl else None
         self.video_path, self.fps_hint = video, fps_hint   # fps_hint(): the source's fps, known once it is open
         self.encoder = encoder
         self.video: VideoFile | None = None
@@ -387,11 +328,12 @@ class Outputs:
         if self.top_k > 1:
             record["top_k"] = [{"class_index": int(i), "label": labels[i], "score": round(float(probs[i]), 5)} for i in top]
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")      # line-buffered: flushed line by line
+            self.jsonl.write(json.dumps(record) + "\n")      # one whole line per write
         if self.on_result is not None:
             self.on_result(record, frame)
         fps = self.rate.tick()
-        if self.video_path or self.display is not None or self.mjpeg is not None or self.rtsp is not None:
+        watched = self.mjpeg is not None and self.mjpeg.watched     # no viewer: no annotation, no encoding
+        if self.video_path or self.display is not None or watched or self.rtsp is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])
             if self.video_path:
                 if self.video is None:
@@ -401,7 +343,7 @@ class Outputs:
                 self.rtsp.write(image)
             if self.display is not None:
                 self.display.put(image)
-            if self.mjpeg is not None:
+            if watched:
                 self.mjpeg.publish(image)
         frame.image = None
         self.stats.add("write", time.monotonic() - t)

@@ -13,6 +13,7 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.runtime.outputs import FfmpegEncoder, ffmpeg_available
 from edgepipe.runtime.stream import Channel
+from edgepipe.runtime.redact import mask_secrets
 
 
 RTSP_TRANSPORTS = ("tcp", "udp")
@@ -37,10 +38,7 @@ def check_rtsp_url(url: str) -> str:
 
 
 def hide_password(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    return mask_secrets(url)
 
 
 class RtspOutput:
@@ -144,7 +142,7 @@ class RtspOutput:
             self.log(self._failure(self.killed_because or self.encoder.reason()))
 
     def _failure(self, reason: str) -> str:
-        return f"RTSP output {self.name}: {'lost' if self.connected else 'cannot publish'} ({reason})"
+        return mask_secrets(f"RTSP output {self.name}: {'lost' if self.connected else 'cannot publish'} ({reason})")
 
     def _start(self, image: np.ndarray) -> None:
         """ffmpeg for this frame size; it connects to the server once it has encoded the first frame."""

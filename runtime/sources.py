@@ -16,6 +16,7 @@ The string only ever reaches OpenCV (or glob/os for images) as an argument: noth
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import re
@@ -28,6 +29,7 @@ import cv2
 
 from edgepipe import UserError
 from edgepipe.runtime.data import IMAGE_EXTS
+from edgepipe.runtime.redact import mask_secrets
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtp", "http", "https", "udp", "tcp", "srt")
 
@@ -81,7 +83,12 @@ class SourceSpec:
 def parse_source(text: str, fmt: CaptureFormat | None = None) -> SourceSpec:
     """``fmt``: the capture format to ask a camera for (V4L2, csi://); other sources refuse one."""
     fmt = fmt or CaptureFormat()
-    spec = _parse(str(text).strip(), fmt)
+    try:
+        spec = _parse(str(text).strip(), fmt)
+    except SourceError as exc:
+        raise SourceError(mask_secrets(str(exc))) from None
+    # what is printed and recorded (text) has no credentials; only target, handed to OpenCV, keeps them
+    spec = dataclasses.replace(spec, text=mask_secrets(spec.text))
     if not fmt.is_default() and spec.kind != "camera" and not spec.text.lower().startswith("csi://"):
         raise SourceError("--input-width/--input-height/--input-rate/--input-codec are for cameras (an index, "
                           f"/dev/videoN, v4l2://, csi://); {spec.describe()} has its own size and rate")
@@ -335,7 +342,10 @@ class ImageSequence:
             return False, None
         path = self.paths[self.pos]
         self.pos += 1
-        return True, cv2.imread(path, cv2.IMREAD_COLOR)
+        try:
+            return True, cv2.imread(path, cv2.IMREAD_COLOR)
+        except cv2.error:    # OpenCV 5 raises for an image over its size cap (edgepipe.runtime sets it)
+            return True, None
 
     def fps(self) -> float:
         return 0.0

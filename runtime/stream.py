@@ -260,7 +260,7 @@ class Capture(threading.Thread):
                 if outcome == "open-failed":
                     raise SourceError(reader.error)
                 if outcome == "stalled":
-                    raise SourceError(f"reading {self.spec.text!r} stalled for more than {self.opts.read_timeout_s:g} s")
+                    raise SourceError(f"reading {self.spec.text!r}: {stall_reason(reader, self.opts)}")
                 if frames_total == 0:
                     raise SourceError(f"{self.spec.text!r} opened but no frame could be decoded (corrupt or empty file)")
                 if self.opts.loop:
@@ -292,6 +292,8 @@ class Capture(threading.Thread):
             busy = reader.busy_since
             if reader.opening:
                 limit = self.opts.open_timeout_s + WATCHDOG_GRACE_S
+            elif not self.spec.live:            # a file or image is read at its own pace: a slow decode is no stall
+                limit = float("inf")
             elif reader.frames == 0:            # connected, waiting for a keyframe: not a stall yet
                 limit = self.opts.first_frame_timeout_s
             else:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
+import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -24,8 +27,9 @@ import numpy as np
 
 from edgepipe import UserError, __version__
 from edgepipe.runtime.errors import ManifestError
-from edgepipe.runtime.integrity import safe_join, sha256_file
+from edgepipe.runtime.integrity import safe_join, sha256_file, verify_entry
 from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
+from edgepipe.runtime.safe_files import MAX_JSON_BYTES, load_json, read_bounded
 from edgepipe.runtime.timing import measure
 
 RECORD_DIR = "devices"
@@ -161,12 +165,7 @@ def load_reference(model_dir: Path, manifest: Manifest) -> dict:
     entries = {"inputs": ref.inputs, **{f"logits:{k}": e for k, e in ref.logits.items()}}
     arrays = {}
     for key, entry in entries.items():
-        path = safe_join(model_dir, entry.path, "reference set path")
-        if not path.is_file():
-            raise ManifestError(f"reference set file {entry.path} is missing from {model_dir}; copy the whole folder")
-        if sha256_file(path) != entry.sha256:
-            raise ManifestError(f"reference set file {entry.path} does not match its sha256 in the manifest; "
-                                "re-copy the folder or re-run `edgepipe run`")
+        path, _ = verify_entry(model_dir, entry, "reference set")   # size, type and sha256 before np.load
         try:
             arrays[key] = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
@@ -184,17 +183,38 @@ def record_path(model_dir: Path, mid: str) -> Path:
     return Path(model_dir) / RECORD_DIR / f"{mid}.json"
 
 
+def read_record(path: Path) -> dict | None:
+    """One device record, or None when absent or unusable (a FIFO, huge, too deep, not JSON: said on stderr in
+    one line, and the folder is served as if `edgepipe verify` had not run here)."""
+    try:
+        return load_json(path, "device record", "the folder is served as if `edgepipe verify` had not run here (running it rewrites the record)")
+    except FileNotFoundError:
+        return None
+    except ManifestError as exc:
+        if str(path) not in _REFUSED:   # one line per file, however often it is looked at
+            _REFUSED.add(str(path))
+            print(f"edgepipe: warning: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+_REFUSED: set[str] = set()
+
+
 def load_device_records(model_dir) -> list[dict]:
     """Every readable device record in the folder (any machine), newest first."""
     records = []
     for path in sorted((Path(model_dir) / RECORD_DIR).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
+        rec = read_record(path)
         if isinstance(rec, dict) and isinstance(rec.get("variants"), dict):
             records.append(rec)
     return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
+
+
+def measured_p90(result) -> float | None:
+    """A device record result's p90 latency, when it is a number (records come from copied folders)."""
+    latency = result.get("latency_ms") if isinstance(result, dict) else None
+    p90 = latency.get("p90") if isinstance(latency, dict) else None
+    return float(p90) if isinstance(p90, (int, float)) and not isinstance(p90, bool) and math.isfinite(p90) else None
 
 
 def variant_fingerprint(variant: Variant) -> str:
@@ -206,13 +226,13 @@ def device_record_for_this_machine(model_dir: Path, manifest: Manifest, verified
     ``verified`` (signing.Verified, when trusted keys are configured): only a record the signature covers or
     this machine wrote counts (see runtime/signing.py)."""
     path = record_path(model_dir, machine_id())
-    try:
-        data = path.read_bytes()
-        rec = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if verified is not None:
+    rec = read_record(path)
+    if rec is not None and verified is not None:
         from edgepipe.runtime.signing import record_is_trusted
+        try:
+            data = read_bounded(path, MAX_JSON_BYTES, "device record")
+        except (OSError, ManifestError):
+            return None
         if not isinstance(rec, dict) or not record_is_trusted(f"{RECORD_DIR}/{path.name}", data, rec, verified):
             return None
     if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
@@ -221,7 +241,7 @@ def device_record_for_this_machine(model_dir: Path, manifest: Manifest, verified
     kept = {n: r for n, r in rec["variants"].items()
             if isinstance(r, dict) and n in variants and r.get("fingerprint") == variant_fingerprint(variants[n])
             and isinstance(r.get("backend"), str)
-            and (r.get("verdict") != "pass" or isinstance((r.get("latency_ms") or {}).get("p90"), (int, float)))}
+            and (r.get("verdict") != "pass" or measured_p90(r) is not None)}
     return dict(rec, variants=kept)
 
 

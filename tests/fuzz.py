@@ -9,7 +9,11 @@ Kinds and the real code each goes through:
 - image:    ``read_image`` + the manifest's preprocessing on random or damaged JPEG/PNG bytes;
 - video:    OpenCV's capture (what runtime/camera.py reads files with) + preprocessing on random or damaged mp4;
 - model:    ``Classifier`` on a folder where one model file (.onnx, .xml, .bin) is random or damaged and its
-            sha256 in the manifest updated to match, so the bytes reach ONNX Runtime / OpenVINO.
+            sha256 in the manifest updated to match, so the bytes reach ONNX Runtime / OpenVINO;
+- record:   the serving policy (``choose_for_dir``) and ``edgepipe info``'s reader on a folder whose device
+            record (devices/<this machine>.json) is random, damaged, of the wrong types, nested 100000 deep, a
+            FIFO or a folder: the record is used or ignored with one line, never a hang or another exception;
+- labels:   ``read_labels`` (the labels sidecar of an ONNX source) on random, damaged or deeply nested files.
 
 "Clean" means the loader returns, or raises :class:`edgepipe.UserError` with a one-line message. Anything else
 is a finding: another exception, a crash of the process (segfault), or no answer within ``--timeout``. Each
@@ -32,7 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-KINDS = ("recipe", "manifest", "image", "video", "model")
+KINDS = ("recipe", "manifest", "image", "video", "model", "record", "labels")
 # values of the wrong type or meaning, put in place of a valid one
 WEIRD = [None, True, 0, -1, 2 ** 63, 1e308, float("nan"), "", "x", "../../etc/passwd", "/etc/passwd", "a\x00b",
          "é" * 3, [], {}, [1, 2, 3], {"k": None}, [[[]]]]
@@ -204,7 +208,52 @@ def make_input(kind: str, rng: random.Random, work: Path, template: Path, video:
         (work / "manifest.json").write_text(json.dumps(manifest))
         rehash(work)
         return work, name
+    if kind == "record":
+        _link(template / "manifest.json", work / "manifest.json")
+        return _damaged_record(rng, work, template), None
+    if kind == "labels":
+        return _damaged_labels(rng, work, manifest["labels"]), None
     raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def _nested(rng: random.Random) -> bytes:
+    n = rng.choice((65, 1000, 100000))
+    return (b'{"variants": ' * n + b"1" + b"}" * n) if rng.random() < 0.5 else b"[" * n + b"]" * n
+
+
+def _damaged_record(rng: random.Random, work: Path, template: Path) -> Path:
+    """devices/<this machine>.json, valid for the template's variants, then damaged (or replaced by a special file)."""
+    from edgepipe.runtime.verify import machine_id, record_path, variant_fingerprint
+    path = record_path(work, machine_id())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format_version": 1, "machine_id": machine_id(), "variants": {
+        n: {"backend": v.backend, "verdict": rng.choice(("pass", "fail")), "fingerprint": variant_fingerprint(v),
+            "latency_ms": {"p90": rng.uniform(0.5, 50)}} for n, v in _usable_variants(template).items()}}
+    style = rng.random()
+    if style < 0.15:
+        os.mkfifo(path) if style < 0.1 else path.mkdir()       # special files: rsync -a copies FIFOs
+    else:
+        path.write_bytes(_nested(rng) if style < 0.3 else random_bytes(rng) if style < 0.45 else
+                         mutate_bytes(rng, json.dumps(record).encode()) if style < 0.6 else
+                         json.dumps(mutate_tree(rng, record)).encode())
+    return work
+
+
+def _damaged_labels(rng: random.Random, work: Path, labels: list) -> Path:
+    path = work / rng.choice(("labels.json", "labels.txt"))
+    real = json.dumps(labels).encode() if path.suffix == ".json" else "\n".join(labels).encode()
+    style = rng.random()
+    if style < 0.1:
+        os.mkfifo(path)
+    elif style < 0.3:
+        path.write_bytes(_nested(rng))
+    elif style < 0.5:
+        path.write_bytes(random_bytes(rng))
+    elif style < 0.75:
+        path.write_bytes(mutate_bytes(rng, real))
+    else:
+        path.write_text(json.dumps(mutate_tree(rng, {"labels": labels}).get("labels")))
+    return path
 
 
 # ---------------------------------------------------------------- checks (the real loaders)
@@ -261,8 +310,29 @@ def _check_video(path: Path, variant) -> str:
         cap.release()
 
 
+def _check_record(path: Path, variant) -> str:
+    from edgepipe.info import describe, folder_info
+    from edgepipe.runtime.manifest import Manifest
+    from edgepipe.runtime.serving import choose_for_dir
+    from edgepipe.runtime.verify import device_record_for_this_machine
+    manifest = Manifest.load(path)
+    choice = choose_for_dir(path, manifest)
+    info = folder_info(path)
+    assert choice.variant in manifest.variants and info["auto"]["variant"] == choice.variant
+    describe(info)                                   # what `edgepipe info` prints
+    used = device_record_for_this_machine(path, manifest) is not None
+    return f"ok {choice.variant}" if used else "ignored: record unusable"
+
+
+def _check_labels(path: Path, variant) -> str:
+    from edgepipe.compile.onnx_source import read_labels
+    labels = read_labels(path)
+    assert labels and all(isinstance(x, str) and x for x in labels)
+    return "ok"
+
+
 CHECKS = {"recipe": _check_recipe, "manifest": _check_classifier, "image": _check_image, "video": _check_video,
-          "model": _check_classifier}
+          "model": _check_classifier, "record": _check_record, "labels": _check_labels}
 
 
 def check(kind: str, target, variant: str | None = None) -> str:

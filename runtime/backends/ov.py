@@ -140,6 +140,8 @@ class OpenVINOBackend:
         core = ov.Core()
         self.device = check_device(device, core) if device else recorded_device(variant, core)
         self.core, self.model_path, self.files, self.variant = core, model, files, variant
+        # the IR's weights: the hash-checked .bin named in the manifest, never one OpenVINO finds by itself
+        self.weights = next((f for f in files if model.suffix == ".xml" and f.suffix == ".bin" and f.stem == model.stem), None)
         self.config = compile_config(self.device, variant, hint or os.environ.get("EDGEPIPE_OV_HINT", "LATENCY"),
                                      self.threads)
         on_npu = "NPU" in device_parts(self.device) and any(d.startswith("NPU") for d in core.available_devices)
@@ -164,7 +166,7 @@ class OpenVINOBackend:
 
     def _read(self, model: Path) -> ov.Model:
         try:
-            return self.core.read_model(str(model))
+            return self.core.read_model(str(model), str(self.weights)) if self.weights else self.core.read_model(str(model))
         except Exception as exc:  # OpenVINO raises RuntimeError with long multi-line messages
             raise ManifestError(f"OpenVINO cannot load {model.name}: {ov_reason(exc)}") from None
 
