@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepipe import UserError
+from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.engine import Engine, PreparedChannel, max_batch, measure_batches, pick_batch
 from edgepipe.runtime.outputs import Outputs
 from edgepipe.runtime.rtsp_output import RtspOutput, is_rtsp_url
@@ -71,7 +72,7 @@ class StreamPipeline(Pipeline):
 
     def counts(self) -> dict:
         classified = self.outputs.frames if self.outputs else 0
-        return {"state": self.state(), "source": self.cfg.source, "offered": self.capture.next_index,
+        return {"state": self.state(), "source": mask_secrets(self.cfg.source), "offered": self.capture.next_index,
                 "classified": classified, "dropped": self.dropped, "corrupt": self.capture.corrupt,
                 "reconnects": self.capture.reconnects, "transport": self.transport()}
 

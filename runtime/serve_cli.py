@@ -14,8 +14,9 @@ import time
 
 from edgepipe import UserError
 from edgepipe.atomic import write_json
+from edgepipe.runtime.redact import mask_secrets
 from edgepipe.runtime.serve import Server, Settings, engine_for
-from edgepipe.runtime.sources import check_gstreamer, parse_source
+from edgepipe.runtime.sources import check_gstreamer, check_local_camera, parse_source
 from edgepipe.runtime.streams import OPTION_NAMES, StreamConfig, check_unique, from_sources, load_streams_file
 
 GAVE_UP_EXIT = 3
@@ -23,7 +24,7 @@ DRAIN_S = 10.0       # on stop, how long the streams get to classify and write w
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(mask_secrets(message), file=sys.stderr, flush=True)   # no URL password in any line
 
 
 def stream_defaults(args) -> dict:
@@ -50,7 +51,9 @@ def stream_configs(args) -> list[StreamConfig]:
     configs += from_sources(args.source, defaults)
     check_unique(configs, "--streams and --source")
     for cfg in configs:                      # a source that cannot be used is said before the model loads
-        check_gstreamer(parse_source(cfg.source))
+        spec = parse_source(cfg.source)
+        check_gstreamer(spec)
+        check_local_camera(spec)
     per_stream = {"jsonl": args.jsonl, "output": args.output}
     if any(per_stream.values()):
         if len(configs) != 1:
