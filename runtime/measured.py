@@ -20,8 +20,15 @@ def _known(cls, data: dict | None) -> dict:
     return {k: v for k, v in (data or {}).items() if k in names}
 
 
+class _FromDict:
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        """The typed view of a manifest's JSON object (fields it does not know are left out); None for none."""
+        return cls(**_known(cls, data)) if data else None
+
+
 @dataclass(frozen=True)
-class Check:
+class Check(_FromDict):
     """A variant's logits against the reference's on the same images (runtime.verify.compare_logits)."""
     ok: bool = False
     n: int | None = None
@@ -36,10 +43,6 @@ class Check:
     error: str | None = None                  # why there are no figures (e.g. an output shape mismatch)
     build_host_rel_mean_abs: float | None = None  # on a device: the build host's figure it was held to
 
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "Check | None":
-        return cls(**_known(cls, data)) if data else None
-
     def summary(self) -> dict:
         """The fields a report table shows."""
         return {"ok": self.ok, "n": self.n, "max_abs": self.max_abs, "mean_abs": self.mean_abs,
@@ -47,7 +50,7 @@ class Check:
 
 
 @dataclass(frozen=True)
-class Latency:
+class Latency(_FromDict):
     """Batch-1 latency in ms (runtime.timing): percentiles, spread, and how many timed calls."""
     p50: float | None = None
     p90: float | None = None
@@ -58,28 +61,20 @@ class Latency:
     iterations: int | None = None
     stable: bool | None = None                # measure_stable: did the p90 settle
 
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "Latency | None":
-        return cls(**_known(cls, data)) if data else None
-
     def percentiles(self) -> dict:
         return {"p50": self.p50, "p90": self.p90, "p99": self.p99}
 
 
 @dataclass(frozen=True)
-class Accuracy:
+class Accuracy(_FromDict):
     """Top-1 / top-5 on labeled evaluation images (n of them); unlabeled data gives n only."""
     top1: float | None = None
     top5: float | None = None
     n: int | None = None
 
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "Accuracy | None":
-        return cls(**_known(cls, data)) if data else None
-
 
 @dataclass(frozen=True)
-class Pruning:
+class Pruning(_FromDict):
     """What pruning did to the model (ModelInfo.pruned): MACs and batch-1 latency before and after, on which
     backend, and validation top-1 before and after the recovery fine-tune."""
     base_macs: int | None = None
@@ -97,10 +92,6 @@ class Pruning:
     distill_alpha: float | None = None
     recovery_epochs: float | None = None
     seconds: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "Pruning | None":
-        return cls(**_known(cls, data)) if data else None
 
 
 @dataclass
