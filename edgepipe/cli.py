@@ -69,7 +69,11 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from edgepipe.benchmarks.bench import main as bench_main
-    return bench_main(args)
+    try:
+        from edgepipe.train.models import rebuild  # the PyTorch eager reference, where torch is installed
+    except ImportError:
+        rebuild = None
+    return bench_main(args, rebuild=rebuild)
 
 
 def cmd_build_engine(args) -> int:
