@@ -13,14 +13,8 @@ from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.signing import TrustStore, load_manifest, load_trust
+from edgepipe.runtime.scores import softmax, top_k as best_k
 from edgepipe.runtime.serving import choose, choose_for_dir
-
-
-def choose_variant(manifest: Manifest, variant: str | None = None, backend: str = "auto",
-                   model_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-    """(variant name, backend name) to serve here; see :mod:`edgepipe.runtime.serving` for the policy."""
-    choice = choose_for_dir(model_dir, manifest, variant, backend) if model_dir else choose(manifest, variant, backend)
-    return choice.variant, choice.backend
 
 
 class Classifier:
@@ -100,7 +94,7 @@ class Classifier:
     def classify(self, bgr: np.ndarray, top_k: int = 1) -> list[tuple[int, str, float]]:
         active = self._active  # one snapshot: a concurrent reload() cannot mix two variants in one answer
         probs = softmax(active.backend.infer(active.preprocess(bgr)))[0]
-        idx = np.argsort(-probs)[:top_k]
+        idx = best_k(probs, top_k)
         return [(int(i), active.labels[i], float(probs[i])) for i in idx]
 
 
@@ -111,8 +105,3 @@ def _check_outputs(backend, pre: Preprocess, labels: list, name: str) -> None:
         raise ManifestError(f"variant {name!r} outputs shape {tuple(logits.shape)} but the manifest "
                             f"has {len(labels)} labels; the artifact folder is inconsistent")
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

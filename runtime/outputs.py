@@ -24,7 +24,7 @@ from edgepipe import UserError
 from edgepipe.atomic import atomic_path
 from edgepipe.runtime.errors import OutputFailed
 from edgepipe.runtime.mjpeg_server import MjpegServer
-from edgepipe.runtime.model import softmax
+from edgepipe.runtime.scores import softmax, top_k
 
 if TYPE_CHECKING:
     from edgepipe.runtime.rtsp_output import RtspOutput
@@ -316,7 +316,7 @@ class Outputs:
         t = time.monotonic()
         labels = frame.labels or self.labels        # a server's model swap may bring other labels
         probs = self.smoother(softmax(frame.logits.astype(np.float32))[0])
-        top = np.argsort(-probs)[:self.top_k]
+        top = top_k(probs, self.top_k)
         k = int(top[0])
         self.stats.add("postprocess", time.monotonic() - t)
         t = time.monotonic()
