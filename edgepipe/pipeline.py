@@ -30,6 +30,7 @@ from edgepipe.recipe import Recipe, dump_recipe
 from edgepipe.run_data import RunData, accuracy_control, prepare_data, preflight
 from edgepipe.runtime.integrity import FileEntry, sha256_file
 from edgepipe.runtime.manifest import FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant
+from edgepipe.runtime.measured import Row
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, prepare_out_dir, remove_stale_parts, tool_versions
 
@@ -291,7 +292,7 @@ def report_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Refe
                        "calibration_images": len(plan.calibration), "control_images": len(plan.control),
                        "control_overlaps_check": plan.control_overlaps_check}
     for v in manifest.variants.values():
-        v.agreement_with_torch = agreement_with_reference(v, torch_ref.get("predictions") or {})
+        v.agreement_with_fp32 = agreement_with_reference(v, torch_ref.get("predictions") or {})
     over = budget_failures(manifest, recipe, torch_ref)
     for name, why in over.items():
         log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
@@ -328,7 +329,7 @@ def write_reference_set(out: Path, data: RunData, references: dict[str, Referenc
 def agreement_with_reference(v: Variant, reference_predictions: dict) -> float | None:
     from edgepipe.benchmarks.report import top1_agreement
     agreement = top1_agreement(v.predictions or {}, reference_predictions)
-    return agreement if agreement is not None else (v.parity or {}).get("top1_agreement")
+    return agreement if agreement is not None else (v.check.top1_agreement if v.check else None)
 
 
 def budget_failures(manifest: Manifest, recipe: Recipe, torch_ref: dict) -> dict[str, str]:
@@ -340,9 +341,7 @@ def budget_failures(manifest: Manifest, recipe: Recipe, torch_ref: dict) -> dict
     for name, v in manifest.variants.items():
         if v.status != "ok":
             continue
-        row = {"name": name, "backend": v.backend, "top1": v.top1, "agreement_with_fp32": v.agreement_with_torch,
-               "top1_drop_pts": (ref_top1 - v.top1) * 100 if v.top1 is not None and ref_top1 is not None else None,
-               "p90_ms": v.p90_ms}
+        row = Row.of_variant(name, v, ref_top1).as_dict()
         for b in (b for b in recipe.budgets if budgets.matches(b, row)):
             for check in budgets.checks_of(b):
                 field, kind, _ = budgets.CHECKS[check]

@@ -83,15 +83,6 @@ class Variant:
     top1 = property(lambda self: (Accuracy.from_dict(self.accuracy) or Accuracy()).top1)
     p90_ms = property(lambda self: (self.latency or Latency()).p90)
 
-    @property
-    def agreement_with_torch(self) -> float | None:
-        """The name before manifest fields were unified (edgepipe/pipeline.py still sets it)."""
-        return self.agreement_with_fp32
-
-    @agreement_with_torch.setter
-    def agreement_with_torch(self, value: float | None) -> None:
-        self.agreement_with_fp32 = value
-
 
 @dataclass
 class ModelInfo:
