@@ -333,6 +333,16 @@ def command_line(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def first_input(manifest: Manifest, items: list) -> np.ndarray:
+    """The batch-1 input every variant is timed on: the first readable image of --data, else a grey square."""
+    pre = manifest.preprocess
+    first = None
+    if items:
+        from edgepipe.runtime.evaluate import read_image
+        first = next((img for img in (read_image(p) for p, _ in items[:8]) if img is not None), None)
+    return pre(first if first is not None else np.full((pre.resize, pre.resize, 3), 127, np.uint8))
+
+
 def main(args, rebuild=None) -> int:
     """``rebuild``: ModelInfo -> the PyTorch model to time as the eager reference (train.models.rebuild)."""
     t0 = time.perf_counter()
@@ -354,12 +364,7 @@ def main(args, rebuild=None) -> int:
         B.validate(bf, rows, args.data, labeled, args.budgets)
     out = Path(args.out) if args.out else model_dir / "bench"
 
-    pre = manifest.preprocess
-    first = None
-    if items:
-        from edgepipe.runtime.evaluate import read_image
-        first = next((img for img in (read_image(p) for p, _ in items[:8]) if img is not None), None)
-    x1 = pre(first if first is not None else np.full((pre.resize, pre.resize, 3), 127, np.uint8))
+    x1 = first_input(manifest, items)
 
     log(f"[bench] {len(rows)} variant x backend combination(s)" + (f", {len(items)} images "
         f"({'labeled' if labeled else 'unlabeled: agreement with fp32'})" if items else ", no --data (latency only)"))

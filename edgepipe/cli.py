@@ -176,35 +176,8 @@ def add_export_and_pack(sub) -> None:
     u.set_defaults(fn=cmd_unpack)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
-                                epilog=ENVIRONMENT, formatter_class=HelpFormatter)
-    p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
-    add_verbosity(p, top=True)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="run a recipe: stages -> artifacts + manifest + report")
-    r.add_argument("recipe", help="recipe YAML (e.g. recipes/default.yaml) or the name of a built-in recipe")
-    r.add_argument("--out", required=True, help="output folder (artifacts, manifest.json, report)")
-    r.add_argument("--profile", help="profile from the recipe's profiles: section (e.g. quick, full)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one recipe value (repeatable), e.g. data.evaluation=val.csv or targets.0.precision=int8")
-    r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
-    r.set_defaults(fn=cmd_run)
-
-    add_export_and_pack(sub)
-
-    e = sub.add_parser("eval", help="top-1/top-5 of one variant on labeled images (prints one JSON object)")
-    e.add_argument("dir", help="artifact folder with manifest.json")
-    e.add_argument("--data", required=True, help="CSV with header file,class_index, or an ImageFolder tree named by labels")
-    e.add_argument("--variant", help="variant name from `edgepipe info DIR` (default: what auto serves here)")
-    e.add_argument("--backend", default="auto", choices=backend_choices(),
-                   help="backend to run on; auto: what `edgepipe verify` proved fastest here, else the build host's default")
-    e.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU, AUTO, HETERO:GPU,CPU (default: the variant's, else CPU)")
-    e.add_argument("--batch-size", type=int, default=8, help="images per inference call")
-    e.add_argument("--per-image", action="store_true", help="include per-image predictions and per-class top-1")
-    e.set_defaults(fn=cmd_eval)
-
+def add_bench_and_build_engine(sub) -> None:
+    """`edgepipe bench` and `edgepipe build-engine`: their many flags, apart from the rest."""
     b = sub.add_parser("bench", help="accuracy x latency for every variant and backend; budgets gate CI")
     b.add_argument("dir", help="artifact folder with manifest.json")
     b.add_argument("--data", help="labeled CSV / ImageFolder (top-1) or an image folder (agreement with fp32)")
@@ -242,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first run on a device: versions, fp16 + int8 builds (--batch 1,4,8), timing cache, trtexec "
                         "cross-check, batches 3/8/20, bench; report in DIR/tensorrt-check.md (docs/jetson.md)")
     t.set_defaults(fn=cmd_build_engine)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="edgepipe", description="Fine-tune, prune, quantize, compile and benchmark image classifiers for edge devices.",
+                                epilog=ENVIRONMENT, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgepipe {__version__}")
+    add_verbosity(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe: stages -> artifacts + manifest + report")
+    r.add_argument("recipe", help="recipe YAML (e.g. recipes/default.yaml) or the name of a built-in recipe")
+    r.add_argument("--out", required=True, help="output folder (artifacts, manifest.json, report)")
+    r.add_argument("--profile", help="profile from the recipe's profiles: section (e.g. quick, full)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one recipe value (repeatable), e.g. data.evaluation=val.csv or targets.0.precision=int8")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted training from its last epoch checkpoint")
+    r.set_defaults(fn=cmd_run)
+
+    add_export_and_pack(sub)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of one variant on labeled images (prints one JSON object)")
+    e.add_argument("dir", help="artifact folder with manifest.json")
+    e.add_argument("--data", required=True, help="CSV with header file,class_index, or an ImageFolder tree named by labels")
+    e.add_argument("--variant", help="variant name from `edgepipe info DIR` (default: what auto serves here)")
+    e.add_argument("--backend", default="auto", choices=backend_choices(),
+                   help="backend to run on; auto: what `edgepipe verify` proved fastest here, else the build host's default")
+    e.add_argument("--device", help="OpenVINO device: CPU, GPU, NPU, AUTO, HETERO:GPU,CPU (default: the variant's, else CPU)")
+    e.add_argument("--batch-size", type=int, default=8, help="images per inference call")
+    e.add_argument("--per-image", action="store_true", help="include per-image predictions and per-class top-1")
+    e.set_defaults(fn=cmd_eval)
+
+    add_bench_and_build_engine(sub)
 
     i = sub.add_parser("info", help="list a folder's variants: status, precision, size, latency, device records, what auto serves here")
     i.add_argument("dir", help="artifact folder with manifest.json")

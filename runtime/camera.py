@@ -103,6 +103,12 @@ def parse_args(argv=None, prog: str = "camera.py"):
         p.error("give --source (repeat it for several streams) or --streams FILE")
     if not args.server:
         args.source = args.source[0]
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args) -> None:
+    """Values argparse cannot check by type: each a usage error (exit 2) naming the flag."""
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -120,7 +126,6 @@ def parse_args(argv=None, prog: str = "camera.py"):
         p.error("an rtsp:// --output is published through ffmpeg; --output-encoder opencv only writes files")
     if args.output_transport and not (args.output and is_rtsp_url(args.output)):
         p.error("--output-transport applies to an rtsp:// --output only")
-    return args
 
 
 def add_server_args(p) -> None:
