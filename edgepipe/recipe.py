@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import difflib
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from edgepipe import UserError
 from edgepipe.benchmarks.budgets import Budget
 from edgepipe.datasets import parse_reference
-
-
-class RecipeError(UserError):
-    pass
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from edgepipe.recipe_keys import RecipeError, Section, check_keys as _check_keys
 
 
 class PreprocessOverride(Section):
@@ -264,42 +255,6 @@ def default_targets(int8: bool = True) -> list[dict]:
 
 
 # ---------------------------------------------------------------- loading
-
-def _section_type(annotation) -> type | None:
-    """The Section (or dataclass) inside an annotation (Section, Optional[Section], list[Section])."""
-    if isinstance(annotation, type) and (issubclass(annotation, Section) or dataclasses.is_dataclass(annotation)):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_type(arg)
-        if found:
-            return found
-    return None
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    """Field name -> annotation of a Section or of a dataclass (the budgets, shared with the device install)."""
-    if dataclasses.is_dataclass(cls):
-        return typing.get_type_hints(cls)
-    return {name: f.annotation for name, f in cls.model_fields.items()}
-
-
-def _check_keys(data: Any, cls: type, where: str) -> None:
-    if isinstance(data, list):
-        for i, item in enumerate(data):
-            _check_keys(item, cls, f"{where}[{i}]")
-        return
-    if not isinstance(data, dict):
-        return
-    fields = _fields(cls)
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(fields)}"
-            raise RecipeError(f"unknown key '{where + '.' if where else ''}{key}'{hint}")
-        sub = _section_type(fields[key])
-        if sub is not None:
-            _check_keys(value, sub, f"{where + '.' if where else ''}{key}")
-
 
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
