@@ -12,7 +12,6 @@ ENVIRONMENT = """environment variables:
   EDGEPIPE_LOG=LEVEL     debug, info (default), warning or error; -v / -q override it
   EDGEPIPE_TRUSTED_KEYS=K  public keys (files/folders, ':'-separated) a folder must be signed by (docs/verify.md)
   EDGEPIPE_DEBUG=1       print the Python traceback of an I/O error instead of one line (as -v does)
-
   OPENCV_IO_MAX_IMAGE_PIXELS=N  images with more pixels are refused unread (default 268435456 = 16384^2)"""
 
 

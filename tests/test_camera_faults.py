@@ -166,9 +166,12 @@ def test_case16_http_stream_that_vanishes_keeps_results_and_gives_up(tiny_artifa
     assert [r["frame"] for r in lines] == sorted({r["frame"] for r in lines})
 
 
-def test_case16_missing_camera_device_retries_then_gives_up(tiny_artifacts):
+def test_case16_missing_camera_device_fails_at_once_naming_it(tiny_artifacts):
+    """A local camera that does not exist at start is not a flaky network: one line, exit 2, no reconnects
+    (a camera lost while running still reconnects: see the RTSP and file cases)."""
     proc = run_camera(tiny_artifacts, "/dev/video63", "--max-reconnects", 1, *FAST_RETRY)
-    assert proc.returncode == 3 and "no such camera" in proc.stderr and "gave up" in proc.stderr
+    assert proc.returncode == 2 and "/dev/video63 does not exist" in proc.stderr, proc.stderr[-2000:]
+    assert "reconnecting" not in proc.stderr and "gave up" not in proc.stderr
     assert_clean_stderr(proc)
 
 

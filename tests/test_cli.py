@@ -29,7 +29,7 @@ def test_every_flag_has_help_and_the_env_variables_are_documented():
     parsers = subcommands()
     assert {"run", "eval", "bench", "info", "demo", "build-engine", "camera"} <= set(parsers)
     for name, parser in parsers.items():
-        if name == "camera":  # passes everything to camera.py, which has its own --help
+        if name in ("camera", "serve"):  # pass everything to camera.py's parser, which has its own --help
             continue
         for action in parser._actions:
             if action.option_strings and action.help != argparse.SUPPRESS:
@@ -41,6 +41,16 @@ def test_every_flag_has_help_and_the_env_variables_are_documented():
     assert "(default: 8)" in help_of["eval"] and "(default: auto)" in help_of["eval"]
     assert "(default: fp16)" in help_of["build-engine"]
     assert all(v in build_parser().format_help() for v in ENV_VARS)
+
+
+
+def test_serve_help_lists_the_environment_variables(capsys):
+    """`edgepipe serve --help` is camera.py's parser under another name: its epilog too."""
+    from edgepipe.runtime.camera import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], prog="edgepipe serve")
+    text = capsys.readouterr().out
+    assert "usage: edgepipe serve" in text and all(v in text for v in ENV_VARS)
 
 
 def test_camera_help_shows_defaults_and_environment(capsys):

@@ -29,7 +29,8 @@ from edgepipe.runtime.verify import machine_id
 
 
 def copy_folder(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".edgepipe*"))
+    """A copy without step caches and device records (other tests verify and bench the shared fixture)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".edgepipe*", "devices"))
     return dst
 
 

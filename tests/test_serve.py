@@ -237,7 +237,7 @@ def _copy_serving(folder, dst, variant: str | None = None, perturb: bool = False
     model (re-hashed, so only verification on the device can tell)."""
     from edgepipe.runtime.integrity import FileEntry
     from edgepipe.runtime.manifest import Manifest
-    shutil.copytree(folder, dst)
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("devices"))  # other tests verify/bench the fixture
     manifest = Manifest.load(dst)
     name = variant or manifest.default_variant
     manifest.default_variant = name
