@@ -94,6 +94,29 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"camera did not reach {n} frames: rc={proc.returncode}\n{out[-2000:]}\n{err[-2000:]}")
 
 
+def port_in_range(low: int, high: int) -> int:
+    """A free TCP port on 127.0.0.1 from ``low``-``high`` (each test file keeps to its own range)."""
+    for port in range(low, high + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.2):
+    """Poll ``predicate()`` until it returns something truthy (returned); generous deadlines only catch hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from camera_helpers import REPO, RtspServer, live_camera_input, read_jsonl, stop_process
+from camera_helpers import REPO, RtspServer, live_camera_input, read_jsonl, stop_process, wait_until  # noqa: F401 (re-exported)
 
 API_PORTS = range(18600, 18700)     # this suite's ports
 
@@ -89,17 +89,6 @@ def wait_api(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError("the API did not answer")
-
-
-def wait_until(predicate, timeout: float = 60, what: str = "condition"):
-    """Poll ``predicate()`` until it returns something truthy (returned); generous deadlines only catch hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def frames_of(path: Path) -> list[int]:

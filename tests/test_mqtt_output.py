@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from camera_helpers import port_in_range, wait_until as poll_until
 from conftest import requires
 from edgepipe import UserError
 from edgepipe.runtime.mqtt_output import MqttSink, check_topic, mask_url, parse_url
@@ -23,24 +24,11 @@ needs_broker = requires("mosquitto", MOSQUITTO is not None, "Debian package mosq
 
 
 def _free_port(lo=18700, hi=18799) -> int:
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
+    return port_in_range(lo, hi)
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return poll_until(predicate, timeout, what, interval=0.05)
 
 
 class Broker:

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
-from camera_helpers import camera_cmd, make_video, needs_ffmpeg, read_jsonl, run_camera, start_camera, stop_process
+from camera_helpers import (camera_cmd, make_video, needs_ffmpeg, port_in_range as any_port_in, read_jsonl, run_camera,
+                            start_camera, stop_process)
 from conftest import run_edgepipe
 from test_reliability import tmpfs
 from edgepipe import UserError
@@ -54,14 +55,7 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int, *mentions: str)
 
 def port_in_range(low: int = 18800, high: int = 18899) -> int:
     """A free TCP port from this issue's range."""
-    for port in range(low, high + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in {low}-{high}")
+    return any_port_in(low, high)
 
 
 # ------------------------------------------------------------------ 1. MJPEG viewers
