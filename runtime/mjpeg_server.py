@@ -49,6 +49,7 @@ class MjpegServer:
         self.viewers = 0
         self.slots = threading.BoundedSemaphore(max_clients)
         self.closed = False
+        self.published_at = 0.0                   # time.monotonic() of the last frame published
         self.httpd = start_http_server(host, port, self._handler(), "MJPEG", "--serve-mjpeg")
         self.port = self.httpd.server_address[1]
         self.url = f"http://{host}:{self.port}/"
@@ -60,8 +61,15 @@ class MjpegServer:
         """Someone is watching: only then does the output stage annotate and publish frames."""
         return self.viewers > 0
 
+    @property
+    def wants_frame(self) -> bool:
+        """Someone is watching and the last frame published is 1/max_fps old: the output stage annotates a
+        frame for the viewers only this often, never at the classifier's rate."""
+        return self.viewers > 0 and time.monotonic() - self.published_at >= 1.0 / self.max_fps
+
     def publish(self, image: np.ndarray) -> None:
         with self.cond:
+            self.published_at = time.monotonic()
             self.image, self.seq = image, self.seq + 1
             self.cond.notify_all()
 

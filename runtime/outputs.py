@@ -332,7 +332,7 @@ class Outputs:
         if self.on_result is not None:
             self.on_result(record, frame)
         fps = self.rate.tick()
-        watched = self.mjpeg is not None and self.mjpeg.watched     # no viewer: no annotation, no encoding
+        watched = self.mjpeg is not None and self.mjpeg.wants_frame  # annotated for viewers at most --serve-fps
         if self.video_path or self.display is not None or watched or self.rtsp is not None:
             image = annotate(frame.image, [f"{record['label']} {record['score']:.2f}", f"{fps:.1f} fps"])
             if self.video_path:
