@@ -96,6 +96,9 @@ def parse_args(argv=None, prog: str = "camera.py"):
     p.add_argument("--rtsp-transport", choices=RTSP_INPUT_TRANSPORTS, default="auto",
                    help="RTSP transport of an rtsp:// source: auto tries TCP, then UDP (the one that worked is tried "
                         "first on a reconnect)")
+    p.add_argument("--decoder-threads", type=int, metavar="N",
+                   help="FFmpeg decoding threads per file or network stream (0: one per core; default: 0 for one "
+                        "stream, 1 each when serving several, which decode in parallel anyway)")
     add_server_args(p)
     args = p.parse_args(argv)
     args.server = prog != "camera.py" or len(args.source) > 1 or bool(args.streams) or args.api_port is not None
@@ -112,8 +115,8 @@ def check_args(p, args) -> None:
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff", "stats_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.max_reconnects < 0 or args.max_frames < 0 or args.top_k < 1:
-        p.error("--max-reconnects and --max-frames must be >= 0, --top-k >= 1")
+    if args.max_reconnects < 0 or args.max_frames < 0 or args.top_k < 1 or (args.decoder_threads or 0) < 0:
+        p.error("--max-reconnects, --max-frames and --decoder-threads must be >= 0, --top-k >= 1")
     if not 0.0 <= args.smooth < 1.0:
         p.error("--smooth is the weight of previous frames: 0 (off) <= ALPHA < 1")
     if any(v is not None and v <= 0 for v in (args.input_width, args.input_height, args.input_rate)):
@@ -145,17 +148,22 @@ def add_server_args(p) -> None:
                                                           "at start; TensorRT: at most its profile's max)")
     g.add_argument("--batch-wait-ms", type=float, metavar="MS",
                    help="wait at most MS after a batch's first frame for more (default: measured)")
+    g.add_argument("--engine-workers", type=int, default=2, metavar="N",
+                   help="batches in the engine at once: one is collected and routed while another computes, and "
+                        "OpenVINO computes N together on its share of the cores (default 2)")
 
 
 def log(message: str) -> None:
     print(mask_secrets(message), file=sys.stderr, flush=True)   # no URL password in any line
 
 
-def start_classifier(args, name: str = "camera.py") -> Classifier:
-    """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first."""
+def start_classifier(args, name: str = "camera.py", requests: int = 1) -> Classifier:
+    """The Classifier to serve, said in one line (variant, why, verified here or not); with --verify, proven first.
+    ``requests``: engine calls in flight at once (the server's workers)."""
     from edgepipe.runtime.signing import load_trust
     trust = load_trust(args.trust)
-    clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device, trust=trust)
+    clf = Classifier(args.model, variant=args.variant, backend=args.backend, device=args.device, trust=trust,
+                     requests=requests)
     tried = set()
     while args.verify and clf.variant_name not in tried:
         from edgepipe.runtime.verify import verify_model_dir
@@ -166,7 +174,8 @@ def start_classifier(args, name: str = "camera.py") -> Classifier:
         if args.variant:
             raise UserError(f"variant {args.variant} failed verification on this machine (see {record.get('path')}); "
                             "choose another --variant or leave it out to serve one that passes")
-        clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device, trust=trust)  # auto never serves a failed variant
+        clf = Classifier(args.model, variant=None, backend=args.backend, device=args.device, trust=trust,
+                         requests=requests)  # auto never serves a failed variant
     here = {True: "verified on this machine", False: "FAILED verification on this machine",
             None: "not verified on this machine (run `edgepipe verify` or add --verify)"}[clf.choice.verified_here]
     if clf.choice.verified_here is None and "not verified" in clf.choice.reason:
@@ -251,7 +260,7 @@ def serve(args, spec, mjpeg: MjpegServer | None, rtsp: RtspOutput | None) -> int
     opts = Options(live=spec.live or args.realtime, realtime=args.realtime, loop=args.loop,
                    open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
                    first_frame_timeout_s=args.first_frame_timeout, max_reconnects=args.max_reconnects, backoff_s=args.backoff,
-                   rtsp_transport=args.rtsp_transport, log=log)
+                   rtsp_transport=args.rtsp_transport, decoder_threads=args.decoder_threads or 0, log=log)
     display = Channel(1, latest=True) if args.display else None
     pipeline = Pipeline(spec, opts, clf.preprocess, clf.logits)
     outputs = Outputs(clf.labels, pipeline.stats, pipeline.stop, jsonl=args.jsonl,

@@ -1,4 +1,4 @@
-"""The one inference worker of a server: frames from every stream -> batches -> one engine call -> each result
+"""The inference workers of a server: frames from every stream -> batches -> one engine call -> each result
 back to its own stream.
 
 - Fair: a batch is filled round-robin, one frame per stream per pass, starting one stream further each time,
@@ -7,6 +7,9 @@ back to its own stream.
 - A batch is up to ``batch`` frames; the worker waits at most ``wait_s`` after the first frame for more.
 - Each row of the logits goes back to the stream its frame came from: the pairing (stream, frame) is kept from
   collection to routing, never re-derived.
+- ``workers`` threads each collect a batch and run it, so one batch is collected and routed while another is
+  in the engine (and, where the backend runs calls at once, OpenVINO's streams, two batches compute together).
+  A stream's frames are in one batch at a time, so its results keep their order.
 - Model swap: ``swap(clf)`` replaces the classifier between two batches; a frame preprocessed for the old
   model's input is preprocessed again for the new one, so no frame is lost or misfed.
 """
@@ -34,22 +37,32 @@ def max_batch(clf) -> int:
     return BATCH_SIZES[-1] if clf.dynamic_batch else 1
 
 
-def measure_batches(clf, repeats: int = 5, largest: int = 16) -> dict[int, float]:
-    """Milliseconds per image at each batch size up to ``largest`` (and the engine's max), best of ``repeats``
-    calls after one warm-up (which also compiles a dynamic-batch model)."""
+def measure_batches(clf, repeats: int = 5, largest: int = 16, workers: int = 1) -> dict[int, float]:
+    """Milliseconds per image at each batch size up to ``largest`` (and the engine's max), with ``workers``
+    threads calling at once (as the server's workers do): best of ``repeats`` rounds after one warm-up call
+    per thread (which also compiles a dynamic-batch model)."""
     shape = clf.preprocess.input_shape[1:]
     per_image = {}
     for size in (s for s in BATCH_SIZES if s <= min(largest, max_batch(clf))):
         x = np.zeros((size, *shape), np.float32)
-        clf.logits(x)
-        best = min(_timed(clf, x) for _ in range(repeats))
-        per_image[size] = round(best * 1000.0 / size, 4)
+        _together(clf, x, workers)
+        best = min(_together(clf, x, workers) for _ in range(repeats))
+        per_image[size] = round(best * 1000.0 / (size * workers), 4)
     return per_image
 
 
-def _timed(clf, x: np.ndarray) -> float:
+def _together(clf, x: np.ndarray, workers: int) -> float:
+    """Seconds for ``workers`` threads to run one call each, all started together."""
+    if workers == 1:
+        t = time.perf_counter()
+        clf.logits(x)
+        return time.perf_counter() - t
+    threads = [threading.Thread(target=clf.logits, args=(x,)) for _ in range(workers)]
     t = time.perf_counter()
-    clf.logits(x)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return time.perf_counter() - t
 
 
@@ -64,29 +77,46 @@ def pick_batch(per_image: dict[int, float]) -> tuple[int, float]:
     return best, min(max(run_s / 2.0, WAIT_RANGE_S[0]), WAIT_RANGE_S[1])
 
 
-class Engine(threading.Thread):
-    """Collect -> infer -> route, on one thread. ``streams`` have ``raw`` (frames in, `Channel`), ``done``
+class Engine:
+    """Collect -> infer -> route, on ``workers`` threads. ``streams`` have ``raw`` (frames in, `Channel`), ``done``
     (results out), ``stats`` and ``sid``; see serve.StreamPipeline."""
 
-    def __init__(self, clf, batch: int, wait_s: float, metrics=None, log=print):
-        super().__init__(name="engine", daemon=True)
-        self.clf, self.batch, self.wait_s = clf, batch, wait_s
+    def __init__(self, clf, batch: int, wait_s: float, metrics=None, log=print, workers: int = 1):
+        self.clf, self.batch, self.wait_s, self.workers = clf, batch, wait_s, max(1, workers)
         self.metrics, self.log = metrics, log
         self.streams: list = []
-        self.lock = threading.Lock()            # guards ``streams``
-        self.cond = threading.Condition()       # a frame arrived somewhere (``seq`` counts them)
+        self.lock = threading.Lock()            # guards ``streams``, ``_busy``, ``_ended`` and the counts
+        self.collecting = threading.Lock()      # one worker collects at a time: one round-robin for all
+        self.cond = threading.Condition()       # a frame arrived somewhere, or a stream's batch ended (``seq``)
         self.seq = 0
         self.stop = threading.Event()
         self.sizes: collections.Counter = collections.Counter()   # batch size -> batches run
         self.frames = 0
         self.error: Exception | None = None
+        self.threads: list[threading.Thread] = []
         self._turn = 0
-        self._ended: list = []                  # streams drained: their results close after the batch in hand
+        self._busy: set = set()                 # streams with frames in a batch now in the engine
+        self._ended: list = []                  # streams drained: their results close once none is in the engine
+        self._running = 0
+
+    def start(self) -> None:
+        self._running = self.workers
+        self.threads = [threading.Thread(target=self.run, name=f"engine-{i}", daemon=True) for i in range(self.workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def is_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wake(self) -> None:
         with self.cond:
             self.seq += 1
-            self.cond.notify()
+            self.cond.notify_all()
 
     def add(self, stream) -> None:
         with self.lock:
@@ -99,31 +129,53 @@ class Engine(threading.Thread):
         self.batch = min(self.batch, max_batch(clf))
 
     def run(self) -> None:
+        """One worker: collect a batch (one worker at a time), classify it (several at once), route it."""
         try:
             while not self.stop.is_set():
-                items = self.collect()
-                if items:
-                    self.classify(items)
+                with self.collecting:
+                    items = self.collect()
+                    streams = {stream for stream, _ in items}
+                    with self.lock:
+                        self._busy |= streams
+                try:
+                    if items:
+                        self.classify(items)
+                finally:
+                    with self.lock:
+                        self._busy -= streams
+                    self.wake()                 # those streams' next frames may be taken now
                 self._close_ended()
         except Exception as exc:  # noqa: BLE001 - the server reports it in one line and stops
             self.error = exc
+            self.stop.set()
         finally:
             with self.lock:
-                streams, self.streams = self.streams + self._ended, []
-            for stream in streams:
+                self._running -= 1
+                last = self._running == 0
+                streams = self.streams + self._ended if last else []
+                if last:
+                    self.streams, self._ended = [], []
+            for stream in streams:              # the last worker out closes every stream's results
                 stream.done.close()
 
+    def room(self) -> int:
+        """Frames in one batch: ``batch``, but with at least as many streams as workers no more than each
+        worker's share of the streams, so that the other workers have frames to take meanwhile."""
+        with self.lock:
+            streams = len(self.streams)
+        return min(self.batch, streams // self.workers) if streams >= self.workers > 1 else self.batch
+
     def collect(self) -> list[tuple]:
-        """Up to ``batch`` (stream, frame) pairs: as soon as the batch is full, or ``wait_s`` after its first frame."""
-        items, first_at = [], None
+        """Up to `room` (stream, frame) pairs: as soon as the batch is full, or ``wait_s`` after its first frame."""
+        items, first_at, room = [], None, self.room()
         while not self.stop.is_set():
             with self.cond:
                 seen = self.seq
-            items += self._take(self.batch - len(items))
+            items += self._take(room - len(items))
             now = time.monotonic()
             if items and first_at is None:
                 first_at = now
-            if len(items) >= self.batch or (items and now >= first_at + self.wait_s) or self._ended:
+            if len(items) >= room or (items and now >= first_at + self.wait_s) or self._closable():
                 break                           # full, waited enough, or a stream's results are to be closed
             with self.cond:
                 if self.seq == seen:            # nothing arrived since the pass began
@@ -131,10 +183,11 @@ class Engine(threading.Thread):
         return items
 
     def _take(self, room: int) -> list[tuple]:
-        """One pass round-robin over the streams (repeated while frames remain and there is room); a stream
-        whose capture has ended and whose frames are all taken is finished here (its outputs then close)."""
+        """One pass round-robin over the streams not in the engine (repeated while frames remain and there is
+        room); a stream whose capture has ended and whose frames are all taken is finished here (its outputs
+        then close)."""
         with self.lock:
-            streams = list(self.streams)
+            streams = [stream for stream in self.streams if stream not in self._busy]
         if not streams:
             return []
         self._turn = (self._turn + 1) % len(streams)
@@ -161,9 +214,16 @@ class Engine(threading.Thread):
                 self.streams.remove(stream)
                 self._ended.append(stream)
 
+    def _closable(self) -> bool:
+        with self.lock:
+            return any(stream not in self._busy for stream in self._ended)
+
     def _close_ended(self) -> None:
-        ended, self._ended = self._ended, []
-        for stream in ended:
+        """Close the results of drained streams that have no frame left in the engine."""
+        with self.lock:
+            ready = [stream for stream in self._ended if stream not in self._busy]
+            self._ended = [stream for stream in self._ended if stream in self._busy]
+        for stream in ready:
             stream.done.close()
 
     def classify(self, items: list[tuple]) -> None:
@@ -178,8 +238,9 @@ class Engine(threading.Thread):
             frame.infer_ms = infer_s * 1000.0
             stream.stats.add("infer", infer_s)
             stream.done.put(frame, cancel=stream.stop.is_set)
-        self.sizes[len(items)] += 1
-        self.frames += len(items)
+        with self.lock:
+            self.sizes[len(items)] += 1
+            self.frames += len(items)
         if self.metrics is not None:
             self.metrics.batch(len(items), infer_s)
             self.metrics.queue_depth(self.queued())
@@ -189,8 +250,8 @@ class Engine(threading.Thread):
             return sum(len(s.raw.items) for s in self.streams)
 
     def describe(self) -> dict:
-        return {"batch": self.batch, "batch_wait_ms": round(self.wait_s * 1000.0, 2), "frames": self.frames,
-                "batches": dict(sorted(self.sizes.items()))}
+        return {"batch": self.batch, "batch_wait_ms": round(self.wait_s * 1000.0, 2), "workers": self.workers,
+                "frames": self.frames, "batches": dict(sorted(self.sizes.items()))}
 
 
 class PreparedChannel(Channel):

@@ -26,14 +26,17 @@ class Classifier:
     """
 
     def __init__(self, model_dir: str | os.PathLike, variant: str | None = None, backend: str = "auto", *,
-                 device: str | None = None, trust: TrustStore | None = None):
+                 device: str | None = None, trust: TrustStore | None = None, requests: int = 1):
         """``device``: where the backend runs the model (OpenVINO: CPU, GPU, NPU, AUTO, HETERO:...); None: the
         variant's recorded ``device`` (recipe target), else the backend's default. ``trust``: the public keys the
-        folder must be signed by (None: those configured here, see runtime/signing.py; NO_TRUST: none)."""
+        folder must be signed by (None: those configured here, see runtime/signing.py; NO_TRUST: none).
+        ``requests``: calls that may run at once (the server's engine workers; backends that cannot overlap
+        calls take them in turn)."""
         self.model_dir = Path(model_dir)
         self._trust = load_trust() if trust is None else trust
         self._backend_choice = backend
         self._device = device
+        self.requests = requests
         self._active = self._prepare(variant, backend)
 
     def _prepare(self, variant: str | None, backend: str) -> SimpleNamespace:
@@ -52,6 +55,7 @@ class Classifier:
         pre = manifest.preprocess
         labels = list(manifest.labels)
         backend_obj = create_backend(backend_name)
+        backend_obj.requests = self.requests
         backend_obj.load(files, spec, device=self._device)
         _check_outputs(backend_obj, pre, labels, name)
         return SimpleNamespace(manifest=manifest, choice=choice, variant_name=name, backend_name=backend_name, variant=spec,

@@ -38,7 +38,7 @@ class StreamPipeline(Pipeline):
         opts = Options(live=spec.live or cfg.realtime, realtime=cfg.realtime, loop=cfg.loop,
                        open_timeout_s=cfg.open_timeout, read_timeout_s=cfg.read_timeout,
                        first_frame_timeout_s=cfg.first_frame_timeout, max_reconnects=cfg.max_reconnects,
-                       backoff_s=cfg.backoff, rtsp_transport=cfg.rtsp_transport,
+                       backoff_s=cfg.backoff, rtsp_transport=cfg.rtsp_transport, decoder_threads=cfg.decoder_threads,
                        log=lambda message: log(message.replace("camera.py:", f"serve: [{cfg.id}]", 1)))
         self.cfg, self.sid, self.engine = cfg, cfg.id, engine
         self.outputs: Outputs | None = None
@@ -241,7 +241,8 @@ class Server:
         with self.swap_lock:
             old = self.clf
             try:
-                new = Classifier(path, backend=self.settings.backend, device=self.settings.device)
+                new = Classifier(path, backend=self.settings.backend, device=self.settings.device,
+                                 requests=self.engine.workers)
                 record = verify_model_dir(path, variants=[new.variant_name], backend=new.backend_name,
                                           device=self.settings.device, iterations=5, write=False, log=lambda m: None)
                 result = record["variants"][new.variant_name]
@@ -294,11 +295,12 @@ class Server:
         return out
 
 
-def engine_for(clf, batch: int | None, wait_ms: float | None, metrics, log) -> tuple[Engine, dict]:
-    """The engine with --batch/--batch-wait-ms, or what a quick measurement on this device picks."""
-    choice = {"max_batch": max_batch(clf)}
+def engine_for(clf, batch: int | None, wait_ms: float | None, metrics, log, workers: int = 1) -> tuple[Engine, dict]:
+    """The engine with --batch/--batch-wait-ms, or what a quick measurement on this device (``workers`` calls at
+    once, as the engine makes them) picks."""
+    choice = {"max_batch": max_batch(clf), "workers": workers}
     if batch is None or wait_ms is None:
-        per_image = measure_batches(clf)
+        per_image = measure_batches(clf, workers=workers)
         best, wait_s = pick_batch(per_image)
         choice.update(per_image_ms=per_image, measured_batch=best, measured_wait_ms=round(wait_s * 1000.0, 2))
         log(f"serve: batch {best} (ms per image by batch size, measured here: "
@@ -306,4 +308,4 @@ def engine_for(clf, batch: int | None, wait_ms: float | None, metrics, log) -> t
     size = min(batch or choice["measured_batch"], choice["max_batch"])
     wait_s = wait_ms / 1000.0 if wait_ms is not None else choice["measured_wait_ms"] / 1000.0
     choice["chosen_by"] = "flags" if batch is not None and wait_ms is not None else "measured"
-    return Engine(clf, size, wait_s, metrics, log), choice
+    return Engine(clf, size, wait_s, metrics, log, workers), choice

@@ -32,7 +32,8 @@ def stream_defaults(args) -> dict:
     flags = {"rtsp_transport": args.rtsp_transport, "realtime": args.realtime, "loop": args.loop,
              "top_k": args.top_k, "smooth": args.smooth, "open_timeout": args.open_timeout,
              "read_timeout": args.read_timeout, "first_frame_timeout": args.first_frame_timeout,
-             "max_reconnects": args.max_reconnects, "backoff": args.backoff, "max_frames": args.max_frames}
+             "max_reconnects": args.max_reconnects, "backoff": args.backoff, "max_frames": args.max_frames,
+             "decoder_threads": 1 if args.decoder_threads is None else args.decoder_threads}
     assert set(flags) <= set(OPTION_NAMES)
     return flags
 
@@ -46,6 +47,8 @@ def stream_configs(args) -> list[StreamConfig]:
         raise UserError("--batch must be >= 1")
     if args.batch_wait_ms is not None and args.batch_wait_ms < 0:
         raise UserError("--batch-wait-ms must be >= 0")
+    if args.engine_workers < 1:
+        raise UserError("--engine-workers must be >= 1")
     defaults = stream_defaults(args)
     configs = load_streams_file(args.streams, defaults) if args.streams else []
     configs += from_sources(args.source, defaults)
@@ -92,13 +95,13 @@ def run(args) -> int:
     from edgepipe.runtime.camera import start_classifier
     from edgepipe.runtime.metrics import ServeMetrics
     configs = stream_configs(args)
-    clf = start_classifier(args, "serve")
+    clf = start_classifier(args, "serve", requests=args.engine_workers)
     metrics = ServeMetrics(variant=clf.variant_name, backend=clf.backend_name, device=clf.device)
     mqtt = None
     if args.mqtt:
         from edgepipe.runtime.mqtt_output import MqttSink
         mqtt = MqttSink(args.mqtt, topic=args.mqtt_topic, qos=args.mqtt_qos, log=log)
-    engine, choice = engine_for(clf, args.batch, args.batch_wait_ms, metrics, log)
+    engine, choice = engine_for(clf, args.batch, args.batch_wait_ms, metrics, log, workers=args.engine_workers)
     settings = Settings(backend=args.backend, device=args.device, jsonl_dir=args.jsonl_dir,
                         encoder=args.output_encoder, output_transport=args.output_transport or "tcp",
                         streams_file=args.streams, defaults=stream_defaults(args), keep_running=args.api_port is not None)

@@ -224,11 +224,13 @@ def rtsp_transport_env(transport: str | None):
 
 
 def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
-                 rtsp_transport: str | None = None):
+                 rtsp_transport: str | None = None, decoder_threads: int = 0):
     """Open the source; returns an object with read() -> (ok, frame), release(), fps(), pts_ms(). Raises OSError
     if it cannot be opened (the caller decides whether to retry). ``rtsp_transport``: tcp or udp for an rtsp://
     source (see `transports_to_try`; it sets a process-wide variable: open through `open_trying`, which holds
-    `one_open_at_a_time`); None: OpenCV's default."""
+    `one_open_at_a_time`); None: OpenCV's default. ``decoder_threads``: FFmpeg's decoding threads for a file or
+    stream (0: FFmpeg's choice, one per core; a server of many streams asks for 1: its streams already decode in
+    parallel, and frame threads cost CPU and hold each frame back by one frame time per extra thread)."""
     if spec.kind == "images":
         return ImageSequence(spec.target)
     timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
@@ -243,8 +245,9 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
         if cap.isOpened():
             apply_format(cap, spec.fmt)
     else:
+        threads = [cv2.CAP_PROP_N_THREADS, decoder_threads] if decoder_threads and hasattr(cv2, "CAP_PROP_N_THREADS") else []
         with rtsp_transport_env(rtsp_transport):
-            cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts)
+            cap = cv2.VideoCapture(spec.target, cv2.CAP_FFMPEG, timeouts + threads)
     if not cap.isOpened():
         cap.release()
         what = {"file": "not a video OpenCV can decode (corrupt, empty or unsupported codec)",
@@ -256,7 +259,7 @@ def open_capture(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s:
 
 
 def open_trying(spec: SourceSpec, transports: list[str | None], open_timeout_s: float, read_timeout_s: float,
-                on_attempt=lambda: None, cancel=lambda: False):
+                on_attempt=lambda: None, cancel=lambda: False, decoder_threads: int = 0):
     """`open_capture` with each transport in turn (each gets the whole open timeout; ``on_attempt()`` before
     each, once it is this open's turn); the error names every transport tried. The result's ``transport`` says
     which one opened it."""
@@ -267,7 +270,7 @@ def open_trying(spec: SourceSpec, transports: list[str | None], open_timeout_s: 
                 if cancel():
                     raise OSError("abandoned before its turn to open")
                 on_attempt()
-                src = open_capture(spec, open_timeout_s, read_timeout_s, transport)
+                src = open_capture(spec, open_timeout_s, read_timeout_s, transport, decoder_threads)
         except OSError as exc:
             if transport is None or cancel():
                 raise

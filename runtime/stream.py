@@ -49,6 +49,7 @@ class Options:
     backoff_s: float = 0.5           # first reconnect delay; doubles up to backoff_max_s
     backoff_max_s: float = 30.0
     rtsp_transport: str = "auto"     # auto (TCP, then UDP), tcp or udp
+    decoder_threads: int = 0         # FFmpeg decoding threads (0: FFmpeg's choice; see sources.open_capture)
     log: object = print              # one-line status messages (stderr in the CLI)
 
 
@@ -197,7 +198,8 @@ class Reader(threading.Thread):
     def _open(self):
         longest = max(self.opts.read_timeout_s, self.opts.first_frame_timeout_s)
         src = open_trying(self.spec, self.transports, self.opts.open_timeout_s, backstop_read_timeout(longest),
-                          on_attempt=lambda: setattr(self, "busy_since", time.monotonic()), cancel=lambda: self.abandoned)
+                          on_attempt=lambda: setattr(self, "busy_since", time.monotonic()), cancel=lambda: self.abandoned,
+                          decoder_threads=self.opts.decoder_threads)
         self.transport = src.transport
         return src
 

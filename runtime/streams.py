@@ -46,6 +46,7 @@ class StreamConfig:
     max_reconnects: int = 10
     backoff: float = 0.5
     max_frames: int = 0
+    decoder_threads: int = 1        # FFmpeg decoding threads (0: one per core; streams decode in parallel anyway)
     jsonl: str | None = None        # one JSON line per classified frame
     output: str | None = None       # annotated video file, or rtsp:// URL to publish it to
     mqtt: bool = True               # publish to the server's --mqtt broker
@@ -93,8 +94,8 @@ def _validate(cfg: StreamConfig, where: str) -> StreamConfig:
     for name in ("open_timeout", "read_timeout", "first_frame_timeout", "backoff"):
         if getattr(cfg, name) <= 0:
             raise StreamsError(f"{where}: {name} must be > 0")
-    if cfg.top_k < 1 or cfg.max_reconnects < 0 or cfg.max_frames < 0:
-        raise StreamsError(f"{where}: top_k must be >= 1, max_reconnects and max_frames >= 0")
+    if cfg.top_k < 1 or cfg.max_reconnects < 0 or cfg.max_frames < 0 or cfg.decoder_threads < 0:
+        raise StreamsError(f"{where}: top_k must be >= 1, max_reconnects, max_frames and decoder_threads >= 0")
     if not 0.0 <= cfg.smooth < 1.0:
         raise StreamsError(f"{where}: smooth is the weight of previous frames: 0 (off) <= smooth < 1")
     return cfg

@@ -94,6 +94,41 @@ def test_batch_size_is_measured_when_not_given(tiny_artifacts):
     assert pick_batch({1: 4.0, 2: 5.0})[0] == 1
 
 
+def test_two_workers_run_calls_at_once_with_results_of_their_own_input(tiny_artifacts):
+    """requests=2: two OpenVINO infer requests; calls from two threads at once each get their own input's
+    logits (the same as one at a time)."""
+    import threading
+    import numpy as np
+    from edgepipe.runtime.engine import measure_batches
+    from edgepipe.runtime.model import Classifier
+    clf = Classifier(tiny_artifacts, variant="openvino-int8", requests=2)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((2, *clf.preprocess.input_shape[1:])).astype(np.float32) for _ in range(8)]
+    alone = [clf.logits(x) for x in inputs]
+    together: dict[int, np.ndarray] = {}
+
+    def run(i):
+        for _ in range(5):
+            together[i] = clf.logits(inputs[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(alone):
+        assert np.allclose(together[i], x, atol=1e-4), i
+    assert sorted(measure_batches(clf, repeats=1, largest=2, workers=2)) == [1, 2]
+
+
+def test_a_worker_leaves_the_other_workers_their_share_of_the_streams():
+    from edgepipe.runtime.engine import Engine
+    engine = Engine(None, batch=16, wait_s=0.005, workers=2)
+    for n, room in ((1, 16), (2, 1), (16, 8), (40, 16)):
+        engine.streams = [object()] * n
+        assert engine.room() == room, n
+    assert Engine(None, batch=16, wait_s=0.005, workers=1).room() == 16
+
+
 # --- live cameras -------------------------------------------------------------------------------------------
 @needs_rtsp
 def test_a_udp_only_camera_is_read_with_the_default_transport(tiny_artifacts, tmp_path):

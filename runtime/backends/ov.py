@@ -7,12 +7,15 @@ CPU, GPU (Intel iGPU/dGPU), NPU, and the virtual devices AUTO, HETERO:A,B and MU
   a GPU or NPU start-up would otherwise recompile the model every time. See `cache_dir`.
 - Batch 1 runs a model compiled for exactly batch 1 (static shapes are faster); other batch sizes compile
   the dynamic-batch model on first use. The NPU compiles static shapes only: it serves batch 1 (said on stderr).
-- One infer request is reused for every call; the caller's array is shared with the request (no copy in),
-  and only the logits are copied out.
+- ``requests`` infer requests are reused (one per call in flight; with more than one, the model is compiled
+  with as many CPU streams, so calls from several threads compute at once, each on its share of the cores);
+  the caller's array is shared with the request (no copy in), and only the logits are copied out.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import sys
 import threading
 from pathlib import Path
@@ -98,10 +101,13 @@ def cache_dir(device: str) -> str | None:
     return str(folder.expanduser())
 
 
-def compile_config(device: str, variant: Variant, hint: str, threads: int | None = None) -> dict:
+def compile_config(device: str, variant: Variant, hint: str, threads: int | None = None, streams: int = 1) -> dict:
     """Properties for compile_model. Per-hardware settings go through DEVICE_PROPERTIES on virtual devices.
-    ``threads``: CPU threads (None: EDGEPIPE_THREADS, else OpenVINO's default)."""
+    ``threads``: CPU threads (None: EDGEPIPE_THREADS, else OpenVINO's default); ``streams`` > 1: that many
+    calls at once (the THROUGHPUT hint with NUM_STREAMS, on a real device)."""
     config: dict = {"PERFORMANCE_HINT": hint}
+    if streams > 1 and device.split(":")[0] not in VIRTUAL_DEVICES:
+        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
     per_device: dict = {}
     # OpenVINO's CPU plugin silently runs fp32 models in bf16 where the CPU has it (and the GPU in f16); an
     # fp32 variant must compute in fp32 (measured on CPU: max logit error 0.1 in bf16, 6e-6 in f32).
@@ -128,6 +134,7 @@ def compile_config(device: str, variant: Variant, hint: str, threads: int | None
 class OpenVINOBackend:
     name = "openvino"
     threads: int | None = None
+    requests: int = 1          # calls that may run at once (set before load): the server's engine workers
 
     def load(self, files: list[Path], variant: Variant, *, device: str | None = None, hint: str | None = None) -> None:
         """``device``: an OpenVINO device (see `check_device`; default CPU); ``hint``: LATENCY (default) or
@@ -143,7 +150,7 @@ class OpenVINOBackend:
         # the IR's weights: the hash-checked .bin named in the manifest, never one OpenVINO finds by itself
         self.weights = next((f for f in files if model.suffix == ".xml" and f.suffix == ".bin" and f.stem == model.stem), None)
         self.config = compile_config(self.device, variant, hint or os.environ.get("EDGEPIPE_OV_HINT", "LATENCY"),
-                                     self.threads)
+                                     self.threads, self.requests)
         on_npu = "NPU" in device_parts(self.device) and any(d.startswith("NPU") for d in core.available_devices)
         net = self._read(model)
         dims = [d.get_length() if d.is_static else -1 for d in net.input(0).get_partial_shape()]
@@ -161,8 +168,9 @@ class OpenVINOBackend:
             raise ManifestError(f"the NPU needs static input shapes and {model.name} has {dims} (only the batch may be "
                                 "dynamic); export with a fixed image size or use --device CPU/GPU")
         self.compiled = self._compile(net)
-        self.request = self.compiled.create_infer_request()
-        self.lock = threading.Lock()          # one request: calls from several threads take turns
+        self.pool = RequestPool(self.compiled, self.requests)   # more calls than requests take turns
+        self.dynamic_pool: RequestPool | None = None
+        self.lock = threading.Lock()          # guards the dynamic model's compilation
 
     def _read(self, model: Path) -> ov.Model:
         try:
@@ -176,14 +184,15 @@ class OpenVINOBackend:
         except Exception as exc:
             raise ManifestError(f"OpenVINO cannot load {self.model_path.name} on {self.device}: {ov_reason(exc)}") from None
 
-    def _request_for(self, batch: int) -> ov.InferRequest:
-        """The batch-1 request, or (created once) one of the dynamic-batch model for other batch sizes."""
+    def _pool_for(self, batch: int) -> "RequestPool":
+        """The batch-1 model's requests, or (compiled once) the dynamic-batch model's for other batch sizes."""
         if batch == 1 or self.compiled.input(0).get_partial_shape()[0].is_dynamic:
-            return self.request
-        if self.dynamic is None:
-            self.dynamic = self._compile(self._read(self.model_path))
-            self.dynamic_request = self.dynamic.create_infer_request()
-        return self.dynamic_request
+            return self.pool
+        with self.lock:
+            if self.dynamic_pool is None:
+                self.dynamic = self._compile(self._read(self.model_path))
+                self.dynamic_pool = RequestPool(self.dynamic, self.requests)
+        return self.dynamic_pool
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = check_input(batch, self.input_shape)
@@ -191,8 +200,7 @@ class OpenVINOBackend:
         # rather than infer(): the same work on OpenVINO's own executor thread, measured here 10-30 % faster
         # per call under CPU contention and never slower. The output tensor belongs to the request and is
         # overwritten by the next call: the logits are copied out.
-        with self.lock:
-            request = self._request_for(batch.shape[0])
+        with self._pool_for(batch.shape[0]).request() as request:
             request.set_input_tensor(ov.Tensor(batch, shared_memory=True))
             request.start_async()
             request.wait()
@@ -220,6 +228,23 @@ class OpenVINOBackend:
             queue.start_async({0: batch})
         queue.wait_all()
         return {"fps": round(n * batch.shape[0] / (time.perf_counter() - start), 2), "mode": f"async, {len(queue)} requests"}
+
+
+class RequestPool:
+    """``size`` infer requests of one compiled model; a call takes one for its duration (waiting for a free one)."""
+
+    def __init__(self, compiled: ov.CompiledModel, size: int):
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, size)):
+            self.free.put(compiled.create_infer_request())
+
+    @contextlib.contextmanager
+    def request(self):
+        request = self.free.get()
+        try:
+            yield request
+        finally:
+            self.free.put(request)
 
 
 def _looks_like_xml(path: Path) -> bool:
