@@ -10,7 +10,6 @@ import numpy as np
 from edgepipe.runtime.backends.base import create_backend
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import verify_files
-from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.signing import TrustStore, load_manifest, load_trust
 from edgepipe.runtime.scores import softmax, top_k as best_k

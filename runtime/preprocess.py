@@ -2,8 +2,8 @@
 colour order, mean/std, NCHW float32. OpenCV + numpy only, so it runs on a bare device.
 
 The crop is cut from the source frame first and resized once (the same pixels as resize-then-crop,
-without resizing the whole 720p/1080p frame), with INTER_AREA when shrinking, which matches the
-anti-aliased bilinear resize torchvision/PIL use to within rounding.
+without resizing the whole 720p/1080p frame), anti-aliased when shrinking as torchvision/PIL's bilinear
+resize is (see `resize_square`).
 """
 from __future__ import annotations
 
@@ -79,8 +79,7 @@ class Preprocess:
         check_frame(bgr)
         h, w = bgr.shape[:2]
         y0, x0, sh, sw = self.crop_box(h, w)
-        interp = cv2.INTER_AREA if sh > self.crop else cv2.INTER_LINEAR
-        img = cv2.resize(bgr[y0:y0 + sh, x0:x0 + sw], (self.crop, self.crop), interpolation=interp)
+        img = resize_square(bgr[y0:y0 + sh, x0:x0 + sw], self.crop)
         code = _COLOR_CODES[(1 if img.ndim == 2 else img.shape[2], self.color == "RGB")]
         return img if code is None else cv2.cvtColor(img, code)
 
@@ -97,6 +96,19 @@ class Preprocess:
     @functools.cached_property
     def _bias(self) -> np.ndarray:
         return np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)[:, None, None]
+
+
+def resize_square(img: np.ndarray, side: int) -> np.ndarray:
+    """``img`` resized to side x side. Shrinking by less than 2x on both axes (the crop of a 640x360 or 480p
+    camera): bilinear up to twice ``side``, then OpenCV's 2x area fast path -- 2-2.5x cheaper than INTER_AREA at
+    these ratios (0.28 against 0.71 ms for a 315 px crop) and closer to the anti-aliased bilinear resize of
+    torchvision/PIL (mean pixel difference 0.32 against 0.44; tests/test_preprocess.py); shrinking more:
+    INTER_AREA; growing: bilinear."""
+    h, w = img.shape[:2]
+    if side < min(h, w) and max(h, w) <= 2 * side:
+        img = cv2.resize(img, (2 * side, 2 * side), interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if h > side else cv2.INTER_LINEAR)
 
 
 # (channels of the resized crop, model wants RGB) -> OpenCV conversion to 3 channels in the model's order
