@@ -78,10 +78,11 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
         info.update(check_validation(calibration, control.items, control.kind))
         val = nncf.Dataset(list(control.items), lambda item: item[0])
 
-        def validate(compiled, items) -> float:
+        def validate(compiled, items) -> tuple[float, list[int]]:
+            # the per-image hits too: without them NNCF runs every control image through each model once more
             out = compiled.output(0)
             hits = [int(np.argmax(compiled(x)[out]) == y) for x, y in list(items)]
-            return float(np.mean(hits))
+            return float(np.mean(hits)), hits
 
         with library_output():  # NNCF's progress bars: only with -v
             model = nncf.quantize_with_accuracy_control(model, calib, val, validation_fn=validate,

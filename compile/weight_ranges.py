@@ -68,23 +68,33 @@ def activation_codes(fq, values: np.ndarray) -> np.ndarray:
     return np.clip(np.round((values - lo) / (hi - lo) * (levels - 1)), 0, 255)
 
 
-def activation_statistics(model, layers: Sequence[Layer], calibration) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer: (largest u8 code, mean float value) of each input channel over the calibration images."""
+def activation_statistics(model, layers: Sequence[Layer], calibration, batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer: (largest u8 code, mean float value) of each input channel over the calibration images.
+    Reduced per channel inside OpenVINO (the codes are monotonic in the value per channel, so the largest is
+    that of the channel's maximum or minimum), ``batch`` images per call when the batch size is dynamic."""
     import openvino as ov
+    from openvino import opset13 as ops
     fqs = {id(layer.activation): layer.activation for layer in layers if layer.activation is not None}
-    maxima: dict[int, np.ndarray] = {}
+    extremes: dict[int, list[np.ndarray]] = {}
     sums: dict[int, np.ndarray] = {}
     if fqs:
-        compiled = ov.Core().compile_model(ov.Model([fq.output(0) for fq in fqs.values()], model.get_parameters()), "CPU")
+        outputs = []
+        for fq in fqs.values():  # per channel (axis 1): max, min and mean over every other axis
+            rank = fq.get_output_partial_shape(0).rank.get_length()
+            axes = ops.constant(np.array([k for k in range(rank) if k != 1], dtype=np.int64))
+            outputs += [op(fq.output(0), axes, False).output(0) for op in (ops.reduce_max, ops.reduce_min, ops.reduce_mean)]
+        compiled = ov.Core().compile_model(ov.Model(outputs, model.get_parameters()), "CPU")
         request = compiled.create_infer_request()
-    for x in calibration if fqs else ():
-        results = request.infer({0: x})
-        for i, (key, fq) in enumerate(fqs.items()):
-            v = results[compiled.output(i)]
-            axes = tuple(k for k in range(v.ndim) if k != 1)
-            code = activation_codes(fq, v).max(axis=axes)
-            maxima[key] = code if key not in maxima else np.maximum(maxima[key], code)
-            sums[key] = v.mean(axis=axes) + sums.get(key, 0.0)
+        step = batch if model.get_parameters()[0].get_partial_shape()[0].is_dynamic else 1
+        for start in range(0, len(calibration), step):
+            x = np.concatenate(calibration[start:start + step])
+            results = request.infer({0: x})
+            for i, (key, fq) in enumerate(fqs.items()):
+                hi, lo, mean = (results[compiled.output(3 * i + k)] for k in range(3))
+                found = [hi, lo] if key not in extremes else [np.maximum(extremes[key][0], hi), np.minimum(extremes[key][1], lo)]
+                extremes[key] = found
+                sums[key] = mean * len(x) + sums.get(key, 0.0)
+    maxima = {key: _largest_code(fqs[key], *found) for key, found in extremes.items()}
     stats = []
     for layer in layers:
         channels = channel_codes(layer)[0].shape[1]
@@ -94,6 +104,12 @@ def activation_statistics(model, layers: Sequence[Layer], calibration) -> list[t
         else:   # no quantized input found, or not one value per input channel: assume the worst code
             stats.append((np.full(channels, 255.0), None))
     return stats
+
+
+def _largest_code(fq, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Per channel, the largest u8 code between the channel's minimum ``lo`` and maximum ``hi``."""
+    shape = (1, -1) + (1,) * (fq.get_output_partial_shape(0).rank.get_length() - 2)  # channels on axis 1, as the FQ's ranges
+    return np.maximum(activation_codes(fq, hi.reshape(shape)), activation_codes(fq, lo.reshape(shape))).reshape(-1)
 
 
 def channel_codes(layer: Layer) -> tuple[np.ndarray, np.ndarray]:

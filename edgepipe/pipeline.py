@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -82,20 +83,41 @@ def run(recipe: Recipe, out_dir: str | os.PathLike) -> dict:
 
 def run_stages(ctx: RunContext, spec) -> dict:
     import torch
-    t_start = time.perf_counter()
+    clock = StageClock()
     torch.manual_seed(0)
     log(f"[1/5] model {spec.name}")
-    models, pre = models_stage(ctx, spec)
+    models, pre = clock("model", models_stage, ctx, spec)
     log("[2/5] data")
-    data = prepare_data(ctx.recipe, ctx.out, models["base"].labels, pre)
+    data = clock("data", prepare_data, ctx.recipe, ctx.out, models["base"].labels, pre)
     log("[3/5] export + compile")
-    manifest, references = compile_stage(ctx, models, data)
+    manifest, references = clock("compile", compile_stage, ctx, models, data)
     log("[4/5] parity + accuracy + latency per variant")
-    torch_ref = measure_stage(ctx, manifest, references, data, models["base"])
+    torch_ref = clock("measure", measure_stage, ctx, manifest, references, data, models["base"])
     log("[5/5] report")
-    report = report_stage(ctx, manifest, references, data, torch_ref)
-    log(f"done in {time.perf_counter() - t_start:.0f}s: {len(ctx.cache.ran)} step(s) run, {len(ctx.cache.reused)} reused")
+    report = clock("report", report_stage, ctx, manifest, references, data, torch_ref)
+    write_text(ctx.out / ".edgepipe" / "timings.json", json.dumps({"stages": clock.stages, "steps": ctx.cache.seconds}, indent=1))
+    log(f"done in {clock.total('wall_s'):.0f}s (CPU {clock.total('cpu_s'):.0f}s: "
+        + ", ".join(f"{k} {v['cpu_s']:.0f}" for k, v in clock.stages.items())
+        + f"): {len(ctx.cache.ran)} step(s) run, {len(ctx.cache.reused)} reused")
     return report
+
+
+class StageClock:
+    """Wall and CPU seconds (every thread of this process) of each stage, for .edgepipe/timings.json and the
+    last line: where a run's time goes."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+
+    def __call__(self, name: str, fn, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+
+    def total(self, key: str) -> float:
+        return sum(s[key] for s in self.stages.values())
 
 
 def models_stage(ctx: RunContext, spec) -> tuple[dict, Preprocess]:

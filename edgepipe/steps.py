@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -114,6 +115,7 @@ class StepCache:
         self.log = log
         self.ran: list[str] = []
         self.reused: list[str] = []
+        self.seconds: dict[str, dict] = {}   # wall and CPU seconds of each step run (not reused)
 
     def _record(self, name: str) -> Path:
         return self.dir / f"{name}.json"
@@ -143,7 +145,9 @@ class StepCache:
             self.log(f"  {name}: up to date (reused)")
             return cached
         self.log(f"  {name}: running")
+        wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
+        self.seconds[name] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
         entries = [dataclasses.asdict(FileEntry.of(self.out, Path(p))) for p in files(result)]
         write_json(self._record(name), {"key": key, "files": entries, "result": result})
         self.ran.append(name)

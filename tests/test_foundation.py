@@ -82,6 +82,10 @@ def test_manifest_hashes_match_files(tiny_artifacts):
     report = json.loads((tiny_artifacts / "report.json").read_text())
     assert {v["name"] for v in report["variants"]} == set(manifest.variants)
     assert all(v["parity"]["n"] > 0 for v in report["variants"])
+    timings = json.loads((tiny_artifacts / ".edgepipe" / "timings.json").read_text())  # where the build's time went
+    assert list(timings["stages"]) == ["model", "data", "compile", "measure", "report"]
+    assert all(s["cpu_s"] >= 0 and s["wall_s"] >= 0 for s in timings["stages"].values())
+    assert "compile-openvino-int8" in timings["steps"]
 
 
 def test_rerun_reuses_every_step(tiny_artifacts, tiny_recipe, tmp_path):
