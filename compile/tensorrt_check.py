@@ -26,7 +26,7 @@ from edgepipe import UserError
 from edgepipe.compile.tensorrt_report import (BATCH_SIZES, KIT_BATCH, add_step, batch_consistency, compare_layers,
                                               new_report, polygraphy_command, write_report)
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.manifest import Manifest, variant_name
 
 # polygraphy's comparison tolerances per precision: starting points for the layer-by-layer search (not measured)
 POLYGRAPHY_TOLERANCE = {"fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
@@ -48,7 +48,7 @@ def main(args) -> int:
         report["error"] = str(exc)
         _, md = write_report(root, report)
         raise BackendUnavailable(f"{exc} (versions found: {md})") from None
-    precisions = [p for p in ("fp16", "int8") if f"tensorrt-{p}" in manifest.variants]
+    precisions = [p for p in ("fp16", "int8") if variant_name("tensorrt", p) in manifest.variants]
     if not precisions:
         raise UserError(f"{root} has no TensorRT variant; add targets {{backend: tensorrt, precision: fp16}} and "
                         f"{{backend: tensorrt, precision: int8}} to the recipe and re-run `edgepipe run`")
@@ -56,7 +56,7 @@ def main(args) -> int:
     if built:
         cache_steps(report, args, built[0])
     for precision in built:
-        name = f"tensorrt-{precision}"
+        name = variant_name("tensorrt", precision)
         trtexec_step(report, root, name)
         run_steps(report, root, name)
         verify_step(report, root, name)
@@ -83,7 +83,7 @@ def _sidecar(root: Path, name: str) -> dict:
 
 def build_step(report: dict, args, precision: str) -> bool:
     """Build (and verify) one engine; True when an engine was written."""
-    name = f"tensorrt-{precision}"
+    name = variant_name("tensorrt", precision)
     try:
         rc, seconds = _build(args, precision)
     except (UserError, BackendUnavailable) as exc:
@@ -101,7 +101,7 @@ def build_step(report: dict, args, precision: str) -> bool:
 
 def cache_steps(report: dict, args, precision: str) -> None:
     """Rebuild: the timing cache must be reused; damage it and rebuild: it must be replaced."""
-    root, name = Path(args.dir), f"tensorrt-{precision}"
+    root, name = Path(args.dir), variant_name("tensorrt", precision)
     for label, damage, expected in (("timing cache reused on rebuild", False, "reused"),
                                     ("damaged timing cache replaced", True, "rebuilt")):
         cache = root / (_sidecar(root, name).get("timing_cache") or "")

@@ -19,7 +19,7 @@ from pathlib import Path
 from edgepipe import UserError
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry, verify_files
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, exported_onnx, variant_name
 
 MIN_VERSION = (10, 3)        # JetPack 6.1 / 6.2
 NEWEST_MAJOR = 11            # newest release line checked against compile/tensorrt_api.json
@@ -30,8 +30,6 @@ PRECISIONS = ("fp16", "int8")
 # the ONNX Runtime variant (backend, precision) an engine may be built from when the tensorrt target's own
 # source is missing: one made from the same model, post-training quantized for int8
 FALLBACK_VARIANT = {"int8": ("onnxruntime", "int8"), "fp16": ("onnxruntime", "fp32")}
-# the fp32 ONNX `edgepipe run` exports of each model (keys of Manifest.export)
-EXPORTED_ONNX = {"base": "model.onnx", "pruned": "pruned-model.onnx"}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -176,7 +174,7 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
     """The ONNX to build ``name`` (default tensorrt-<precision>) from, hash-checked; for int8 only a QDQ ONNX
     whose TensorRT check passed. Looks in the variant itself (pending-build record or an engine's sidecar),
     then in the ONNX Runtime variant of the same model, then (fp16, weak typing) in the exported fp32 ONNX."""
-    name = name or f"tensorrt-{precision}"
+    name = name or variant_name("tensorrt", precision)
     record = manifest.variants.get(name)
     made_from = record.made_from if record else "base"  # a pruned model's variants have their own ONNX
     candidates: list[tuple[str, FileEntry, Variant | None]] = []
@@ -189,7 +187,7 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
         onnx = [f for f in manifest.variants[fallback].files if f.path.endswith(".onnx")]
         if onnx:
             candidates.append((fallback, onnx[0], manifest.variants[fallback]))
-    exported = EXPORTED_ONNX[made_from]
+    exported = exported_onnx(made_from)
     export = manifest.export.get(exported)
     if precision == "fp16" and typing == "weak" and export and export.get("sha256"):
         candidates.append(("export", FileEntry(exported, export["sha256"]), None))

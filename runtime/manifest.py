@@ -34,6 +34,23 @@ ENGINE_TYPINGS = ("weak", "strong")      # Variant.tensorrt["typing"]: builder p
 ENGINE_FLOATS = ("fp32", "fp16", "bf16")  # Variant.tensorrt["float_precision"]: what an engine's float layers run in
 
 
+
+def name_prefix(made_from: str) -> str:
+    """What the names of a model's variants, files and steps start with: "" for the base model, "pruned-"."""
+    if made_from not in MADE_FROM:
+        raise ValueError(f"made_from {made_from!r}: one of {', '.join(MADE_FROM)}")
+    return "" if made_from == "base" else f"{made_from}-"
+
+
+def variant_name(backend: str, precision: str, made_from: str = "base", quantization: str | None = None) -> str:
+    """The one naming of variants: [pruned-]BACKEND-PRECISION[-qat], e.g. openvino-int8, pruned-tensorrt-fp16."""
+    return f"{name_prefix(made_from)}{backend}-{precision}" + ("-qat" if quantization == "qat" else "")
+
+
+def exported_onnx(made_from: str) -> str:
+    """The fp32 ONNX `edgepipe run` exports of a model (its key in Manifest.export), every variant's source."""
+    return f"{name_prefix(made_from)}model.onnx"
+
 @dataclass
 class Variant:
     """One deployable variant: a backend x precision compiled from one model, and what was measured on it."""

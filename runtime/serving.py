@@ -146,6 +146,17 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra}){fix}")
 
 
+def verified_default(manifest: Manifest, backend: str, record: dict) -> str | None:
+    """The variant of ``backend`` this policy serves by this machine's device ``record``: what a build on the
+    device (`edgepipe build-engine`) records as that backend's default once `edgepipe verify` has run. None when
+    no variant of it passed here."""
+    try:
+        choice = choose(manifest, None, backend, record)
+    except (BackendUnavailable, ManifestError):
+        return None
+    return choice.variant if choice.verified_here else None
+
+
 def _bench_pick(manifest: Manifest, bench: dict | None, candidates: list[str], backends) -> Choice | None:
     """What `edgepipe bench` recommended on this machine (its files unchanged since), first in AUTO_ORDER."""
     from edgepipe.runtime.verify import variant_fingerprint

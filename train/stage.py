@@ -14,6 +14,7 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.log import progress
+from edgepipe.runtime.manifest import name_prefix
 from edgepipe.steps import code_hash, hash_key, tool_versions
 from edgepipe.train.models import ModelSpec
 
@@ -168,7 +169,7 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 
 # ---------------------------------------------------------------- quantization-aware training
 
-def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
+def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
     """QAT of ``spec`` -> a QDQ ONNX the "-int8-qat" variants are compiled from (compile/targets, quantization
     "qat"). None when the recipe has no int8 target for this model.
 
@@ -178,12 +179,13 @@ def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_bat
     from edgepipe.train.models import model_hash
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.qat import calibrate, export_qdq, prepare_qat
-    if not [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]:
+    if not [t for t in recipe.targets if t.precision == "int8" and t.builds_from(made_from)]:
         return None
     if not recipe.data.train:
         raise UserError("stages.quantize.method qat needs training data: set data.train (or use method: ptq)")
     q = recipe.stages.quantize
     size = spec.preprocess["crop"]
+    prefix = name_prefix(made_from)
     folder = Path(out) / f"{prefix}qat"
     qdq, ref_file = folder / "model.qdq.onnx", folder / "parity_reference.npy"
     key = hash_key("qat", model_hash(spec.model), q.model_dump(), _train_cfg_key(recipe), _data_key(recipe),
