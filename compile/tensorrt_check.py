@@ -167,7 +167,7 @@ def run_steps(report: dict, root: Path, name: str) -> None:
 
 def verify_step(report: dict, root: Path, name: str) -> None:
     """The verify verdict build-engine recorded; on a failure, the Polygraphy command to find the layer."""
-    from edgepipe.runtime.verify import device_record_for_this_machine
+    from edgepipe.runtime.device_records import device_record_for_this_machine
     manifest = Manifest.load(root)
     result = ((device_record_for_this_machine(root, manifest) or {}).get("variants") or {}).get(name) or {}
     check = result.get("check") or {}
