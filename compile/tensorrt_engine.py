@@ -254,6 +254,6 @@ def engine_variant(record: Variant | None, *, precision: str, root: Path, engine
         tensorrt={**found, "precision": precision, "typing": typing,
                   "float_precision": source.float_precision, "fp32_layers": built["fp32_layers"],
                   "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
-                  "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
+                  "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.ok),
                   "batch": list(batch), "profile": built["profile"], "workspace_mb": workspace_mb,
                   "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]})

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
 from edgepipe.runtime.measured import Accuracy, Check, Latency
@@ -97,6 +98,9 @@ class Variant:
     check = property(lambda self: Check.from_dict(self.parity))
     host_check = property(lambda self: Check.from_dict(self.reference_check))
     latency = property(lambda self: Latency.from_dict(self.latency_ms))
+    # typed views of how it was made (runtime/compiled.py)
+    compiled = property(lambda self: CompileFacts.of(self.compile))
+    engine = property(lambda self: EngineSidecar.of(self.tensorrt))
     top1 = property(lambda self: (Accuracy.from_dict(self.accuracy) or Accuracy()).top1)
     p90_ms = property(lambda self: (self.latency or Latency()).p90)
 
@@ -222,6 +226,16 @@ class Manifest:
 
     def of_backend(self, backend: str) -> dict[str, Variant]:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
+
+    @property
+    def serving_rounds(self) -> dict:
+        """checks["serving_rounds"]: per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
+        return (self.checks or {}).get("serving_rounds") or {}
+
+    @property
+    def exports(self) -> dict[str, ExportedOnnx]:
+        """Manifest.export typed: each exported fp32 ONNX (see exported_onnx) with its hash and parity."""
+        return {name: ExportedOnnx.of(entry) for name, entry in self.export.items()}
 
 
 def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:

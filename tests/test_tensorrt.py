@@ -310,7 +310,7 @@ def test_source_choice_on_the_real_manifest(trt_run):
     strong = choose_source(manifest, trt_run, "int8", "strong")
     assert strong.entry.path == "tensorrt-int8/model.fp16.onnx" and strong.float_precision == "fp16"
     weak = choose_source(manifest, trt_run, "int8", "weak")
-    assert weak.qdq_check["ok"] and weak.entry.path == "tensorrt-int8/model.onnx" and weak.float_precision == "fp16"
+    assert weak.qdq_check.ok and weak.entry.path == "tensorrt-int8/model.onnx" and weak.float_precision == "fp16"
     assert choose_source(manifest, trt_run, "fp16", "strong").float_precision == "fp16"
     assert choose_source(manifest, trt_run, "fp16", "strong").entry.path == "tensorrt-fp16/model.fp16.onnx"
     assert choose_source(manifest, trt_run, "fp16", "weak").entry.path == "model.onnx"
