@@ -245,14 +245,15 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
     tolerance is marked failed); returns the reference model's own latency and accuracy."""
     from edgepipe.benchmarks.measure import measure_source_onnx, measure_torch, measure_variant
     recipe = ctx.recipe
+    timing = {"warmup": recipe.bench.warmup, "iterations": recipe.bench.iterations}
     ref_key = hash_key(references["base"].model_hash, data.pre.to_dict(), recipe.data.evaluation,
                        data.fingerprints["evaluation"], recipe.bench.model_dump(), ctx.versions)
     if references["base"].model is not None:  # cached: the same model on the same images measures the same
         torch_ref = ctx.cache.run("measure-reference", ref_key,
-                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, recipe))
+                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, **timing))
     else:  # an ONNX source: the reference is the user's file in ONNX Runtime
         torch_ref = ctx.cache.run("measure-reference", ref_key,
-                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, recipe))
+                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, **timing))
     count = reference_count(ctx, data)
     for name, v in manifest.variants.items():
         if v.status != "ok":
@@ -261,8 +262,9 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
                        recipe.bench.model_dump(), data.check_names, count, ctx.versions)
 
         def check(name=name, v=v):
-            return measure_variant(ctx.out, name, data.check_batch, data.check_names, references[v.reference_logits].logits,
-                                   v.precision, data.evaluation, recipe, data.compare, count)
+            return measure_variant(ctx.out, name, parity_batch=data.check_batch, parity_names=data.check_names,
+                                   ref_logits=references[v.reference_logits].logits, precision=v.precision,
+                                   compare=data.compare, reference_count=count, evaluation=data.evaluation, **timing)
         for field, value in ctx.cache.run(f"measure-{name}", key, check).items():
             setattr(v, field, value)
         if not v.parity["ok"]:
