@@ -12,7 +12,6 @@ reference set that `edgepipe verify` reproduces on the device. Unknown fields ar
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
 from edgepipe.runtime.measured import Accuracy, Check, Latency
+from edgepipe.runtime.names import did_you_mean, refuse_unknown
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import load_json
 
@@ -198,8 +198,7 @@ class Manifest:
         named = [(f"defaults[{b!r}]", n) for b, n in defaults.items()] + [("default_variant", data.get("default_variant"))]
         for key, name in named:
             if name is not None and name not in variants:
-                close = difflib.get_close_matches(name, list(variants), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(name, variants)
                 raise ManifestError(f"{where}: {key} names variant {name!r}, which is not in variants{hint}; fix it or "
                                     "re-run `edgepipe run` to rewrite the manifest")
         for key in ("input", "output", "versions", "export", "checks", "reference"):
@@ -240,9 +239,7 @@ class Manifest:
 
 def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:
     """The one error for a variant name that is not there: with a close match and the names there are."""
-    close = difflib.get_close_matches(name, list(variants), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ManifestError(f"no variant {name!r} in {where}{hint}; available: {', '.join(variants)}")
+    return ManifestError(f"no variant {name!r} in {where}{did_you_mean(name, variants)}; available: {', '.join(variants)}")
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -255,11 +252,8 @@ def _check_keys(cls, data: dict, where: str) -> None:
     missing = [k for k in required if k not in data]
     if missing:
         raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)}")
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ManifestError(f"{where}: unknown field {key!r}{hint}; re-run `edgepipe run` to rewrite the manifest")
+    refuse_unknown(data, fields, lambda key, hint: ManifestError(
+        f"{where}: unknown field {key!r}{hint}; re-run `edgepipe run` to rewrite the manifest"), quote=False)
 
 
 def _is_number(x) -> bool:
