@@ -76,12 +76,12 @@ class Accuracy(_FromDict):
 @dataclass(frozen=True)
 class FineTuning(_FromDict):
     """How the model was fine-tuned (ModelInfo.source of a trained model; fine_tuned_on None: not fine-tuned)."""
-    fine_tuned_on: str | None = None
-    pretrained: bool | None = None
+    fine_tuned_on: str | None = None          # data.train: a dataset name, folder or CSV
+    pretrained: bool | None = None            # from ImageNet weights (else a random initialisation)
     train_images: int | None = None
-    epochs: float | None = None
+    epochs: float | None = None               # epochs done (early stopping may end a run sooner)
     input_size: int | None = None
-    images_per_s: float | None = None
+    images_per_s: float | None = None         # training throughput
     val_top1: float | None = None
     train_seconds: float | None = None
 
