@@ -27,7 +27,7 @@ from edgepipe.compile.tensorrt_report import (BATCH_SIZES, KIT_BATCH, add_step, 
                                               new_report, polygraphy_command, write_report)
 from edgepipe.runtime.compiled import EngineSidecar
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import Manifest, variant_name
+from edgepipe.runtime.manifest import Manifest, exported_onnx, variant_name
 
 # polygraphy's comparison tolerances per precision: starting points for the layer-by-layer search (not measured)
 POLYGRAPHY_TOLERANCE = {"fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
@@ -179,7 +179,7 @@ def verify_step(report: dict, root: Path, name: str) -> None:
         side = manifest.variants[name].engine
         precision = side.precision or manifest.variants[name].precision
         atol, rtol = POLYGRAPHY_TOLERANCE.get(precision, POLYGRAPHY_TOLERANCE["int8"])
-        cmd = polygraphy_command(str(root / (side.source_onnx or "model.onnx")), manifest.input.get("name", "input"),
+        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input.get("name", "input"),
                                  [1, *manifest.variants[name].input_shape[1:]], atol=atol, rtol=rtol,
                                  precision=precision, strongly_typed=side.typing == "strong")
         report["next_steps"].append(f"{name} does not match the reference set here. Compare TensorRT with ONNX Runtime "
