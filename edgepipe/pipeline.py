@@ -103,10 +103,10 @@ def models_stage(ctx: RunContext, spec) -> tuple[dict, Preprocess]:
     if recipe.stages.prune.enabled:
         from edgepipe.train.stage import prune_stage
         models["pruned"] = prune_stage(spec, recipe, ctx.out, ctx.cache)
-    pre = Preprocess.from_manifest(spec.preprocess)
+    pre = spec.preprocess
     if recipe.model.input_size and recipe.model.input_size != pre.crop:  # deploy at another size than trained
         from edgepipe.train.stage import preprocess_at
-        pre = Preprocess.from_manifest(preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train))
+        pre = preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train)
     return models, pre
 
 

@@ -243,7 +243,7 @@ def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_p
     spec = build_model("efficientnet_lite0", pretrained=True, num_classes=None, checkpoint=None)
     src = tmp_path / "lite0.onnx"
     export_onnx(spec.model.eval(), src, 160, 17, True, True, {})
-    pre = Preprocess(resize=182, crop=160, mean=spec.preprocess["mean"], std=spec.preprocess["std"], color="RGB")
+    pre = Preprocess(resize=182, crop=160, mean=spec.preprocess.mean, std=spec.preprocess.std, color="RGB")
     arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:64]]
     calib, val = arrays[:2], np.concatenate(arrays[8:])
     pseudo = run_logits(src, val).argmax(1)
