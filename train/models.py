@@ -35,7 +35,6 @@ def lite_preprocess(crop: int) -> Preprocess:
     return Preprocess(resize=crop + 32, crop=crop, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, color="RGB")
 
 
-
 @dataclass
 class ModelSpec:
     name: str
