@@ -308,7 +308,7 @@ def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
     from edgepipe.train.models import build_model
     own = build_model("efficientnet_lite0", pretrained=False).preprocess
     assert manifest["preprocess"]["crop"] == 160 and manifest["input"]["shape"][2:] == [160, 160]
-    assert manifest["preprocess"]["resize"] == round(160 * own["resize"] / own["crop"]) > 160
+    assert manifest["preprocess"]["resize"] == round(160 * own.resize / own.crop) > 160
     v = manifest["variants"]["onnxruntime-int8"]
     assert v["compile"]["tensorrt_qdq_check"]["ok"]
     # within verify's bound on the 16 held-out check crops (status ok), above a floor: measured agreement 1.0,
