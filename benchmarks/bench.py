@@ -311,7 +311,7 @@ def run_video(model_dir: Path, video: str, row: dict) -> dict:
 def machine_details() -> dict:
     """ISA flags, GPUs and library versions of this machine (what a reader needs to compare figures)."""
     try:
-        from edgepipe.runtime.verify import machine_facts
+        from edgepipe.runtime.device_records import machine_facts
     except ImportError:
         return {}
     facts = machine_facts()

@@ -1,5 +1,5 @@
 """What `edgepipe bench` recommends on this machine, kept in the folder: the "bench" section of this machine's
-device record (devices/<machine id>.json, runtime/verify.py). `--backend auto` follows it when `edgepipe
+device record (devices/<machine id>.json, runtime/device_records.py). `--backend auto` follows it when `edgepipe
 verify` has not proven a variant here (runtime/serving.py); a variant whose files changed since is ignored."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def record_recommendation(model_dir: Path, manifest: Manifest, rows: list[dict],
     """Write {backend: variant} of ``best`` (bench's rows) into this machine's device record and say so; None
     when the folder is read-only (the report still says it)."""
     from edgepipe.atomic import write_json
-    from edgepipe.runtime.verify import RECORD_FORMAT, machine_facts, machine_id, record_path, variant_fingerprint
+    from edgepipe.runtime.device_records import RECORD_FORMAT, machine_facts, machine_id, record_path, variant_fingerprint
     by_id = {r["id"]: r for r in rows}
     recommends = {backend: {"variant": by_id[rid]["name"], "p90_ms": by_id[rid]["p90_ms"],
                             "fingerprint": variant_fingerprint(manifest.variants[by_id[rid]["name"]])}

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import yaml
 
 from edgepipe import UserError
+from edgepipe.runtime.names import did_you_mean
 
 # check key -> (the row field it reads, "min" or "max", unit shown in tables)
 CHECKS = {
@@ -105,8 +106,7 @@ def _build(cls, data, where: str):
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(fields)}"
+            hint = did_you_mean(key, fields, cutoff=0.5, otherwise=f"; allowed: {', '.join(fields)}")
             raise BudgetError(f"unknown key '{prefix}{key}'{hint}")
     for name, f in fields.items():
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -13,11 +13,14 @@ from edgepipe.runtime.model import Classifier
 from edgepipe.runtime.signing import NO_TRUST
 
 
-def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
-                    precision: str, evaluation: DecodedSet | None, recipe, compare, reference_count: int) -> dict:
-    """``reference_count``: the first parity images are the reference set; the variant's result on them alone
-    (``reference_check``) is what `edgepipe verify` on a device must reproduce. ``evaluation``: data.evaluation,
-    decoded once for every variant."""
+def measure_variant(out: Path, name: str, *, parity_batch: np.ndarray, parity_names: list[str], ref_logits: np.ndarray,
+                    precision: str, compare, reference_count: int, evaluation: DecodedSet | None = None,
+                    warmup: int = 10, iterations: int = 100) -> dict:
+    """Variant ``name`` of the folder ``out`` on ``parity_batch`` against ``ref_logits`` (``compare``: the rule
+    and its tolerances for ``precision``), on ``evaluation`` (data.evaluation, decoded once for every variant),
+    and its batch-1 latency (``warmup``, ``iterations``: recipe bench). ``reference_count``: the first parity
+    images are the reference set; the variant's result on them alone (``reference_check``) is what `edgepipe
+    verify` on a device must reproduce."""
     # the deployable path: hash check, backend load, output check (the folder being built is not signed yet)
     clf = Classifier(out, variant=name, trust=NO_TRUST)
     step = 16 if clf.dynamic_batch else 1
@@ -35,18 +38,19 @@ def measure_variant(out: Path, name: str, parity_batch: np.ndarray, parity_names
         result["accuracy"] = dict(acc, variant=name, backend=clf.backend_name) if evaluation.labeled else {"n": acc["n"]}
     x = parity_batch[:1].copy()
     # the same stable percentiles as `edgepipe bench`: the serving choice compares these p90s
-    result["latency_ms"] = measure_stable(lambda: clf.logits(x), recipe.bench.warmup, recipe.bench.iterations)
+    result["latency_ms"] = measure_stable(lambda: clf.logits(x), warmup, iterations)
     result["size_mb"] = round(sum((out / f.path).stat().st_size for f in clf.variant.files) / 1e6, 3)
     return result
 
 
-def measure_torch(model, pre, evaluation: DecodedSet | None, recipe) -> dict:
-    """PyTorch eager fp32: batch-1 latency and (when labeled data is given) accuracy, same preprocessing."""
+def measure_torch(model, pre, evaluation: DecodedSet | None = None, *, warmup: int = 10, iterations: int = 100) -> dict:
+    """PyTorch eager fp32: batch-1 latency (half of ``iterations``, at least 30) and (when labeled data is given)
+    accuracy, same preprocessing."""
     import torch
     model = model.eval()
     x = torch.from_numpy(pre(np.full((pre.crop, pre.crop, 3), 127, np.uint8)))
     with torch.inference_mode():
-        latency = measure(lambda: model(x), recipe.bench.warmup, max(30, recipe.bench.iterations // 2))
+        latency = measure(lambda: model(x), warmup, max(30, iterations // 2))
     result = {"latency_ms": latency, "predictions": {}}
     if not evaluation:
         return result
@@ -63,11 +67,12 @@ def measure_torch(model, pre, evaluation: DecodedSet | None, recipe) -> dict:
     return result
 
 
-def measure_source_onnx(source, pre, evaluation: DecodedSet | None, recipe) -> dict:
+def measure_source_onnx(source, pre, evaluation: DecodedSet | None = None, *, warmup: int = 10,
+                        iterations: int = 100) -> dict:
     """The reference when the model came as an ONNX file (compile.onnx_source.OnnxSource): that file in ONNX
     Runtime, with the same batch-1 latency and accuracy fields measure_torch gives."""
     x = pre(np.full((pre.crop, pre.crop, 3), 127, np.uint8))
-    latency = measure(lambda: source.logits(x), recipe.bench.warmup, max(30, recipe.bench.iterations // 2))
+    latency = measure(lambda: source.logits(x), warmup, max(30, iterations // 2))
     result = {"latency_ms": latency, "predictions": {}, "reference": f"source ONNX {Path(source.path).name} in ONNX Runtime"}
     if not evaluation:
         return result

@@ -2,11 +2,12 @@
 the serving policy (runtime/serving.py); this module only reports it."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
-from edgepipe.runtime.measured import Check, Pruning, Row
+from edgepipe.runtime.measured import Check, FineTuning, Pruning, Row
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -37,7 +38,7 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
-def _compile_notes(manifest: Manifest, rows: list[dict]) -> list[str]:
+def _compile_notes(manifest: Manifest) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
     pruned = Pruning.from_dict(manifest.model.pruned)
@@ -49,30 +50,29 @@ def _compile_notes(manifest: Manifest, rows: list[dict]) -> list[str]:
         if pruned.val_top1 is not None:
             parts.append(f"validation top-1 after pruning {_fmt(pruned.val_top1, '.4f')}")
         lines.append("- pruning: " + ", ".join(parts))
-    for onnx_name, exp in manifest.export.items():
-        p = Check.from_dict(exp.get("parity_vs_pytorch")) or Check()
+    for onnx_name, exp in manifest.exports.items():
+        p = exp.parity or Check()
         lines.append(f"- {onnx_name} vs PyTorch: {'ok' if p.ok else 'FAILED'}, max abs {_fmt(p.max_abs, '.2e')}, "
                      f"mean abs {_fmt(p.mean_abs, '.2e')}, top-1 agreement {_fmt(p.top1_agreement, '.3f')} on {p.n or 0} images")
-    for r in rows:
-        info = r.get("compile") or {}
+    for name, v in manifest.variants.items():
+        info = v.compiled
         notes = []
-        if info.get("float_layers"):
-            notes.append(f"kept in float: {', '.join(info['float_layers'])}")
-        check = info.get("tensorrt_qdq_check")
-        if isinstance(check, dict):
-            notes.append("TensorRT QDQ structure check: " + ("passed" if check.get("ok") else f"FAILED ({'; '.join(check.get('errors', [])[:3])})"))
-        if info.get("calibration_images"):
-            notes.append(f"{info['calibration_images']} calibration images")
+        if info.float_layers:
+            notes.append(f"kept in float: {', '.join(info.float_layers)}")
+        if info.qdq_check:
+            notes.append("TensorRT QDQ structure check: " + ("passed" if info.qdq_check.ok else f"FAILED ({info.qdq_check.why(3)})"))
+        if info.calibration_images:
+            notes.append(f"{info.calibration_images} calibration images")
         if notes:
-            lines.append(f"- {r['name']}: " + "; ".join(notes))
+            lines.append(f"- {name}: " + "; ".join(notes))
     return lines + [""] if len(lines) > 2 else []
 
 
 def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
     """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model).
     ``rows``: report_rows (name, backend, precision, made_from, quantization, top1)."""
-    src = model.source or {}
-    if "fine_tuned_on" not in src and not model.pruned:
+    fine_tune = FineTuning.from_dict(model.source)
+    if (fine_tune is None or fine_tune.fine_tuned_on is None) and not model.pruned:
         return None
     pruned = [r for r in rows if r["made_from"] == "pruned"]
     pruned_fp32 = next((r["top1"] for backend in ("onnxruntime", "openvino") for r in pruned
@@ -81,8 +81,8 @@ def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
                         "drop_vs_pruned_fp32_pts": round((pruned_fp32 - r["top1"]) * 100, 2)
                         if pruned_fp32 is not None and r["top1"] is not None else None}
             for r in pruned if r["precision"] == "int8"}
-    keys = ("fine_tuned_on", "pretrained", "train_images", "epochs", "input_size", "images_per_s", "val_top1", "train_seconds")
-    return {"fine_tune": {k: src.get(k) for k in keys} if "fine_tuned_on" in src else None,
+    fine_tuned = fine_tune is not None and fine_tune.fine_tuned_on is not None
+    return {"fine_tune": dataclasses.asdict(fine_tune) if fine_tuned else None,
             "prune": model.pruned, "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
 
 
@@ -149,13 +149,13 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     lines += ["", "Serving choice per backend (fastest p90 that passed parity and the accuracy budget; a more "
               f"faithful variant within {MIN_SPEEDUP:.0%} of its p90 is preferred): "
               + (", ".join(f"{b}: **{n}**" for b, n in report["defaults"].items()) or "none"), ""]
-    for backend, r in ((manifest.checks or {}).get("serving_rounds") or {}).items():
+    for backend, r in manifest.serving_rounds.items():
         lines += [f"- {backend}: p90 against {r['against']} over {r['rounds']} interleaved rounds (robust to load on the "
                   "build host): " + ", ".join(f"{n} {q['median']:.3f} (CI {q['ci'][0]:.3f}–{q['ci'][1]:.3f})"
                                               for n, q in r["p90_ratio"].items())]
-    lines += [""] if (manifest.checks or {}).get("serving_rounds") else []
+    lines += [""] if manifest.serving_rounds else []
     lines += _training_lines(report["training"], report["defaults"])
-    lines += _compile_notes(manifest, rows)
+    lines += _compile_notes(manifest)
     flips = [(r["name"], r["flipped"]) for r in rows if r["flipped"]]
     if flips:
         lines += [f"## Flipped predictions (parity images, against {refname})", ""]

@@ -8,6 +8,7 @@ source file itself stays the parity reference (run in ONNX Runtime). No PyTorch 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import UserError
+from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import MAX_JSON_DEPTH, json_depth, read_bounded
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # per-channel QuantizeLinear/DequantizeLinear (the int8 QDQ targets) exist from opset 13: older graphs are
 # converted with onnx's version converter, and the parity check against the source file covers the conversion
 MIN_OPSET = 13
@@ -64,15 +65,15 @@ def check_label_count(labels: list[str], outputs: int, where: str, labels_path: 
                         f"give one name per output, in output order")
 
 
-def apply_preprocess(base: dict, override) -> dict:
+def apply_preprocess(base: Preprocess, override) -> Preprocess:
     """The model's preprocessing with the recipe's model.preprocess values on top (resize follows a new crop)."""
     given = {k: v for k, v in (override.model_dump() if override is not None else {}).items() if v is not None}
-    out = dict(base)
     if "crop" in given and "resize" not in given:  # keep the model's resize/crop ratio
-        out["resize"] = round(given["crop"] * base["resize"] / base["crop"])
-    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in given.items()})
-    if out["resize"] < out["crop"]:
-        raise UserError(f"model.preprocess: resize {out['resize']} is smaller than crop {out['crop']}; "
+        given["resize"] = round(given["crop"] * base.resize / base.crop)
+    out = dataclasses.replace(base, **{k: tuple(float(x) for x in v) if k in ("mean", "std") else v
+                                       for k, v in given.items()})
+    if out.resize < out.crop:
+        raise UserError(f"model.preprocess: resize {out.resize} is smaller than crop {out.crop}; "
                         "resize is the shorter side before the center crop, so it must be at least the crop")
     return out
 
@@ -83,7 +84,7 @@ def apply_preprocess(base: dict, override) -> dict:
 class OnnxSource:
     name: str
     path: Path              # the user's file, unchanged: the parity reference
-    preprocess: dict
+    preprocess: Preprocess
     labels: list[str]
     layout: str             # "NCHW" or "NHWC" (of the source; variants are always NCHW)
     dynamic_batch: bool
@@ -227,8 +228,7 @@ def load_onnx_source(cfg) -> OnnxSource:
         raise UserError(f"model.onnx {path.name} takes {info['size']}x{info['size']} images but the recipe asks for "
                         f"{crop}; drop model.preprocess.crop / model.input_size or re-export at that size")
     size = info["size"] or crop
-    base = _metadata_preprocess(info["metadata"]) or {"resize": round(size / 0.875), "crop": size,
-                                                     "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "color": "RGB"}
+    base = _metadata_preprocess(info["metadata"]) or Preprocess(resize=round(size / 0.875), crop=size)  # ImageNet mean/std
     preprocess = apply_preprocess(base, cfg.preprocess)
     if cfg.labels:
         labels = read_labels(cfg.labels)
@@ -263,11 +263,11 @@ def _metadata_labels(meta: dict, outputs: int) -> list[str] | None:
     return [str(x) for x in labels] if isinstance(labels, list) and len(labels) == outputs else None
 
 
-def _metadata_preprocess(meta: dict) -> dict | None:
+def _metadata_preprocess(meta: dict) -> Preprocess | None:
     try:
         pre = json.loads(meta.get("preprocess", "null"))
-        return {k: pre[k] for k in ("resize", "crop", "mean", "std", "color")} if isinstance(pre, dict) else None
-    except (ValueError, KeyError):
+        return Preprocess.from_manifest(pre) if isinstance(pre, dict) else None
+    except (ValueError, KeyError, TypeError):
         return None
 
 

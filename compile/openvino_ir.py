@@ -38,16 +38,17 @@ def convert(onnx_path: str | Path, xml_path: str | Path, precision: str = "fp32"
 OVERFLOW_FIX = {"portable": "disable", "portable-7bit": "enable", "vnni": "disable"}
 
 
-def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray], cfg, *,
+def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequence[np.ndarray], *,
+                  isa: str = "portable", fast_bias_correction: bool = False, mixed_precision: bool = True,
                   control: AccuracyControl | None = None) -> tuple[list[Path], dict]:
-    """NNCF PTQ, or, given ``control`` (see AccuracyControl) and ``cfg.mixed_precision``, NNCF's
+    """NNCF PTQ, or, given ``control`` (see AccuracyControl) and ``mixed_precision``, NNCF's
     accuracy-controlled PTQ: it ranks the quantized layers by their effect on the control metric and reverts
     the most sensitive to float until the drop is within ``control.max_drop``. The layers left in float are
     read back from the graph and reported.
 
-    ``cfg``: the recipe's stages.quantize (isa "portable": weight steps bounded per channel, right on every x86
-    ISA; "portable-7bit": 7-bit weights, right for any input; "vnni": 8-bit, VNNI/AMX/Arm targets only;
-    fast_bias_correction; mixed_precision).
+    ``isa`` (stages.quantize.isa): "portable": weight steps bounded per channel, right on every x86 ISA;
+    "portable-7bit": 7-bit weights, right for any input; "vnni": 8-bit, VNNI/AMX/Arm targets only.
+    ``fast_bias_correction``: NNCF's fast bias correction instead of the full one.
     ``calibration`` is a sequence of preprocessed (1, 3, H, W) float32 arrays; all are used.
     Returns the written files and a dict describing what was done.
     """
@@ -58,7 +59,6 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
 
     from edgepipe.compile.mixed_precision import check_validation
     from edgepipe.log import library_output
-    isa, fast_bias_correction = cfg.isa, cfg.fast_bias_correction
     if isa not in OVERFLOW_FIX:
         raise UserError(f"stages.quantize.isa {isa!r}: choose {' or '.join(OVERFLOW_FIX)}")
     logging.getLogger("nncf").setLevel(logging.WARNING)
@@ -74,7 +74,7 @@ def quantize_int8(onnx_path: str | Path, xml_path: str | Path, calibration: Sequ
     info = {"calibration_images": len(calibration), "method": "nncf.quantize", "fast_bias_correction": fast_bias_correction,
             "preset": "performance", "activations_range_estimator": "minmax", "isa": isa,
             "overflow_fix": OVERFLOW_FIX[isa], "weight_bits": 7 if isa == "portable-7bit" else 8}
-    if control is not None and cfg.mixed_precision:
+    if control is not None and mixed_precision:
         info.update(check_validation(calibration, control.items, control.kind))
         val = nncf.Dataset(list(control.items), lambda item: item[0])
 

@@ -196,22 +196,23 @@ def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.n
     return np.concatenate([sess.run(None, {name: arrays[i:i + step]})[0] for i in range(0, len(arrays), step)])
 
 
-def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], cfg, *,
-                 control: AccuracyControl | None = None, mode: str | None = None, ranking_images: int = 64,
+def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], *,
+                 mode: str = "auto", isa: str = "portable", activation_symmetric: bool = True,
+                 mixed_precision: bool = True, control: AccuracyControl | None = None, ranking_images: int = 64,
                  calibrate_method: str = CALIBRATE_METHOD) -> dict:
     """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
 
-    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. ``cfg``: the recipe's stages.quantize. Given
-    ``control`` (see AccuracyControl) and ``cfg.mixed_precision``, layers are kept in float, most sensitive
-    first, until the drop against the fp32 ONNX is within ``control.max_drop``. ``mode`` overrides
-    ``cfg.qdq_mode`` (e.g. "s8s8" for a TensorRT source).
+    ``calibration``: preprocessed (1, 3, H, W) arrays, all used. ``mode`` (stages.quantize.qdq_mode, "auto":
+    chosen for ``isa``; "s8s8" for a TensorRT source), ``activation_symmetric``: zero points 0 for int8
+    activations. Given ``control`` (see AccuracyControl) and ``mixed_precision``, layers are kept in float, most
+    sensitive first, until the drop against the fp32 ONNX is within ``control.max_drop``.
     """
     from edgepipe.compile.mixed_precision import check_validation, search_float_layers
     from edgepipe.compile.qdq_check import check_qdq
     if not calibration:
         raise UserError("the onnxruntime int8 target needs calibration images (data.calibration)")
-    mode, why = resolve_mode(mode or cfg.qdq_mode, cfg.isa)
-    act_symmetric = bool(cfg.activation_symmetric and MODES[mode][0] == "QInt8")
+    mode, why = resolve_mode(mode, isa)
+    act_symmetric = bool(activation_symmetric and MODES[mode][0] == "QInt8")
     dst_path = Path(dst_path)
     info = {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "mode": mode, "mode_reason": why,
             "weight_bits": 7 if MODES[mode][1] else 8, "depthwise_weight_bits": 8,
@@ -219,11 +220,11 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
             "bias": "float", "calibration_images": len(calibration), "float_layers": [],
             "calibrate_method": calibrate_method + (f" {CALIBRATE_PERCENTILE}" if calibrate_method == "Percentile" else "")}
     with tempfile.TemporaryDirectory(prefix="edgepipe-qdq-") as tmp:
-        q = QdqQuantizer(Path(onnx_path), calibration, mode, cfg.activation_symmetric, Path(tmp), calibrate_method)
+        q = QdqQuantizer(Path(onnx_path), calibration, mode, activation_symmetric, Path(tmp), calibrate_method)
         info["quant_pre_process"] = q.preprocessed
         full = q.quantize(Path(tmp) / "int8.onnx")
         chosen = full
-        if control is not None and cfg.mixed_precision:
+        if control is not None and mixed_precision:
             info.update(check_validation(calibration, control.items, control.kind))
             x = np.concatenate([a for a, _ in control.items]).astype(np.float32)
             y = np.array([t for _, t in control.items])

@@ -25,8 +25,9 @@ from pathlib import Path
 from edgepipe import UserError
 from edgepipe.compile.tensorrt_report import (BATCH_SIZES, KIT_BATCH, add_step, batch_consistency, compare_layers,
                                               new_report, polygraphy_command, write_report)
+from edgepipe.runtime.compiled import EngineSidecar
 from edgepipe.runtime.errors import BackendUnavailable
-from edgepipe.runtime.manifest import Manifest
+from edgepipe.runtime.manifest import Manifest, exported_onnx, variant_name
 
 # polygraphy's comparison tolerances per precision: starting points for the layer-by-layer search (not measured)
 POLYGRAPHY_TOLERANCE = {"fp16": (1e-2, 1e-2), "int8": (1e-1, 1e-1)}
@@ -48,7 +49,7 @@ def main(args) -> int:
         report["error"] = str(exc)
         _, md = write_report(root, report)
         raise BackendUnavailable(f"{exc} (versions found: {md})") from None
-    precisions = [p for p in ("fp16", "int8") if f"tensorrt-{p}" in manifest.variants]
+    precisions = [p for p in ("fp16", "int8") if variant_name("tensorrt", p) in manifest.variants]
     if not precisions:
         raise UserError(f"{root} has no TensorRT variant; add targets {{backend: tensorrt, precision: fp16}} and "
                         f"{{backend: tensorrt, precision: int8}} to the recipe and re-run `edgepipe run`")
@@ -56,7 +57,7 @@ def main(args) -> int:
     if built:
         cache_steps(report, args, built[0])
     for precision in built:
-        name = f"tensorrt-{precision}"
+        name = variant_name("tensorrt", precision)
         trtexec_step(report, root, name)
         run_steps(report, root, name)
         verify_step(report, root, name)
@@ -77,34 +78,34 @@ def _build(args, precision: str) -> tuple[int, float]:
     return rc, round(time.perf_counter() - t0, 1)
 
 
-def _sidecar(root: Path, name: str) -> dict:
-    return Manifest.load(root).variants[name].tensorrt or {}
+def _sidecar(root: Path, name: str) -> EngineSidecar:
+    return Manifest.load(root).variants[name].engine
 
 
 def build_step(report: dict, args, precision: str) -> bool:
     """Build (and verify) one engine; True when an engine was written."""
-    name = f"tensorrt-{precision}"
+    name = variant_name("tensorrt", precision)
     try:
         rc, seconds = _build(args, precision)
     except (UserError, BackendUnavailable) as exc:
         add_step(report, f"build {name}", False, error=str(exc))
         return False
     side = _sidecar(Path(args.dir), name)
-    layers = side.get("layers") or {}
-    add_step(report, f"build {name}", True, seconds=seconds, verify_exit=rc, typing=side.get("typing"),
-             float_precision=side.get("float_precision"), profile=side.get("profile"),
-             timing_cache=side.get("timing_cache"), timing_cache_state=side.get("timing_cache_state"),
+    layers = side.layers
+    add_step(report, f"build {name}", True, seconds=seconds, verify_exit=rc, typing=side.typing,
+             float_precision=side.float_precision, profile=side.profile,
+             timing_cache=side.timing_cache, timing_cache_state=side.timing_cache_state,
              layers_by_precision=layers.get("by_precision"), data_movement=layers.get("data_movement"),
-             fp32_layers=side.get("fp32_layers"), layer_info=layers.get("raw"))
+             fp32_layers=side.fp32_layers, layer_info=layers.get("raw"))
     return True
 
 
 def cache_steps(report: dict, args, precision: str) -> None:
     """Rebuild: the timing cache must be reused; damage it and rebuild: it must be replaced."""
-    root, name = Path(args.dir), f"tensorrt-{precision}"
+    root, name = Path(args.dir), variant_name("tensorrt", precision)
     for label, damage, expected in (("timing cache reused on rebuild", False, "reused"),
                                     ("damaged timing cache replaced", True, "rebuilt")):
-        cache = root / (_sidecar(root, name).get("timing_cache") or "")
+        cache = root / (_sidecar(root, name).timing_cache or "")
         if damage and cache.is_file():
             cache.write_bytes(b"not a TensorRT timing cache")
         try:
@@ -112,7 +113,7 @@ def cache_steps(report: dict, args, precision: str) -> None:
         except (UserError, BackendUnavailable) as exc:
             add_step(report, label, False, error=str(exc))
             continue
-        state = str(_sidecar(root, name).get("timing_cache_state"))
+        state = str(_sidecar(root, name).timing_cache_state)
         add_step(report, label, state.startswith(expected), state=state, seconds=seconds, cache=cache.name)
 
 
@@ -139,7 +140,7 @@ def trtexec_step(report: dict, root: Path, name: str) -> None:
         add_step(report, f"trtexec layer cross-check {name}", False, command=" ".join(cmd),
                  error=(proc.stdout + proc.stderr)[-800:])
         return
-    check = compare_layers((variant.tensorrt or {}).get("layers") or {}, out.read_text())
+    check = compare_layers(variant.engine.layers, out.read_text())
     add_step(report, f"trtexec layer cross-check {name}", check["ok"], command=" ".join(cmd), **check)
 
 
@@ -167,7 +168,7 @@ def run_steps(report: dict, root: Path, name: str) -> None:
 
 def verify_step(report: dict, root: Path, name: str) -> None:
     """The verify verdict build-engine recorded; on a failure, the Polygraphy command to find the layer."""
-    from edgepipe.runtime.verify import device_record_for_this_machine
+    from edgepipe.runtime.device_records import device_record_for_this_machine
     manifest = Manifest.load(root)
     result = ((device_record_for_this_machine(root, manifest) or {}).get("variants") or {}).get(name) or {}
     check = result.get("check") or {}
@@ -175,11 +176,11 @@ def verify_step(report: dict, root: Path, name: str) -> None:
     add_step(report, f"verify {name}", ok, verdict=result.get("verdict"), top1_agreement=check.get("top1_agreement"),
              rel_mean_abs=check.get("rel_mean_abs"), tolerance=check.get("tolerance"), error=check.get("error"))
     if not ok:
-        side = manifest.variants[name].tensorrt or {}
-        precision = side.get("precision", manifest.variants[name].precision)
+        side = manifest.variants[name].engine
+        precision = side.precision or manifest.variants[name].precision
         atol, rtol = POLYGRAPHY_TOLERANCE.get(precision, POLYGRAPHY_TOLERANCE["int8"])
-        cmd = polygraphy_command(str(root / side.get("source_onnx", "model.onnx")), manifest.input.get("name", "input"),
+        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input.get("name", "input"),
                                  [1, *manifest.variants[name].input_shape[1:]], atol=atol, rtol=rtol,
-                                 precision=precision, strongly_typed=side.get("typing") == "strong")
+                                 precision=precision, strongly_typed=side.typing == "strong")
         report["next_steps"].append(f"{name} does not match the reference set here. Compare TensorRT with ONNX Runtime "
                                     f"layer by layer (pip install 'polygraphy>=0.49' or 'edgepipe[debug]'):\n    {cmd}")

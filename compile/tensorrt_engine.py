@@ -10,7 +10,8 @@ QDQ graph for int8, the fp16 ONNX `edgepipe run` exports for fp16. The decisions
 
 After the build the engine and its sidecar (TensorRT version, GPU, compute capability, typing, profile, source
 ONNX, per-layer precisions) go into manifest.json (written atomically), and the engine is proven on this
-device against the reference set (edgepipe.runtime.verify).
+device against the reference set (edgepipe.runtime.verify). Only then is the TensorRT default of the manifest
+set, by the serving policy over what passed here (runtime/serving.py), never by this module.
 
 TensorRT objects are named ``builder``, ``network``, ``parser``, ``config``, ``profile``, ``cache``, ``engine``,
 ``inspector``, ``runtime``, ``inp`` (tests/test_tensorrt.py checks every attribute used on them, and every
@@ -29,7 +30,9 @@ from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, variant_name
+from edgepipe.runtime.serving import verified_default
+from edgepipe.runtime.verify import verify_model_dir
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
 WEAK_TYPING_ONLY = ("set_precision_flags", "keep_fp32")
@@ -187,8 +190,8 @@ def main(args) -> int:
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
         raise UserError(f"--workspace {args.workspace}: give the builder workspace in MB, e.g. 1024")
-    name = getattr(args, "variant", None) or f"tensorrt-{precision}"
-    if name != f"tensorrt-{precision}":
+    name = getattr(args, "variant", None) or variant_name("tensorrt", precision)
+    if name != variant_name("tensorrt", precision):
         v = manifest.variants.get(name)
         if not v or v.backend != "tensorrt":
             tensorrt = list(manifest.of_backend("tensorrt"))
@@ -214,30 +217,43 @@ def main(args) -> int:
               f"INT8 + FP16); re-run `edgepipe run` to ship the fp16 QDQ ONNX, or on TensorRT 10.x use --typing weak", flush=True)
     built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
     manifest = Manifest.load(root)  # re-read: keep everything else as it is now
-    record = manifest.variants.get(name)  # the pending-build record, or the engine built before
-    sources = source_files(record)
-    sources.setdefault(typing, dict(entry_record(source.entry), floats=source.floats))
-    old = record or Variant("tensorrt", precision, "engine", [], [])  # what is kept: origin, model, reference logits
-    manifest.variants[name] = Variant(
-        backend="tensorrt", precision=precision, format="engine", files=engine_files(root, engine_path),
-        input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
-        compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
-        versions=old.versions, reference_logits=old.reference_logits, source_onnx_sha256=source.entry.sha256,
-        tensorrt={"version": trt.__version__, **gpu, "precision": precision, "typing": typing,
-                  "float_precision": source.float_precision, "fp32_layers": built["fp32_layers"],
-                  "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
-                  "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
-                  "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,
-                  "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]})
-    manifest.defaults["tensorrt"] = name
+    manifest.variants[name] = engine_variant(
+        manifest.variants.get(name), precision=precision, root=root, engine_path=engine_path, source=source,
+        built=built, found={"version": trt.__version__, **gpu}, batch=batch, workspace_mb=args.workspace,
+        cache_name=cache_name)
     manifest.dump(root)
     by = built["layers"].get("by_precision") or {}
     print(f"{name}: wrote {engine_path} and its manifest entry; layers by precision: "
           + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "not reported"), flush=True)
-    from edgepipe.runtime.verify import verify_model_dir
     record = verify_model_dir(root, variants=[name])  # proves the engine on this device against the reference set
     if record["variants"][name]["verdict"] != "pass":
         print(f"{name}: the engine does not match the reference set on this device (see {record.get('path')}); "
               f"it is not served automatically", flush=True)
         return 1
+    manifest = Manifest.load(root)
+    default = verified_default(manifest, "tensorrt", record)  # the serving policy, over what passed here
+    if default and manifest.defaults.get("tensorrt") != default:
+        manifest.defaults["tensorrt"] = default
+        manifest.dump(root)
     return 0
+
+
+def engine_variant(record: Variant | None, *, precision: str, root: Path, engine_path: Path, source: Source,
+                   built: dict, found: dict, batch, workspace_mb: int, cache_name: str) -> Variant:
+    """The manifest entry of a built engine: its files and sidecar (``found``: TensorRT version and GPU), and
+    what the pending-build record (or the engine built before) says of its origin, model and reference logits."""
+    typing = source.typing
+    sources = source_files(record)
+    sources.setdefault(typing, dict(entry_record(source.entry), floats=source.floats))
+    old = record or Variant("tensorrt", precision, "engine", [], [])
+    return Variant(
+        backend="tensorrt", precision=precision, format="engine", files=engine_files(root, engine_path),
+        input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
+        compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
+        versions=old.versions, reference_logits=old.reference_logits, source_onnx_sha256=source.entry.sha256,
+        tensorrt={**found, "precision": precision, "typing": typing,
+                  "float_precision": source.float_precision, "fp32_layers": built["fp32_layers"],
+                  "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
+                  "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.ok),
+                  "batch": list(batch), "profile": built["profile"], "workspace_mb": workspace_mb,
+                  "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]})

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.runtime.errors import BackendUnavailable
+from edgepipe.runtime.compiled import QdqCheck
 from edgepipe.runtime.integrity import FileEntry, verify_files
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.manifest import Manifest, Variant, exported_onnx, variant_name
 
 MIN_VERSION = (10, 3)        # JetPack 6.1 / 6.2
 NEWEST_MAJOR = 11            # newest release line checked against compile/tensorrt_api.json
@@ -30,8 +31,6 @@ PRECISIONS = ("fp16", "int8")
 # the ONNX Runtime variant (backend, precision) an engine may be built from when the tensorrt target's own
 # source is missing: one made from the same model, post-training quantized for int8
 FALLBACK_VARIANT = {"int8": ("onnxruntime", "int8"), "fp16": ("onnxruntime", "fp32")}
-# the fp32 ONNX `edgepipe run` exports of each model (keys of Manifest.export)
-EXPORTED_ONNX = {"base": "model.onnx", "pruned": "pruned-model.onnx"}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -107,7 +106,7 @@ class Source:
     path: Path
     entry: FileEntry     # the file's manifest entry
     typing: str
-    qdq_check: dict | None
+    qdq_check: QdqCheck | None
     floats: str = "fp32"      # the precision of the file's float (non-Q/DQ) tensors
     fp32_layers: list[str] = dataclasses.field(default_factory=list)  # layers near fp16 overflow: kept fp32
 
@@ -121,24 +120,23 @@ class Source:
 def source_floats(record: Variant, typing: str) -> str:
     """The float precision of a TensorRT record's own ONNX for ``typing``: what the target recorded, else what
     its kind is (older int8 records ship one fp32 QDQ file; the strongly typed fp16 source is fp16)."""
-    side = ((record.tensorrt or {}).get("source_files") or {}).get(typing) or {}
-    known = side.get("floats") or ((record.compile or {}).get("source_floats") or {}).get(typing)
+    side = record.engine.source_files.get(typing)
+    known = (side.floats if side else None) or record.compiled.source_floats.get(typing)
     return known or ("fp16" if record.precision == "fp16" and typing == "strong" else "fp32")
 
 
 def near_overflow_layers(record: Variant | None) -> list[str]:
     """The ONNX node names `edgepipe run` found near fp16 overflow on the calibration images (kept fp32)."""
-    return list((((record.compile if record else None) or {}).get("fp16_onnx") or {}).get("fp32_layers") or [])
+    return record.compiled.fp32_layers if record else []
 
 
 def _entries_by_typing(record: Variant | None) -> dict[str, FileEntry]:
     """{typing: file entry} a tensorrt record offers: an engine's sidecar, or a pending-build record's ONNX."""
     if record is None:
         return {}
-    found = {typing: FileEntry(e["path"], e["sha256"], e.get("bytes"))
-             for typing, e in ((record.tensorrt or {}).get("source_files") or {}).items()}
+    found = {typing: side.entry for typing, side in record.engine.source_files.items()}
     onnx = [f for f in record.files if f.path.endswith(".onnx")]
-    sources = (record.compile or {}).get("sources") or {}
+    sources = record.compiled.sources
     for typing, rel in sources.items():
         entry = next((f for f in onnx if f.path == rel), None)
         if entry:
@@ -151,15 +149,15 @@ def _entries_by_typing(record: Variant | None) -> dict[str, FileEntry]:
     return found
 
 
-def _qdq_verdict(manifest: Manifest, entry: FileEntry, record: Variant | None) -> dict | None:
+def _qdq_verdict(manifest: Manifest, entry: FileEntry, record: Variant | None) -> QdqCheck | None:
     """The QDQ check stored with this file: in its own record, or in any variant that lists the same file."""
     if record is not None:
-        own = (record.compile or {}).get("tensorrt_qdq_check") or (record.tensorrt or {}).get("qdq_check")
+        own = record.compiled.qdq_check or record.engine.qdq_check
         if own:
             return own
     for v in manifest.variants.values():
         if any(f.sha256 == entry.sha256 for f in v.files):
-            check = (v.compile or {}).get("tensorrt_qdq_check")
+            check = v.compiled.qdq_check
             if check:
                 return check
     return None
@@ -176,7 +174,7 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
     """The ONNX to build ``name`` (default tensorrt-<precision>) from, hash-checked; for int8 only a QDQ ONNX
     whose TensorRT check passed. Looks in the variant itself (pending-build record or an engine's sidecar),
     then in the ONNX Runtime variant of the same model, then (fp16, weak typing) in the exported fp32 ONNX."""
-    name = name or f"tensorrt-{precision}"
+    name = name or variant_name("tensorrt", precision)
     record = manifest.variants.get(name)
     made_from = record.made_from if record else "base"  # a pruned model's variants have their own ONNX
     candidates: list[tuple[str, FileEntry, Variant | None]] = []
@@ -189,10 +187,10 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
         onnx = [f for f in manifest.variants[fallback].files if f.path.endswith(".onnx")]
         if onnx:
             candidates.append((fallback, onnx[0], manifest.variants[fallback]))
-    exported = EXPORTED_ONNX[made_from]
-    export = manifest.export.get(exported)
-    if precision == "fp16" and typing == "weak" and export and export.get("sha256"):
-        candidates.append(("export", FileEntry(exported, export["sha256"]), None))
+    exported = exported_onnx(made_from)
+    export = manifest.exports.get(exported)
+    if precision == "fp16" and typing == "weak" and export and export.sha256:
+        candidates.append(("export", FileEntry(exported, export.sha256), None))
     if not candidates:
         if precision == "fp16" and typing == "strong":
             raise UserError(f"{root}: no fp16 ONNX for a strongly typed fp16 engine; add a target {{backend: tensorrt, precision: fp16}} "
@@ -204,8 +202,8 @@ def choose_source(manifest: Manifest, root: Path, precision: str, typing: str, n
     check = None
     if precision == "int8":
         check = _qdq_verdict(manifest, entry, rec)
-        if not check or not check.get("ok"):
-            why = "; ".join((check or {}).get("errors", [])[:2]) or "no TensorRT QDQ check is recorded for it"
+        if not check or not check.ok:
+            why = (check.why(2) if check else "") or "no TensorRT QDQ check is recorded for it"
             raise UserError(f"{entry.path} is not a QDQ ONNX TensorRT accepts ({why}); add a target "
                             f"{{backend: tensorrt, precision: int8}} and re-run `edgepipe run` (it ships an s8s8 QDQ ONNX)")
     floats = source_floats(rec, typing) if variant == name else "fp32"  # the exported / ONNX Runtime files are fp32
@@ -227,7 +225,7 @@ def entry_record(entry: FileEntry) -> dict:
 def up_to_date(existing: Variant | None, engine_path: Path, mismatch: str | None, source: Source, batch, typing: str) -> bool:
     if existing is None:
         return False
-    side = existing.tensorrt or {}
+    side = existing.engine
     return (existing.format == "engine" and existing.status == "ok" and engine_path.is_file() and mismatch is None
-            and side.get("source_onnx_sha256") == source.entry.sha256 and side.get("batch") == list(batch)
-            and side.get("typing", "weak") == typing)
+            and side.source_onnx_sha256 == source.entry.sha256 and side.batch == list(batch)
+            and side.typing == typing)

@@ -29,14 +29,16 @@ QDQ_FP16_OPSET = 19   # QuantizeLinear / DequantizeLinear take fp16 inputs and s
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], quantize_cfg, *,
-                control: AccuracyControl | None = None, fp16_dst: Path | None = None) -> dict:
+def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], *, isa: str = "portable",
+                mixed_precision: bool = True, control: AccuracyControl | None = None,
+                fp16_dst: Path | None = None) -> dict:
     """The s8s8 QDQ ONNX for a TensorRT int8 engine (and, given ``fp16_dst``, its fp16 twin for strongly typed
-    builds); refuses (one line) a file the TensorRT check rejects."""
+    builds); refuses (one line) a file the TensorRT check rejects. ``isa``, ``mixed_precision``, ``control``: as
+    for compile.qdq.quantize_qdq."""
     from edgepipe.compile.qdq import quantize_qdq
     from edgepipe.compile.qdq_check import check_qdq
-    cfg = quantize_cfg.model_copy(update={"activation_symmetric": True})  # zero points 0, whatever the recipe says
-    info = quantize_qdq(onnx_path, dst, calibration, cfg, control=control, mode="s8s8")
+    info = quantize_qdq(onnx_path, dst, calibration, mode="s8s8", isa=isa, mixed_precision=mixed_precision,
+                        activation_symmetric=True, control=control)  # zero points 0, whatever the recipe says
     info["mode_reason"] = "TensorRT's explicit-quantization form (forced for a tensorrt int8 target, whatever the CPU)"
     checks = {"": info["tensorrt_qdq_check"]}
     if fp16_dst is not None:

@@ -54,15 +54,16 @@ def int8_variants(manifest: Manifest, variant: str | None) -> list[str]:
 
 def kept_in_float(v: Variant) -> dict:
     """Which layers the build left in float, and why (from the variant's compile record)."""
-    c = v.compile or {}
-    mp = c.get("mixed_precision") or {}
+    c = v.compiled
+    mp = c.mixed_precision
     why = ("left in float after NNCF accuracy control: reverted to meet max_drop, or never quantized, as a classifier "
-           "head often is" if c.get("method") == "nncf.quantize_with_accuracy_control"
+           "head often is" if c.method == "nncf.quantize_with_accuracy_control"
            else "mixed precision kept the most sensitive in float to meet max_drop" if mp.get("float_layers")
            else "not quantized by the quantizer (e.g. the classifier head, or ops it does not quantize)")
-    out = {"layers": list(c.get("float_layers") or []), "why": why if c.get("float_layers") else ""}
-    if c.get("bounded_layers"):
-        out["weight_bound"] = (f"{c['bounded_layers']} layers' weight steps widened per channel ({c.get('channels_narrowed', '?')} "
+    out = {"layers": c.float_layers, "why": why if c.float_layers else ""}
+    if c.bounded_layers:
+        narrowed = "?" if c.channels_narrowed is None else c.channels_narrowed
+        out["weight_bound"] = (f"{c.bounded_layers} layers' weight steps widened per channel ({narrowed} "
                                "channels) so u8 x s8 pair sums never saturate on x86 without VNNI (stages.quantize.isa portable)")
     if mp.get("sensitivity_top"):
         out["sensitivity_top"] = mp["sensitivity_top"]

@@ -1,30 +1,17 @@
 """`edgepipe info DIR`: what an artifact folder holds and what this machine would serve from it.
 
-Reads only manifest.json (and the device records `edgepipe verify` writes, when that module exists): no
+Reads only manifest.json (and the device records `edgepipe verify` writes): no
 model is loaded, so it runs on a device install in a fraction of a second.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from edgepipe import UserError
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, is_installed
+from edgepipe.runtime.device_records import load_device_records, measured_p90
 from edgepipe.runtime.manifest import Manifest
 from edgepipe.runtime.measured import Row
-
-
-def device_records(model_dir: Path) -> list:
-    """The device*.json records `edgepipe verify` wrote (empty before it has run, or without that module)."""
-    try:
-        verify = importlib.import_module("edgepipe.runtime.verify")
-    except ModuleNotFoundError:
-        return []
-    loader = getattr(verify, "load_device_records", None)
-    records = loader(model_dir) if loader else []
-    if isinstance(records, dict):
-        records = list(records.values())
-    return list(records or [])
 
 
 def what_auto_serves(model_dir: Path, manifest: Manifest) -> dict:
@@ -53,7 +40,7 @@ def folder_info(model_dir) -> dict:
             "input_shape": (manifest.variants[variants[0]["name"]].input_shape if variants else None),
             "defaults": dict(manifest.defaults), "variants": variants,
             "installed_backends": [b for b in AUTO_ORDER if b in BACKENDS and is_installed(b)],
-            "auto": auto, "device_records": device_records(model_dir), "signature": signature_info(model_dir)}
+            "auto": auto, "device_records": load_device_records(model_dir), "signature": signature_info(model_dir)}
 
 
 def signature_info(model_dir: Path) -> dict:
@@ -78,7 +65,6 @@ def _record_line(record) -> str:
     """One line per device record (`edgepipe verify`): machine, date, each variant's verdict and p90."""
     if not isinstance(record, dict):
         return str(record)
-    from edgepipe.runtime.verify import measured_p90
     machine = record.get("machine") if isinstance(record.get("machine"), dict) else {}
     results = []
     for name, v in (record.get("variants") or {}).items():

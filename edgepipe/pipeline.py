@@ -30,22 +30,17 @@ from edgepipe.compile import targets
 from edgepipe.recipe import Recipe, dump_recipe
 from edgepipe.run_data import RunData, accuracy_control, prepare_data, preflight
 from edgepipe.runtime.integrity import FileEntry, sha256_file
-from edgepipe.runtime.manifest import FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant
+from edgepipe.runtime.manifest import (FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant, exported_onnx,
+                                      name_prefix, variant_name)
 from edgepipe.runtime.measured import Row
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, prepare_out_dir, remove_stale_parts, tool_versions
-
-PREFIX = {"base": "", "pruned": "pruned-"}   # variant names and files of the pruned model start with "pruned-"
 
 
 def log(msg: str) -> None:
     """A progress line; -q / EDGEPIPE_LOG=warning silence it."""
     from edgepipe.log import progress
     progress(msg)
-
-
-def variant_name(made_from: str, backend: str, precision: str, quantization: str | None = None) -> str:
-    return f"{PREFIX[made_from]}{backend}-{precision}" + ("-qat" if quantization == "qat" else "")
 
 
 @dataclass(frozen=True)
@@ -130,10 +125,10 @@ def models_stage(ctx: RunContext, spec) -> tuple[dict, Preprocess]:
     if recipe.stages.prune.enabled:
         from edgepipe.train.stage import prune_stage
         models["pruned"] = prune_stage(spec, recipe, ctx.out, ctx.cache)
-    pre = Preprocess.from_manifest(spec.preprocess)
+    pre = spec.preprocess
     if recipe.model.input_size and recipe.model.input_size != pre.crop:  # deploy at another size than trained
         from edgepipe.train.stage import preprocess_at
-        pre = Preprocess.from_manifest(preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train))
+        pre = preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train)
     return models, pre
 
 
@@ -148,7 +143,7 @@ def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifes
     exports: dict[str, dict] = {}
     qat_wanted = quantize.enabled and quantize.method in ("qat", "both")
     for made_from, mspec in models.items():
-        onnx_path, references[made_from] = fp32_onnx(ctx, mspec, PREFIX[made_from], data)
+        onnx_path, references[made_from] = fp32_onnx(ctx, mspec, made_from, data)
         ref = references[made_from]
         onnx_sha = sha256_file(onnx_path)
         exports[onnx_path.name] = export_parity(onnx_path, onnx_sha, ref.logits, data,
@@ -157,26 +152,26 @@ def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifes
                   "versions": ctx.versions, "reference_logits": made_from}
         # accuracy-control items: once per model, and only when an int8 target is compiled (not when reused)
         control = functools.cache(lambda onnx_path=onnx_path: accuracy_control(data, onnx_path, quantize))
-        wanted = [t for t in recipe.targets if t.pruned is None or t.pruned == (made_from == "pruned")]
+        wanted = [t for t in recipe.targets if t.builds_from(made_from)]
         for target in wanted:
             if target.precision == "int8" and quantize.method == "qat":
                 continue  # only the "-int8-qat" variants (below)
             key = hash_key(onnx_sha, target.model_dump(exclude={"device"}), quantize.model_dump(),
                            data.fingerprints["calibration"], ctx.versions, data.fingerprints["control"])
-            job = targets.CompileJob(onnx_path, ctx.out / variant_name(made_from, target.backend, target.precision),
+            job = targets.CompileJob(onnx_path, ctx.out / variant_name(target.backend, target.precision, made_from),
                                      data.calibration, quantize, control)
             compile_variant(ctx, variants, targets.get(target.backend, target.precision), job, key, made_from, data,
                             dict(record, device=target.device))  # the device does not change the compiled files
         if qat_wanted:
             from edgepipe.train.stage import qat_model
-            qat = qat_model(mspec, PREFIX[made_from], recipe, ctx.out, ctx.cache, data.check_batch)
+            qat = qat_model(mspec, made_from, recipe, ctx.out, ctx.cache, data.check_batch)
             if qat is None:
                 continue
             ref_key = f"{made_from}-qat"  # parity of a QAT variant: against the QAT model
             references[ref_key] = Reference(qat["logits"], ref.macs, ref.model_hash)
             qat_record = dict(record, source_onnx_sha256=sha256_file(qat["onnx"]), reference_logits=ref_key)
             for target in (t for t in wanted if t.precision == "int8"):
-                job = targets.CompileJob(qat["onnx"], ctx.out / variant_name(made_from, target.backend, "int8", "qat"),
+                job = targets.CompileJob(qat["onnx"], ctx.out / variant_name(target.backend, "int8", made_from, "qat"),
                                          [], quantize)
                 v = compile_variant(ctx, variants, targets.get(target.backend, "int8", "qat"), job,
                                     hash_key(qat["key"], target.model_dump(), ctx.versions), made_from, data,
@@ -217,12 +212,12 @@ def load_model_source(recipe: Recipe):
     return build_from_config(recipe.model)
 
 
-def fp32_onnx(ctx: RunContext, mspec, prefix: str, data: RunData) -> tuple[Path, Reference]:
+def fp32_onnx(ctx: RunContext, mspec, made_from: str, data: RunData) -> tuple[Path, Reference]:
     """The fp32 ONNX every variant is compiled from (exported from PyTorch, or the user's ONNX file checked and
     copied) and its Reference on the check images."""
     from edgepipe.compile.onnx_source import OnnxSource
     recipe, pre = ctx.recipe, data.pre
-    onnx_path = ctx.out / f"{prefix}model.onnx"
+    prefix, onnx_path = name_prefix(made_from), ctx.out / exported_onnx(made_from)
     metadata = {"labels": mspec.labels, "preprocess": pre.to_dict(), "producer": "edgepipe"}
     if isinstance(mspec, OnnxSource):  # no PyTorch: the source file run in ONNX Runtime is the reference
         mhash = mspec.source["sha256"]
@@ -272,14 +267,15 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
     tolerance is marked failed); returns the reference model's own latency and accuracy."""
     from edgepipe.benchmarks.measure import measure_source_onnx, measure_torch, measure_variant
     recipe = ctx.recipe
+    timing = {"warmup": recipe.bench.warmup, "iterations": recipe.bench.iterations}
     ref_key = hash_key(references["base"].model_hash, data.pre.to_dict(), recipe.data.evaluation,
                        data.fingerprints["evaluation"], recipe.bench.model_dump(), ctx.versions)
     if references["base"].model is not None:  # cached: the same model on the same images measures the same
         torch_ref = ctx.cache.run("measure-reference", ref_key,
-                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, recipe))
+                                  lambda: measure_torch(references["base"].model, data.pre, data.evaluation, **timing))
     else:  # an ONNX source: the reference is the user's file in ONNX Runtime
         torch_ref = ctx.cache.run("measure-reference", ref_key,
-                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, recipe))
+                                  lambda: measure_source_onnx(base, data.pre, data.evaluation, **timing))
     count = reference_count(ctx, data)
     for name, v in manifest.variants.items():
         if v.status != "ok":
@@ -288,8 +284,9 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
                        recipe.bench.model_dump(), data.check_names, count, ctx.versions)
 
         def check(name=name, v=v):
-            return measure_variant(ctx.out, name, data.check_batch, data.check_names, references[v.reference_logits].logits,
-                                   v.precision, data.evaluation, recipe, data.compare, count)
+            return measure_variant(ctx.out, name, parity_batch=data.check_batch, parity_names=data.check_names,
+                                   ref_logits=references[v.reference_logits].logits, precision=v.precision,
+                                   compare=data.compare, reference_count=count, evaluation=data.evaluation, **timing)
         for field, value in ctx.cache.run(f"measure-{name}", key, check).items():
             setattr(v, field, value)
         if not v.parity["ok"]:

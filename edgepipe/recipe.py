@@ -168,6 +168,10 @@ class Target(Section):
     pruned: Optional[bool] = None      # None: build for every model the stages produce
     device: Optional[str] = None       # OpenVINO only: CPU, GPU, GPU.1, NPU, AUTO[:A,B], HETERO:A,B (where it runs)
 
+    def builds_from(self, made_from: str) -> bool:
+        """Whether this target is compiled from the model ``made_from`` ("base" or "pruned")."""
+        return self.pruned is None or self.pruned == (made_from == "pruned")
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from edgepipe import UserError
+from edgepipe.runtime.names import did_you_mean
 
 
 class RecipeError(UserError):
@@ -47,8 +47,7 @@ def check_keys(data: Any, cls: type, where: str) -> None:
     fields = fields_of(cls)
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(fields)}"
+            hint = did_you_mean(key, fields, cutoff=0.5, otherwise=f"; allowed: {', '.join(fields)}")
             raise RecipeError(f"unknown key '{where + '.' if where else ''}{key}'{hint}")
         sub = section_type(fields[key])
         if sub is not None:

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepipe import UserError
+from edgepipe.runtime.device_records import RECORD_DIR
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest
 from edgepipe.runtime.signing import (DOMAIN, SIGNATURE_FORMAT, SIGNATURE_NAME, canonical, key_id, crypto_modules)
 
-RECORD_DIR = "devices"
 
 
 def load_private_key(path) -> object:

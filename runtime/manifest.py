@@ -12,15 +12,16 @@ reference set that `edgepipe verify` reproduces on the device. Unknown fields ar
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
 from edgepipe.runtime.measured import Accuracy, Check, Latency
+from edgepipe.runtime.names import did_you_mean, refuse_unknown
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import load_json
 
@@ -33,6 +34,23 @@ QUANTIZATION = ("ptq", "qat")           # how an int8 variant got its scales (No
 ENGINE_TYPINGS = ("weak", "strong")      # Variant.tensorrt["typing"]: builder precision flags or the ONNX's types
 ENGINE_FLOATS = ("fp32", "fp16", "bf16")  # Variant.tensorrt["float_precision"]: what an engine's float layers run in
 
+
+
+def name_prefix(made_from: str) -> str:
+    """What the names of a model's variants, files and steps start with: "" for the base model, "pruned-"."""
+    if made_from not in MADE_FROM:
+        raise ValueError(f"made_from {made_from!r}: one of {', '.join(MADE_FROM)}")
+    return "" if made_from == "base" else f"{made_from}-"
+
+
+def variant_name(backend: str, precision: str, made_from: str = "base", quantization: str | None = None) -> str:
+    """The one naming of variants: [pruned-]BACKEND-PRECISION[-qat], e.g. openvino-int8, pruned-tensorrt-fp16."""
+    return f"{name_prefix(made_from)}{backend}-{precision}" + ("-qat" if quantization == "qat" else "")
+
+
+def exported_onnx(made_from: str) -> str:
+    """The fp32 ONNX `edgepipe run` exports of a model (its key in Manifest.export), every variant's source."""
+    return f"{name_prefix(made_from)}model.onnx"
 
 @dataclass
 class Variant:
@@ -80,6 +98,9 @@ class Variant:
     check = property(lambda self: Check.from_dict(self.parity))
     host_check = property(lambda self: Check.from_dict(self.reference_check))
     latency = property(lambda self: Latency.from_dict(self.latency_ms))
+    # typed views of how it was made (runtime/compiled.py)
+    compiled = property(lambda self: CompileFacts.of(self.compile))
+    engine = property(lambda self: EngineSidecar.of(self.tensorrt))
     top1 = property(lambda self: (Accuracy.from_dict(self.accuracy) or Accuracy()).top1)
     p90_ms = property(lambda self: (self.latency or Latency()).p90)
 
@@ -177,8 +198,7 @@ class Manifest:
         named = [(f"defaults[{b!r}]", n) for b, n in defaults.items()] + [("default_variant", data.get("default_variant"))]
         for key, name in named:
             if name is not None and name not in variants:
-                close = difflib.get_close_matches(name, list(variants), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = did_you_mean(name, variants)
                 raise ManifestError(f"{where}: {key} names variant {name!r}, which is not in variants{hint}; fix it or "
                                     "re-run `edgepipe run` to rewrite the manifest")
         for key in ("input", "output", "versions", "export", "checks", "reference"):
@@ -206,12 +226,20 @@ class Manifest:
     def of_backend(self, backend: str) -> dict[str, Variant]:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
 
+    @property
+    def serving_rounds(self) -> dict:
+        """checks["serving_rounds"]: per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
+        return (self.checks or {}).get("serving_rounds") or {}
+
+    @property
+    def exports(self) -> dict[str, ExportedOnnx]:
+        """Manifest.export typed: each exported fp32 ONNX (see exported_onnx) with its hash and parity."""
+        return {name: ExportedOnnx.of(entry) for name, entry in self.export.items()}
+
 
 def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:
     """The one error for a variant name that is not there: with a close match and the names there are."""
-    close = difflib.get_close_matches(name, list(variants), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ManifestError(f"no variant {name!r} in {where}{hint}; available: {', '.join(variants)}")
+    return ManifestError(f"no variant {name!r} in {where}{did_you_mean(name, variants)}; available: {', '.join(variants)}")
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -224,11 +252,8 @@ def _check_keys(cls, data: dict, where: str) -> None:
     missing = [k for k in required if k not in data]
     if missing:
         raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)}")
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ManifestError(f"{where}: unknown field {key!r}{hint}; re-run `edgepipe run` to rewrite the manifest")
+    refuse_unknown(data, fields, lambda key, hint: ManifestError(
+        f"{where}: unknown field {key!r}{hint}; re-run `edgepipe run` to rewrite the manifest"), quote=False)
 
 
 def _is_number(x) -> bool:

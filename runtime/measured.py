@@ -74,6 +74,19 @@ class Accuracy(_FromDict):
 
 
 @dataclass(frozen=True)
+class FineTuning(_FromDict):
+    """How the model was fine-tuned (ModelInfo.source of a trained model; fine_tuned_on None: not fine-tuned)."""
+    fine_tuned_on: str | None = None          # data.train: a dataset name, folder or CSV
+    pretrained: bool | None = None            # from ImageNet weights (else a random initialisation)
+    train_images: int | None = None
+    epochs: float | None = None               # epochs done (early stopping may end a run sooner)
+    input_size: int | None = None
+    images_per_s: float | None = None         # training throughput
+    val_top1: float | None = None
+    train_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Pruning(_FromDict):
     """What pruning did to the model (ModelInfo.pruned): MACs and batch-1 latency before and after, on which
     backend, and validation top-1 before and after the recovery fine-tune."""

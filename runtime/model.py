@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from edgepipe.runtime.backends.base import create_backend
+from edgepipe.runtime.device_records import device_record_for_this_machine
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import verify_files
 from edgepipe.runtime.preprocess import Preprocess
@@ -45,7 +46,6 @@ class Classifier:
         if verified is None:
             choice = choose_for_dir(self.model_dir, manifest, variant, backend, self._device)
         else:  # only device records the signature covers or this machine wrote
-            from edgepipe.runtime.verify import device_record_for_this_machine
             record = device_record_for_this_machine(self.model_dir, manifest, verified)
             choice = choose(manifest, variant, backend, record, self._device)
         name, backend_name = choice.variant, choice.backend

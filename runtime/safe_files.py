@@ -70,6 +70,12 @@ def json_depth(data: bytes) -> int:
 def load_json(path, what: str, fix: str = "", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH):
     """A JSON file from a copied folder, bounded in type, size and depth; one UnsafeFile/ManifestError line
     (ending in ``fix``: how to get a good file) otherwise. FileNotFoundError passes through."""
+    return load_json_and_bytes(path, what, fix, max_bytes, max_depth)[0]
+
+
+def load_json_and_bytes(path, what: str, fix: str = "", max_bytes: int = MAX_JSON_BYTES,
+                        max_depth: int = MAX_JSON_DEPTH) -> tuple[object, bytes]:
+    """:func:`load_json`, with the bytes it parsed (for a signature check over exactly what was read)."""
     hint = f"; {fix}" if fix else ""
     try:
         data = read_bounded(path, max_bytes, what)
@@ -83,7 +89,7 @@ def load_json(path, what: str, fix: str = "", max_bytes: int = MAX_JSON_BYTES, m
         raise UnsafeFile(f"{what} {path} nests more than {max_depth} levels deep, which no edgepipe file does; "
                          f"refusing it{hint}")
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8")), data
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManifestError(f"{what} {path} is not valid JSON ({exc}){hint}") from None
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgepipe.runtime.backends.base import AUTO_ORDER, BACKENDS, DEVICE_BACKENDS, can_load, is_installed, missing_package
+from edgepipe.runtime.device_records import device_record_for_this_machine, variant_fingerprint
 from edgepipe.runtime.errors import BackendUnavailable, ManifestError
 from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
 from edgepipe.runtime.measured import Row
@@ -87,7 +88,7 @@ def _runnable(v: Variant, backend: str) -> bool:
 
 def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto", record: dict | None = None,
            device: str | None = None) -> Choice:
-    """The variant and backend to serve here. ``record``: this machine's device record (see verify.py) or None.
+    """The variant and backend to serve here. ``record``: this machine's device record (device_records.py) or None.
     ``device``: an accelerator asked for by name (GPU, NPU, AUTO, ...) makes auto choose among the variants of
     the backend that runs on named devices (OpenVINO)."""
     variants = manifest.variants
@@ -146,9 +147,19 @@ def choose(manifest: Manifest, variant: str | None = None, backend: str = "auto"
     raise BackendUnavailable(f"no variant in the manifest runs on {wanted} installed here (variants: {left}{extra}){fix}")
 
 
+def verified_default(manifest: Manifest, backend: str, record: dict) -> str | None:
+    """The variant of ``backend`` this policy serves by this machine's device ``record``: what a build on the
+    device (`edgepipe build-engine`) records as that backend's default once `edgepipe verify` has run. None when
+    no variant of it passed here."""
+    try:
+        choice = choose(manifest, None, backend, record)
+    except (BackendUnavailable, ManifestError):
+        return None
+    return choice.variant if choice.verified_here else None
+
+
 def _bench_pick(manifest: Manifest, bench: dict | None, candidates: list[str], backends) -> Choice | None:
     """What `edgepipe bench` recommended on this machine (its files unchanged since), first in AUTO_ORDER."""
-    from edgepipe.runtime.verify import variant_fingerprint
     picks = (bench or {}).get("recommends") or {}
     for backend in (b for b in backends if isinstance(picks.get(b), dict)):
         name = picks[backend].get("variant")
@@ -182,5 +193,4 @@ def _explicit(variants: dict[str, Variant], variant: str, backend: str, result: 
 def choose_for_dir(model_dir, manifest: Manifest, variant: str | None = None, backend: str = "auto",
                    device: str | None = None) -> Choice:
     """:func:`choose` with this machine's device record from ``model_dir`` (when `edgepipe verify` wrote one)."""
-    from edgepipe.runtime.verify import device_record_for_this_machine
     return choose(manifest, variant, backend, device_record_for_this_machine(Path(model_dir), manifest), device)

@@ -15,12 +15,12 @@ Relative paths (sources, jsonl, output) are taken from the current directory, as
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from edgepipe import UserError
+from edgepipe.runtime.names import refuse_unknown
 from edgepipe.runtime.sources import RTSP_TRANSPORTS
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -61,11 +61,8 @@ _TYPES = {f.name: f.type for f in fields(StreamConfig)}
 
 
 def _check_keys(entry: dict, allowed: tuple, where: str) -> None:
-    for key in entry:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(allowed)}"
-            raise StreamsError(f"{where}: unknown key {key!r}{hint}")
+    refuse_unknown(entry, allowed, lambda key, hint: StreamsError(f"{where}: unknown key {key!r}{hint}"),
+                   otherwise=f"; known keys: {', '.join(allowed)}")
 
 
 def _typed(key: str, value, where: str):

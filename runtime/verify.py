@@ -11,31 +11,24 @@ u8 x s8 products in 16 bits); a TensorRT engine exists only on the device. Both 
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import platform
-import socket
-import sys
-import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from edgepipe import UserError, __version__
+from edgepipe import UserError
+from edgepipe.atomic import write_json
+from edgepipe.runtime.backends.base import can_load, is_installed
+from edgepipe.runtime.device_records import (RECORD_FORMAT, device_record_for_this_machine, machine_facts, machine_id,
+                                             record_path, variant_fingerprint)
 from edgepipe.runtime.errors import ManifestError
-from edgepipe.runtime.integrity import safe_join, sha256_file, verify_entry
-from edgepipe.runtime.manifest import Manifest, Variant, unknown_variant
-from edgepipe.runtime.safe_files import MAX_JSON_BYTES, load_json, read_bounded
+from edgepipe.runtime.integrity import verify_entry
+from edgepipe.runtime.manifest import Manifest, unknown_variant
+from edgepipe.runtime.model import Classifier
+from edgepipe.runtime.preprocess_check import check_for_verify
+from edgepipe.runtime.serving import choose
+from edgepipe.runtime.signing import authenticate_record, load_manifest, load_trust
 from edgepipe.runtime.timing import measure
-
-RECORD_DIR = "devices"
-RECORD_FORMAT = 1
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
 
 # Per precision and kind of image (real photos, or crops generated from the few bundled photos): minimum
 # top-1 agreement with the fp32 logits, maximum mean logit error relative to the spread of the fp32 logits
@@ -88,72 +81,6 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, precision: str,
     return result
 
 
-# ---------------------------------------------------------------- this machine
-
-def _cpu_model_and_flags() -> tuple[str, set]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "hardware") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def _gpus() -> list[str]:
-    found = []
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
-        for line in info.read_text(errors="replace").splitlines():
-            if line.startswith("Model:"):
-                found.append(line.split(":", 1)[1].strip())
-    jetson = Path("/proc/device-tree/model")
-    if jetson.is_file():
-        found.append(jetson.read_text(errors="replace").strip("\x00 \n"))
-    return found
-
-
-def _versions() -> dict:
-    out = {}
-    for dist in ("openvino", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "opencv-python-headless",
-                 "opencv-python", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def machine_facts() -> dict:
-    """What a device record says about the machine: CPU model and ISA, GPUs, library versions."""
-    model, flags = _cpu_model_and_flags()
-    return {"host": socket.gethostname(), "arch": platform.machine(), "cpu": model, "cores": os.cpu_count(),
-            "isa": [f for f in ISA_FLAGS if f in flags], "gpus": _gpus(), "versions": _versions(),
-            "python": platform.python_version(), "edgepipe": __version__}
-
-
-def machine_id(facts: dict | None = None) -> str:
-    """Stable id of this machine: the OS machine id together with the CPU model, ISA and GPUs, so a container
-    image copied to another CPU (same /etc/machine-id) is not taken for the machine that was verified."""
-    if facts is None:  # only what the id is made of (no library versions)
-        model, flags = _cpu_model_and_flags()
-        facts = {"host": socket.gethostname(), "arch": platform.machine(), "cpu": model,
-                 "isa": [f for f in ISA_FLAGS if f in flags], "gpus": _gpus()}
-    os_id = ""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            os_id = Path(path).read_text().strip()
-            break
-        except OSError:
-            continue
-    key = json.dumps([os_id or facts["host"], facts["arch"], facts["cpu"], facts["isa"], facts["gpus"]])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- the reference set
 
 def load_reference(model_dir: Path, manifest: Manifest) -> dict:
@@ -177,74 +104,6 @@ def load_reference(model_dir: Path, manifest: Manifest) -> dict:
     return {"inputs": inputs, "logits": logits, "names": list(ref.names or []), "kind": ref.images or "generated"}
 
 
-# ---------------------------------------------------------------- device records
-
-def record_path(model_dir: Path, mid: str) -> Path:
-    return Path(model_dir) / RECORD_DIR / f"{mid}.json"
-
-
-def read_record(path: Path) -> dict | None:
-    """One device record, or None when absent or unusable (a FIFO, huge, too deep, not JSON: said on stderr in
-    one line, and the folder is served as if `edgepipe verify` had not run here)."""
-    try:
-        return load_json(path, "device record", "the folder is served as if `edgepipe verify` had not run here (running it rewrites the record)")
-    except FileNotFoundError:
-        return None
-    except ManifestError as exc:
-        if str(path) not in _REFUSED:   # one line per file, however often it is looked at
-            _REFUSED.add(str(path))
-            print(f"edgepipe: warning: {exc}", file=sys.stderr, flush=True)
-        return None
-
-
-_REFUSED: set[str] = set()
-
-
-def load_device_records(model_dir) -> list[dict]:
-    """Every readable device record in the folder (any machine), newest first."""
-    records = []
-    for path in sorted((Path(model_dir) / RECORD_DIR).glob("*.json")):
-        rec = read_record(path)
-        if isinstance(rec, dict) and isinstance(rec.get("variants"), dict):
-            records.append(rec)
-    return sorted(records, key=lambda r: str(r.get("created", "")), reverse=True)
-
-
-def measured_p90(result) -> float | None:
-    """A device record result's p90 latency, when it is a number (records come from copied folders)."""
-    latency = result.get("latency_ms") if isinstance(result, dict) else None
-    p90 = latency.get("p90") if isinstance(latency, dict) else None
-    return float(p90) if isinstance(p90, (int, float)) and not isinstance(p90, bool) and math.isfinite(p90) else None
-
-
-def variant_fingerprint(variant: Variant) -> str:
-    return hashlib.sha256("".join(f.sha256 for f in variant.files).encode()).hexdigest()[:16]
-
-
-def device_record_for_this_machine(model_dir: Path, manifest: Manifest, verified=None) -> dict | None:
-    """This machine's record, keeping only the results whose variant files are still the ones verified.
-    ``verified`` (signing.Verified, when trusted keys are configured): only a record the signature covers or
-    this machine wrote counts (see runtime/signing.py)."""
-    path = record_path(model_dir, machine_id())
-    rec = read_record(path)
-    if rec is not None and verified is not None:
-        from edgepipe.runtime.signing import record_is_trusted
-        try:
-            data = read_bounded(path, MAX_JSON_BYTES, "device record")
-        except (OSError, ManifestError):
-            return None
-        if not isinstance(rec, dict) or not record_is_trusted(f"{RECORD_DIR}/{path.name}", data, rec, verified):
-            return None
-    if not isinstance(rec, dict) or rec.get("machine_id") != machine_id() or not isinstance(rec.get("variants"), dict):
-        return None
-    variants = manifest.variants
-    kept = {n: r for n, r in rec["variants"].items()
-            if isinstance(r, dict) and n in variants and r.get("fingerprint") == variant_fingerprint(variants[n])
-            and isinstance(r.get("backend"), str)
-            and (r.get("verdict") != "pass" or measured_p90(r) is not None)}
-    return dict(rec, variants=kept)
-
-
 # ---------------------------------------------------------------- verify
 
 def _latency(fn, warmup: int, iterations: int) -> dict:
@@ -257,7 +116,6 @@ def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "aut
                    warmup: int = 10, iterations: int = 50, trust=None) -> dict:
     """Load one variant through the real runtime (hash and signature checks included), run the reference set,
     time batch 1. ``trust``: signing.TrustStore (None: the keys configured here)."""
-    from edgepipe.runtime.model import Classifier
     kwargs = {"device": device} if device else {}
     clf = Classifier(model_dir, variant=name, backend=backend, trust=trust, **kwargs)
     x = clf.preprocess.normalize(ref["inputs"])
@@ -284,7 +142,6 @@ def verify_variant(model_dir: Path, name: str, ref: dict, *, backend: str = "aut
 
 def runnable_here(manifest: Manifest, backend: str = "auto") -> dict[str, str]:
     """variant -> why it is skipped here ('' when it can run)."""
-    from edgepipe.runtime.backends.base import can_load, is_installed
     out = {}
     for name, v in manifest.variants.items():
         if v.status not in ("ok", "failed"):
@@ -305,7 +162,6 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
     """Verify ``variants`` (default: every variant this machine can run); write and return the device record.
     A previous record of this machine keeps the results of variants not verified this time. ``trust``:
     signing.TrustStore (None: the keys configured here); with keys, an unsigned folder is refused."""
-    from edgepipe.runtime.signing import authenticate_record, load_manifest, load_trust
     model_dir = Path(model_dir)
     trust = load_trust() if trust is None else trust
     manifest, verified = load_manifest(model_dir, trust)
@@ -337,14 +193,12 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
             f"(min {c['tolerance']['min_top1_agreement']}), relative logit error {c['rel_mean_abs']:.3g}"
             + (f" (max {c['tolerance']['max_rel_mean_abs']:.3g})" if c["tolerance"]["max_rel_mean_abs"] is not None else "")
             + f", p90 {res['latency_ms']['p90']:.2f} ms")
-    from edgepipe.runtime.preprocess_check import check_for_verify
     record = {"format_version": RECORD_FORMAT, "machine_id": mid,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
               "reference_set": {"count": int(len(ref["inputs"])), "images": ref["kind"]}, "variants": results,
               "preprocessing": check_for_verify(model_dir, manifest, ref, results, trust, log)}
     if "bench" in previous:
         record["bench"] = previous["bench"]  # what `edgepipe bench` recommends here (benchmarks/bench_record.py)
-    from edgepipe.runtime.serving import choose
     try:
         choice = choose(manifest, None, backend, record, device)
         record["serve"] = {"variant": choice.variant, "backend": choice.backend, "reason": choice.reason,
@@ -352,7 +206,6 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
     except UserError as exc:
         record["serve"] = {"variant": None, "reason": str(exc)}
     if write:
-        from edgepipe.atomic import write_json
         path = record_path(model_dir, mid)
         try:
             path.parent.mkdir(exist_ok=True)
@@ -366,7 +219,6 @@ def verify_model_dir(model_dir, *, variants: list[str] | None = None, backend: s
 
 def main(args) -> int:
     """CLI: exit 0 when the variant served here (or the one named with --variant) passed, 1 when it did not."""
-    from edgepipe.runtime.signing import load_trust
     record = verify_model_dir(args.dir, variants=[args.variant] if args.variant else None, backend=args.backend,
                               device=getattr(args, "device", None), iterations=args.iterations,
                               trust=load_trust(getattr(args, "trust", None)))

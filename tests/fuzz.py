@@ -223,7 +223,7 @@ def _nested(rng: random.Random) -> bytes:
 
 def _damaged_record(rng: random.Random, work: Path, template: Path) -> Path:
     """devices/<this machine>.json, valid for the template's variants, then damaged (or replaced by a special file)."""
-    from edgepipe.runtime.verify import machine_id, record_path, variant_fingerprint
+    from edgepipe.runtime.device_records import machine_id, record_path, variant_fingerprint
     path = record_path(work, machine_id())
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format_version": 1, "machine_id": machine_id(), "variants": {
@@ -314,7 +314,7 @@ def _check_record(path: Path, variant) -> str:
     from edgepipe.info import describe, folder_info
     from edgepipe.runtime.manifest import Manifest
     from edgepipe.runtime.serving import choose_for_dir
-    from edgepipe.runtime.verify import device_record_for_this_machine
+    from edgepipe.runtime.device_records import device_record_for_this_machine
     manifest = Manifest.load(path)
     choice = choose_for_dir(path, manifest)
     info = folder_info(path)

@@ -67,6 +67,28 @@ def test_a_registered_target_compiles_to_a_variant_the_runtime_checks(tiny_artif
         targets.TARGETS.pop(("onnxruntime", "fp16-test", None))
 
 
+def test_variant_names_have_one_owner_and_a_device_build_asks_the_serving_policy():
+    """Names come from runtime/manifest.py; the default `edgepipe build-engine` records after verify is the serving
+    policy's pick among what passed on this machine (shown with ONNX Runtime: TensorRT cannot run here)."""
+    from edgepipe.runtime.manifest import ModelInfo, exported_onnx, variant_name
+    from edgepipe.runtime.preprocess import Preprocess
+    from edgepipe.runtime.serving import verified_default
+    assert variant_name("tensorrt", "int8", "pruned", "qat") == "pruned-tensorrt-int8-qat"
+    assert (variant_name("openvino", "fp16"), exported_onnx("base"), exported_onnx("pruned")) == (
+        "openvino-fp16", "model.onnx", "pruned-model.onnx")
+    variants = {variant_name("onnxruntime", p): Variant("onnxruntime", p, "onnx", [], [1, 3, 8, 8]) for p in ("fp32", "int8")}
+    manifest = Manifest(model=ModelInfo(name="m", num_classes=2), preprocess=Preprocess(), labels=["a", "b"], variants=variants)
+
+    def result(verdict: str, p90: float) -> dict:
+        return {"backend": "onnxruntime", "verdict": verdict, "latency_ms": {"p90": p90}}
+    record = {"variants": {"onnxruntime-fp32": result("pass", 3.0), "onnxruntime-int8": result("pass", 1.0)}}
+    assert verified_default(manifest, "onnxruntime", record) == "onnxruntime-int8"
+    record["variants"]["onnxruntime-int8"] = result("fail", 1.0)
+    assert verified_default(manifest, "onnxruntime", record) == "onnxruntime-fp32"
+    record["variants"]["onnxruntime-fp32"] = result("fail", 3.0)
+    assert verified_default(manifest, "onnxruntime", record) is None
+
+
 def test_recipe_targets_are_checked_against_the_registry():
     assert Recipe.model_validate({"targets": [{"backend": "openvino", "precision": "fp16"}]}).targets[0].precision == "fp16"
     with pytest.raises(Exception, match="did you mean openvino"):

@@ -16,7 +16,6 @@ from edgepipe.compile.export import export_onnx
 from edgepipe.compile.mixed_precision import AccuracyControl
 from edgepipe.compile.qdq import quantize_qdq, run_logits
 from edgepipe.compile.qdq_check import check_qdq
-from edgepipe.recipe import QuantizeStage
 from edgepipe.runtime.data import load_labeled
 from edgepipe.runtime.evaluate import read_image
 from edgepipe.runtime.preprocess import Preprocess
@@ -92,7 +91,7 @@ def test_export_parity_on_real_images(small_onnx, photos):
 def small_qdq(small_onnx, photos, tmp_path_factory):
     """The default QDQ (stages.quantize defaults: isa portable)."""
     dst = tmp_path_factory.mktemp("qdq") / "int8.onnx"
-    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage())
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]))
     return dst, info
 
 
@@ -124,7 +123,7 @@ def test_default_int8_weights_cannot_saturate_on_any_x86_isa(small_onnx, small_q
     portable = int8_weight_extremes(dst)
     assert len(portable["other"]) == 3 and max(portable["other"]) <= 64 < max(portable["depthwise"])
     full = tmp_path / "s8s8.onnx"
-    assert quantize_qdq(small_onnx[1], full, list(photos[:, None]), QuantizeStage(), mode="s8s8")["weight_bits"] == 8
+    assert quantize_qdq(small_onnx[1], full, list(photos[:, None]), mode="s8s8")["weight_bits"] == 8
     assert max(int8_weight_extremes(full)["other"]) > 64
 
     calib = list(photos[:, None])
@@ -137,7 +136,7 @@ def test_default_int8_weights_cannot_saturate_on_any_x86_isa(small_onnx, small_q
         return [float(worst_pair(c, maxima).max()) for c, (maxima, _) in zip(codes, stats)], [int(np.abs(c).max()) for c in codes]
     results = {}
     for isa in ("portable", "portable-7bit", "vnni"):
-        _, results[isa] = quantize_int8(small_onnx[1], tmp_path / f"{isa}.xml", calib, QuantizeStage(isa=isa))
+        _, results[isa] = quantize_int8(small_onnx[1], tmp_path / f"{isa}.xml", calib, isa=isa)
     assert [results[isa]["weight_bits"] for isa in ("portable", "portable-7bit", "vnni")] == [8, 7, 8]
     assert results["portable"]["bounded_layers"] == 3   # 2 convs + the classifier (the depthwise is exact anyway)
     bounded, codes = worst_pairs(tmp_path / "portable.xml")
@@ -154,15 +153,15 @@ def test_accuracy_control_refuses_calibration_images_and_says_what_it_rests_on(s
     calib, held_out = list(photos[:4, None]), photos[4:, None]
     pseudo = run_logits(small_onnx[1], photos[4:]).argmax(1)
     with pytest.raises(UserError, match="also calibration images"):
-        quantize_qdq(small_onnx[1], tmp_path / "a.onnx", calib, QuantizeStage(), control=AccuracyControl([(calib[0], 0)], 1.0))
+        quantize_qdq(small_onnx[1], tmp_path / "a.onnx", calib, control=AccuracyControl([(calib[0], 0)], 1.0))
     agreement = AccuracyControl(list(zip(held_out, pseudo)), 100.0, "fp32 agreement")
-    info = quantize_qdq(small_onnx[1], tmp_path / "b.onnx", calib, QuantizeStage(), control=agreement)
+    info = quantize_qdq(small_onnx[1], tmp_path / "b.onnx", calib, control=agreement)
     assert info["validation_images"] == len(held_out) and info["validation_kind"] == "fp32 agreement"
     assert info["mixed_precision"]["fp32_top1"] == 1.0  # agreement of fp32 with its own top-1
     from edgepipe.compile.openvino_ir import quantize_int8
     with pytest.raises(UserError, match="also calibration images"):
-        quantize_int8(small_onnx[1], tmp_path / "a.xml", calib, QuantizeStage(), control=AccuracyControl([(calib[0], 0)], 1.0))
-    _, info = quantize_int8(small_onnx[1], tmp_path / "b.xml", calib, QuantizeStage(), control=agreement)
+        quantize_int8(small_onnx[1], tmp_path / "a.xml", calib, control=AccuracyControl([(calib[0], 0)], 1.0))
+    _, info = quantize_int8(small_onnx[1], tmp_path / "b.xml", calib, control=agreement)
     assert info["method"] == "nncf.quantize_with_accuracy_control"
     assert (info["validation_images"], info["validation_kind"]) == (len(held_out), "fp32 agreement")
 
@@ -184,7 +183,7 @@ def test_qdq_histogram_calibration_keeps_tensorrt_form(small_onnx, small_qdq, ph
     """Histogram calibrations never widen MinMax's activation ranges (Percentile clips the tails) and keep
     TensorRT's form: symmetric, zero point 0."""
     dst = tmp_path / "int8.onnx"
-    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(), calibrate_method=method)
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), calibrate_method=method)
     assert info["calibrate_method"].startswith(method)
     assert info["tensorrt_qdq_check"]["ok"], info["tensorrt_qdq_check"]["errors"]
 
@@ -231,7 +230,7 @@ def test_qdq_check_rejects_conv_without_weight_qdq(small_onnx, small_qdq, tmp_pa
 
 def test_qdq_check_rejects_uint8_activations(small_onnx, photos, tmp_path):
     dst = tmp_path / "u8.onnx"
-    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), QuantizeStage(qdq_mode="u8s8_reduce_range"))
+    info = quantize_qdq(small_onnx[1], dst, list(photos[:, None]), mode="u8s8_reduce_range")
     assert not info["tensorrt_qdq_check"]["ok"]
     assert any("uint8" in e for e in info["tensorrt_qdq_check"]["errors"])
 
@@ -244,18 +243,18 @@ def test_mixed_precision_meets_a_target_plain_int8_misses(imagenet_sample, tmp_p
     spec = build_model("efficientnet_lite0", pretrained=True, num_classes=None, checkpoint=None)
     src = tmp_path / "lite0.onnx"
     export_onnx(spec.model.eval(), src, 160, 17, True, True, {})
-    pre = Preprocess(resize=182, crop=160, mean=spec.preprocess["mean"], std=spec.preprocess["std"], color="RGB")
+    pre = Preprocess(resize=182, crop=160, mean=spec.preprocess.mean, std=spec.preprocess.std, color="RGB")
     arrays = [pre(read_image(p)) for p, _ in load_labeled(imagenet_sample / "labels.csv")[:64]]
     calib, val = arrays[:2], np.concatenate(arrays[8:])
     pseudo = run_logits(src, val).argmax(1)
     plain = tmp_path / "plain.onnx"
-    quantize_qdq(src, plain, calib, QuantizeStage())
+    quantize_qdq(src, plain, calib)
     flips = int((run_logits(plain, val).argmax(1) != pseudo).sum())
     assert flips >= 2, f"plain int8 flips only {flips} of {len(val)}: the setting tests nothing"
     allowed = flips // 2
     dst = tmp_path / "mixed.onnx"
     control = AccuracyControl(list(zip(val[:, None], pseudo)), 100.0 * allowed / len(val) + 1e-6, "fp32 agreement")
-    info = quantize_qdq(src, dst, calib, QuantizeStage(), control=control, ranking_images=16)
+    info = quantize_qdq(src, dst, calib, control=control, ranking_images=16)
     assert (info["validation_kind"], info["validation_images"]) == ("fp32 agreement", len(val))
     search = info["mixed_precision"]
     assert search["steps"][0]["drop_points"] > search["max_drop_points"]  # plain misses the target
@@ -309,7 +308,7 @@ def test_pipeline_qdq_variant_report_and_cache_reuse(qdq_run):
     from edgepipe.train.models import build_model
     own = build_model("efficientnet_lite0", pretrained=False).preprocess
     assert manifest["preprocess"]["crop"] == 160 and manifest["input"]["shape"][2:] == [160, 160]
-    assert manifest["preprocess"]["resize"] == round(160 * own["resize"] / own["crop"]) > 160
+    assert manifest["preprocess"]["resize"] == round(160 * own.resize / own.crop) > 160
     v = manifest["variants"]["onnxruntime-int8"]
     assert v["compile"]["tensorrt_qdq_check"]["ok"]
     # within verify's bound on the 16 held-out check crops (status ok), above a floor: measured agreement 1.0,
@@ -358,6 +357,6 @@ def test_pipeline_openvino_int8_pair_sums_fit_16_bits_on_real_images_it_never_sa
     assert portable["layers"] >= 30 and portable["pairs"] > 10 ** 8
     assert portable["saturating"] == 0, portable
     calibration, _ = load_arrays(sorted((tiny_artifacts / "calibration").glob("*.jpg")), pre)
-    quantize_int8(tiny_artifacts / "model.onnx", tmp_path / "vnni.xml", calibration, QuantizeStage(isa="vnni"))
+    quantize_int8(tiny_artifacts / "model.onnx", tmp_path / "vnni.xml", calibration, isa="vnni")
     full = emulate_pair_sums(ov.Core().read_model(str(tmp_path / "vnni.xml")), held_out)
     assert full["saturating"] > 0 and full["layers_saturating"] >= 5, full

@@ -7,7 +7,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -77,10 +76,10 @@ def add_qdq_variant(folder: Path, calibration: Path) -> str:
     from edgepipe.runtime.manifest import Manifest
     manifest = Manifest.load(folder)
     images = [manifest.preprocess(cv2.imread(str(p))) for p in sorted(calibration.glob("*.jpg"))[:8]]
-    cfg = SimpleNamespace(qdq_mode="auto", isa="portable", activation_symmetric=True, mixed_precision=False)
     dst = folder / "onnxruntime-int8" / "model.onnx"
     dst.parent.mkdir()
-    info = quantize_qdq(folder / "onnxruntime-fp32" / "model.onnx", dst, images, cfg)
+    info = quantize_qdq(folder / "onnxruntime-fp32" / "model.onnx", dst, images, mode="auto", isa="portable",
+                        activation_symmetric=True, mixed_precision=False)
     data = json.loads((folder / "manifest.json").read_text())
     fp32 = data["variants"]["onnxruntime-fp32"]
     data["variants"]["onnxruntime-int8"] = dict(

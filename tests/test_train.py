@@ -104,9 +104,9 @@ def test_dataset_references_resolve_to_files_without_changing_the_recipe(tmp_pat
         with pytest.raises(RecipeError, match=hint):
             load_recipe(fm, "quick", [f"data.evaluation={bad}"])
     # 28 px items fill the frame: no centre crop at another input size; an image folder keeps the model's ratio
-    lite = {"resize": 256, "crop": 224}
-    assert preprocess_at(lite, 64, "fashion-mnist")["resize"] == 64
-    assert preprocess_at(lite, 64, str(tmp_path))["resize"] == 73
+    lite = Preprocess(resize=256, crop=224)
+    assert preprocess_at(lite, 64, "fashion-mnist").resize == 64
+    assert preprocess_at(lite, 64, str(tmp_path)).resize == 73
 
 
 def test_a_registered_dataset_is_one_function(tmp_path):
@@ -321,7 +321,7 @@ def test_pruning_lite0_reaches_the_macs_target_with_round_to_and_reloads_without
     assert depthwise and all(c.groups == c.in_channels == c.out_channels for c in depthwise)
     assert model._fc.out_features == 10
 
-    save_pruned(model, tmp_path, "efficientnet_lite0", 10, 32, [str(i) for i in range(10)], {})
+    save_pruned(model, tmp_path, "efficientnet_lite0", 10, 32, [str(i) for i in range(10)], Preprocess(resize=36, crop=32))
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

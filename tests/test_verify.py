@@ -185,7 +185,7 @@ def test_a_device_record_of_another_machine_is_ignored(folder):
     assert run_edgepipe("verify", folder, "--iterations", "5").returncode == 0
     _break_ort_fp32(folder)
     from edgepipe.runtime.manifest import Manifest
-    from edgepipe.runtime.verify import device_record_for_this_machine
+    from edgepipe.runtime.device_records import device_record_for_this_machine
     kept = device_record_for_this_machine(folder, Manifest.load(folder))
     assert "onnxruntime-fp32" not in kept["variants"] and kept["variants"]
 

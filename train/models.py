@@ -22,24 +22,24 @@ from torch import nn
 from edgepipe import UserError
 from edgepipe.compile.onnx_source import apply_preprocess, check_label_count, read_labels
 from edgepipe.runtime.integrity import sha256_file
+from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.train.checkpoint import load_state_dict
 
-IMAGENET_PREPROCESS = {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "color": "RGB"}
+IMAGENET_PREPROCESS = Preprocess()   # resize 256, crop 224, ImageNet mean / std, RGB
 
 
-def lite_preprocess(crop: int) -> dict:
+def lite_preprocess(crop: int) -> Preprocess:
     """EfficientNet-Lite was trained with (x - 127) / 128 on 0..255 RGB and evaluated on a center crop of
     crop + 32 (TF reference). Measured top-1 of Lite0 on the 500-image ImageNet sample: 0.892 with this,
     0.764 with the usual ImageNet mean/std; TF's bicubic resize instead of area/bilinear changed 1-2 images."""
-    return {"resize": crop + 32, "crop": crop, "mean": [127 / 255] * 3, "std": [128 / 255] * 3, "color": "RGB"}
-
+    return Preprocess(resize=crop + 32, crop=crop, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, color="RGB")
 
 
 @dataclass
 class ModelSpec:
     name: str
     model: nn.Module
-    preprocess: dict
+    preprocess: Preprocess
     labels: list[str]
     source: dict = field(default_factory=dict)  # where the weights came from (package, checkpoint, sha256)
 
@@ -83,7 +83,7 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, last_name.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
 
 
-def _finish(name: str, model: nn.Module, preprocess: dict, labels: list[str], source: dict,
+def _finish(name: str, model: nn.Module, preprocess: Preprocess, labels: list[str], source: dict,
             num_classes: int | None, checkpoint: str | None) -> ModelSpec:
     """Shared tail of every builder: a new head for num_classes, then the user's checkpoint (whose head size
     wins when num_classes is not given)."""
@@ -193,10 +193,10 @@ def fetch_torchvision_weights(arch: str, weights) -> Path:
     return path
 
 
-def _torchvision_preprocess(weights) -> dict:
+def _torchvision_preprocess(weights) -> Preprocess:
     t = weights.transforms()
-    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
-    return {"resize": resize, "crop": crop, "mean": [float(x) for x in t.mean], "std": [float(x) for x in t.std], "color": "RGB"}
+    return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(float(x) for x in t.mean),
+                      std=tuple(float(x) for x in t.std), color="RGB")
 
 
 def _torchvision_kwargs(arch: str, weights) -> dict:
@@ -245,7 +245,7 @@ def torchvision_model(arch: str, pretrained: bool = True, num_classes: int | Non
                   {"weights": f"torchvision {tv_weights}", "path": path.name, "sha256": digest})
     else:
         model = builder(weights=None)
-    pre = _torchvision_preprocess(tv_weights) if pretrained else dict(IMAGENET_PREPROCESS)
+    pre = _torchvision_preprocess(tv_weights) if pretrained else IMAGENET_PREPROCESS
     labels = list(tv_weights.meta.get("categories") or imagenet_labels())
     return _finish(arch, model, pre, labels, source, num_classes, checkpoint)
 
@@ -280,8 +280,8 @@ def timm_model(arch: str, pretrained: bool = True, num_classes: int | None = Non
         raise _timm_offline(arch, exc) from None
     cfg = resolve_data_config({}, model=model)
     crop = int(cfg["input_size"][-1])
-    pre = {"resize": int(crop / cfg.get("crop_pct", 0.875)), "crop": crop, "mean": [float(x) for x in cfg["mean"]],
-           "std": [float(x) for x in cfg["std"]], "color": "RGB"}
+    pre = Preprocess(resize=int(crop / cfg.get("crop_pct", 0.875)), crop=crop, mean=tuple(float(x) for x in cfg["mean"]),
+                     std=tuple(float(x) for x in cfg["std"]), color="RGB")
     classes = model.num_classes
     labels = imagenet_labels() if classes == 1000 else [str(i) for i in range(classes)]
     source = {"weights": (str(weights) if weights else f"timm {arch} (pretrained)") if load else "random init"}
@@ -360,7 +360,7 @@ def build_from_config(cfg) -> ModelSpec:
     spec.preprocess = apply_preprocess(spec.preprocess, cfg.preprocess)
     if cfg.labels:
         labels = read_labels(cfg.labels)
-        check_label_count(labels, output_count(spec.model, spec.preprocess["crop"]), spec.name, cfg.labels)
+        check_label_count(labels, output_count(spec.model, spec.preprocess.crop), spec.name, cfg.labels)
         spec.labels = labels
         spec.source = {**spec.source, "labels": str(cfg.labels)}
     return spec

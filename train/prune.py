@@ -11,6 +11,7 @@ code), ``pruned.safetensors`` (weights) and ``pruned.json`` (layer-shape spec + 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from edgepipe import UserError
 from edgepipe.atomic import write_json
 from edgepipe.runtime.backends.base import open_onnx
+from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.timing import measure
 from edgepipe.train import distributed
 from edgepipe.train.models import head_module
@@ -112,7 +114,7 @@ def layer_shapes(model: nn.Module) -> dict:
 
 
 def save_pruned(model: nn.Module, folder: Path, model_name: str, num_classes: int, input_size: int,
-                labels: list[str], preprocess: dict) -> list[Path]:
+                labels: list[str], preprocess: Preprocess) -> list[Path]:
     """pruned.safetensors + pruned.json (+ pruned.onnx, the standalone network)."""
     from safetensors.torch import save_file
 
@@ -126,7 +128,7 @@ def save_pruned(model: nn.Module, folder: Path, model_name: str, num_classes: in
         save_file(state, str(tmp))
     export_onnx(model, onnx_path, input_size, metadata={"labels": labels, "producer": "edgepipe prune"})
     write_json(spec, {"format": "edgepipe-pruned/1", "model": model_name, "num_classes": num_classes,
-                      "input_size": input_size, "labels": labels, "preprocess": preprocess,
+                      "input_size": input_size, "labels": labels, "preprocess": dataclasses.asdict(preprocess),
                       "macs": count_macs(model, (1, 3, input_size, input_size)), "layers": layer_shapes(model)})
     return [weights, spec, onnx_path]
 

@@ -7,6 +7,7 @@ Outputs: train/model.safetensors (+ a per-configuration epoch checkpoint for --r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from edgepipe import UserError
 from edgepipe.log import progress
+from edgepipe.runtime.manifest import name_prefix
+from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import code_hash, hash_key, tool_versions
 from edgepipe.train.models import ModelSpec
 
@@ -23,22 +26,18 @@ def train_code_hash() -> str:
     return code_hash(edgepipe.train)
 
 
-def preprocess_at(preprocess: dict, size: int, source: str | None) -> dict:
+def preprocess_at(preprocess: Preprocess, size: int, source: str | None) -> Preprocess:
     """A model's preprocessing at another input size: the same resize/crop ratio, except for training data
     whose items fill the frame (a dataset registered with fills_frame, e.g. 28 px Fashion-MNIST: no crop)."""
     from edgepipe.datasets import fills_frame
-    pre = dict(preprocess)
-    ratio = pre["resize"] / pre["crop"]
-    pre["crop"] = size
-    pre["resize"] = size if fills_frame(source) else int(round(size * ratio))
-    return pre
+    resize = size if fills_frame(source) else int(round(size * preprocess.resize / preprocess.crop))
+    return dataclasses.replace(preprocess, crop=size, resize=resize)
 
 
-def _data(recipe, pre: dict):
-    from edgepipe.runtime.preprocess import Preprocess
+def _data(recipe, pre: Preprocess):
     from edgepipe.train.data import load_train_data
     cfg = recipe.stages.train
-    return load_train_data(recipe.data.train, Preprocess.from_manifest(pre), recipe.data.val_split, cfg.seed,
+    return load_train_data(recipe.data.train, pre, recipe.data.val_split, cfg.seed,
                            cfg.max_train_images, cfg.max_val_images, cfg.augment)
 
 
@@ -70,11 +69,11 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
         raise UserError("stages.train is enabled but data.train is not set; give a dataset "
                         f"({', '.join(dataset_names())}), an ImageFolder tree or a CSV")
     cfg = recipe.stages.train
-    size = cfg.input_size or recipe.model.input_size or spec.preprocess["crop"]
+    size = cfg.input_size or recipe.model.input_size or spec.preprocess.crop
     pre = preprocess_at(spec.preprocess, size, recipe.data.train)
     data = _data(recipe, pre)
     key = hash_key("train", recipe.model.model_dump(), spec.source, _train_cfg_key(recipe), _data_key(recipe),
-                   pre, tool_versions(), train_code_hash())
+                   pre.to_dict(), tool_versions(), train_code_hash())
     folder = Path(out) / "train"
     weights = folder / "model.safetensors"
     progress(f"  train data: {len(data.train)} train / {len(data.val)} val images, {len(data.labels)} classes, {size} px")
@@ -116,7 +115,7 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
     cfg = recipe.stages.prune
-    size = spec.preprocess["crop"]
+    size = spec.preprocess.crop
     folder = Path(out) / "prune"
     key = hash_key("prune", model_hash(spec.model), cfg.model_dump(), _train_cfg_key(recipe),
                    _data_key(recipe) if recipe.data.train else None, recipe.bench.threads, tool_versions(),
@@ -163,12 +162,12 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     summary = {k: rec.get(k) for k in ("base_macs", "macs", "macs_reduction", "base_latency_ms", "latency_ms",
                                        "speedup", "backend", "targets_met", "val_top1", "val_top1_before",
                                        "global_pruning", "importance", "distill_alpha", "recovery_epochs", "seconds")}
-    return ModelSpec(spec.name, model, dict(spec.preprocess), list(spec.labels), {**spec.source, "pruned": summary})
+    return ModelSpec(spec.name, model, spec.preprocess, list(spec.labels), {**spec.source, "pruned": summary})
 
 
 # ---------------------------------------------------------------- quantization-aware training
 
-def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
+def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
     """QAT of ``spec`` -> a QDQ ONNX the "-int8-qat" variants are compiled from (compile/targets, quantization
     "qat"). None when the recipe has no int8 target for this model.
 
@@ -178,12 +177,13 @@ def qat_model(spec: ModelSpec, prefix: str, recipe, out: Path, cache, parity_bat
     from edgepipe.train.models import model_hash
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.qat import calibrate, export_qdq, prepare_qat
-    if not [t for t in recipe.targets if t.precision == "int8" and (t.pruned is None or t.pruned == bool(prefix))]:
+    if not [t for t in recipe.targets if t.precision == "int8" and t.builds_from(made_from)]:
         return None
     if not recipe.data.train:
         raise UserError("stages.quantize.method qat needs training data: set data.train (or use method: ptq)")
     q = recipe.stages.quantize
-    size = spec.preprocess["crop"]
+    size = spec.preprocess.crop
+    prefix = name_prefix(made_from)
     folder = Path(out) / f"{prefix}qat"
     qdq, ref_file = folder / "model.qdq.onnx", folder / "parity_reference.npy"
     key = hash_key("qat", model_hash(spec.model), q.model_dump(), _train_cfg_key(recipe), _data_key(recipe),

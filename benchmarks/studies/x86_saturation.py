@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     from edgepipe.compile.openvino_ir import quantize_int8
     from edgepipe.compile.qdq import run_logits
     from edgepipe.compile.weight_ranges import emulate_pair_sums
-    from edgepipe.recipe import QuantizeStage
     from edgepipe.run_data import load_arrays
     from edgepipe.runtime.data import load_items
     from edgepipe.runtime.manifest import Manifest
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     work = tempfile.TemporaryDirectory()
     for isa in args.isa:
         xml = Path(work.name) / f"{isa}.xml"
-        quantize_int8(folder / "model.onnx", xml, calibration, QuantizeStage(isa=isa))
+        quantize_int8(folder / "model.onnx", xml, calibration, isa=isa)
         model = ov.Core().read_model(str(xml))
         compiled = ov.Core().compile_model(model, "CPU")
         agree = sum(int(compiled(x)[compiled.output(0)].argmax() == ref) for x, ref in zip(held_out, reference))

@@ -19,8 +19,9 @@ def onnxruntime_fp32(job: CompileJob) -> Compiled:
 @register("onnxruntime", "int8")
 def onnxruntime_int8(job: CompileJob) -> Compiled:
     from edgepipe.compile.qdq import quantize_qdq
-    dst, control = job.folder / "model.onnx", job.control()
-    info = quantize_qdq(job.onnx, dst, job.calibration, job.quantize, control=control)
+    dst, q, control = job.folder / "model.onnx", job.quantize, job.control()
+    info = quantize_qdq(job.onnx, dst, job.calibration, mode=q.qdq_mode, isa=q.isa,
+                        activation_symmetric=q.activation_symmetric, mixed_precision=q.mixed_precision, control=control)
     return Compiled([dst], "onnx", dict(info, validation=control.what if control else None))
 
 

@@ -22,8 +22,10 @@ def openvino_fp16(job: CompileJob) -> Compiled:
 @register("openvino", "int8")
 def openvino_int8(job: CompileJob) -> Compiled:
     from edgepipe.compile import openvino_ir
-    control = job.control()
-    files, info = openvino_ir.quantize_int8(job.onnx, job.folder / "model.xml", job.calibration, job.quantize, control=control)
+    q, control = job.quantize, job.control()
+    files, info = openvino_ir.quantize_int8(job.onnx, job.folder / "model.xml", job.calibration, isa=q.isa,
+                                            fast_bias_correction=q.fast_bias_correction,
+                                            mixed_precision=q.mixed_precision, control=control)
     return Compiled(files, "ir", dict(info, validation=control.what if control else None))
 
 

@@ -30,7 +30,9 @@ def tensorrt_int8(job: CompileJob) -> Compiled:
     for strongly typed builds (which keep the ONNX's float types)."""
     from edgepipe.compile import tensorrt_sources
     dst, fp16, control = job.folder / "model.onnx", job.folder / "model.fp16.onnx", job.control()
-    info = dict(tensorrt_sources.int8_source(job.onnx, dst, job.calibration, job.quantize, control=control, fp16_dst=fp16),
+    info = dict(tensorrt_sources.int8_source(job.onnx, dst, job.calibration, isa=job.quantize.isa,
+                                             mixed_precision=job.quantize.mixed_precision, control=control,
+                                             fp16_dst=fp16),
                 validation=control.what if control else None)
     return _pending(job, [dst, fp16], info, {"weak": dst, "strong": fp16}, "int8", {"weak": "fp32", "strong": "fp16"})
 

@@ -141,7 +141,7 @@ class TensorRTBackend:
         self.rt = cudart()
         why = engine_mismatch(variant.tensorrt, trt.__version__, gpu_info())
         if why:  # never deserialize an engine built for another TensorRT / GPU
-            precision = (variant.tensorrt or {}).get("precision", variant.precision)
+            precision = variant.engine.precision or variant.precision
             raise ManifestError(f"TensorRT engine {engine_path.name} cannot be served here: {why}; rebuild it with "
                                 f"`edgepipe build-engine {engine_path.parent.parent} --precision {precision} --rebuild`")
         runtime = trt.Runtime(trt_logger(trt))
