@@ -162,7 +162,7 @@ class FloatBypass:
         self.float_weight = {n.name: weights[n.input[1]] for n in fp32.graph.node
                              if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in weights}
 
-    def model(self, float_layers: Sequence[str], prune: bool = False):
+    def with_float(self, float_layers: Sequence[str], prune: bool = False):
         """The QDQ graph with ``float_layers`` reading their float input and weight; with ``prune``, the Q/DQ
         nodes and int8 weights nothing reads any more are removed (what nodes_to_exclude would have given)."""
         import onnx
@@ -186,7 +186,7 @@ class FloatBypass:
         return model
 
     def model_bytes(self, float_layers: Sequence[str]) -> bytes:
-        return self.model(float_layers).SerializeToString()
+        return self.with_float(float_layers).SerializeToString()
 
 
 def prune_unread(graph) -> None:
@@ -237,7 +237,7 @@ def write_fallback(fp32_path: Path, qdq_path: Path, float_layers: Sequence[str],
     recorded in its metadata as the quantizer records them: the fallback for a QDQ file that can not be
     re-quantized (no calibration cache: e.g. a built folder)."""
     import onnx
-    model = FloatBypass(qdq_path, fp32_path).model(float_layers, prune=True)
+    model = FloatBypass(qdq_path, fp32_path).with_float(float_layers, prune=True)
     props = {p.key: p.value for p in model.metadata_props}
     props[FLOAT_LAYERS_KEY] = ",".join(x for x in [*props.get(FLOAT_LAYERS_KEY, "").split(","), *float_layers] if x)
     del model.metadata_props[:]

@@ -9,8 +9,9 @@ int8 from builder flags; strongly typed ones (preferred from 10.12, the only kin
 QDQ graph for int8, the fp16 ONNX `edgepipe run` exports for fp16. The decisions are in tensorrt_plan.py.
 
 After the build the engine and its sidecar (TensorRT version, GPU, compute capability, typing, profile, source
-ONNX, per-layer precisions) go into manifest.json (written atomically), and the engine is proven on this
-device against the reference set (edgepipe.runtime.verify).
+ONNX, per-layer precisions) go into manifest.json (written atomically) or, in a signed folder, into this
+machine's MAC'd engine record (runtime/engine_records.py: the signed manifest is never rewritten), and the
+engine is proven on this device against the reference set (edgepipe.runtime.verify).
 
 TensorRT objects are named ``builder``, ``network``, ``parser``, ``config``, ``profile``, ``cache``, ``engine``,
 ``inspector``, ``runtime``, ``inp`` (tests/test_tensorrt.py checks every attribute used on them, and every
@@ -29,7 +30,9 @@ from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.manifest import Manifest, Variant
+from edgepipe.runtime.engine_records import save_built_engine
+from edgepipe.runtime.manifest import Variant
+from edgepipe.runtime.signing import load_manifest
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
 WEAK_TYPING_ONLY = ("set_precision_flags", "keep_fp32")
@@ -182,7 +185,7 @@ def main(args) -> int:
         from edgepipe.compile.tensorrt_check import main as check_main
         return check_main(args)
     root = Path(args.dir)
-    manifest = Manifest.load(root)
+    manifest, _ = load_manifest(root)  # signature checked when trusted keys are configured; engines built here
     precision = args.precision
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
@@ -213,12 +216,12 @@ def main(args) -> int:
         print(f"{name}: its strongly typed source has fp32 float parts, so the engine is INT8 + FP32 (slower than "
               f"INT8 + FP16); re-run `edgepipe run` to ship the fp16 QDQ ONNX, or on TensorRT 10.x use --typing weak", flush=True)
     built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
-    manifest = Manifest.load(root)  # re-read: keep everything else as it is now
+    manifest, _ = load_manifest(root)  # re-read: keep everything else as it is now
     record = manifest.variants.get(name)  # the pending-build record, or the engine built before
     sources = source_files(record)
     sources.setdefault(typing, dict(entry_record(source.entry), floats=source.floats))
     old = record or Variant("tensorrt", precision, "engine", [], [])  # what is kept: origin, model, reference logits
-    manifest.variants[name] = Variant(
+    written = save_built_engine(root, name, Variant(
         backend="tensorrt", precision=precision, format="engine", files=engine_files(root, engine_path),
         input_shape=built["input_shape"], status="ok", made_from=old.made_from, quantization=old.quantization,
         compile=dict(old.compile or {}, source_variant=source.variant), macs=old.macs, model_hash=old.model_hash,
@@ -228,11 +231,9 @@ def main(args) -> int:
                   "source_onnx": source.entry.path, "source_onnx_sha256": source.entry.sha256, "source_files": sources,
                   "qdq_check_ok": None if source.qdq_check is None else bool(source.qdq_check.get("ok")),
                   "batch": list(batch), "profile": built["profile"], "workspace_mb": args.workspace,
-                  "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]})
-    manifest.defaults["tensorrt"] = name
-    manifest.dump(root)
+                  "timing_cache": cache_name, "timing_cache_state": built["timing_cache_state"], "layers": built["layers"]}))
     by = built["layers"].get("by_precision") or {}
-    print(f"{name}: wrote {engine_path} and its manifest entry; layers by precision: "
+    print(f"{name}: wrote {engine_path} and its record in {written.relative_to(root)}; layers by precision: "
           + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "not reported"), flush=True)
     from edgepipe.runtime.verify import verify_model_dir
     record = verify_model_dir(root, variants=[name])  # proves the engine on this device against the reference set

@@ -130,3 +130,35 @@ def test_preprocessing_check_flags_a_swapped_colour_order(folder):
     record = json.loads(next((folder / "devices").glob("*.json")).read_text())
     assert record["preprocessing"]["better"] == ["colour swapped"]
     assert record["preprocessing"]["alternatives"]["colour swapped"]["top1_agreement"] == 1.0
+
+
+def test_fallback_keeps_the_perturbed_qdq_layer_in_float_and_meets_the_budget(folder, tiny_artifacts, tmp_path):
+    """The budgeted fallback (compile/qdq.py fallback_search) on a QDQ file with one layer's weight scales
+    perturbed: the doctor's ranking puts that layer first, the fewest layers kept in float bring agreement with
+    fp32 within a budget plain int8 misses, and the file written keeps them in float (real ONNX Runtime)."""
+    from edgepipe.compile.mixed_precision import AccuracyControl
+    from edgepipe.compile.qdq import fallback_search, run_logits, write_fallback
+    from edgepipe.compile.qdq_check import check_qdq
+    from edgepipe.runtime.manifest import Manifest
+    from edgepipe.runtime.measured import FloatFallback
+    add_qdq_variant(folder, tiny_artifacts / "calibration")
+    layer = "/_blocks.6/_expand_conv/Conv"
+    perturb_qdq_scales(folder, layer)
+    fp32, int8 = folder / "onnxruntime-fp32" / "model.onnx", folder / "onnxruntime-int8" / "model.onnx"
+    pre = Manifest.load(folder).preprocess
+    x = np.stack([pre(cv2.imread(str(p)))[0] for p in sorted((tiny_artifacts / "heldout").glob("*.jpg"))[:24]])
+    own = run_logits(fp32, x).argmax(1)
+    plain = float(np.mean(run_logits(int8, x).argmax(1) == own))
+    assert plain <= 0.9, f"plain int8 agrees on {plain}: the perturbation tests nothing"
+    max_drop = 100.0 * (1.0 - plain) / 2  # half the flips plain int8 makes
+    control = AccuracyControl(list(zip(x[:, None], own)), max_drop, "fp32 agreement")
+    search = fallback_search(fp32, int8, control, ranking_images=4, log=lambda _: None)
+    report = FloatFallback.from_dict(search.report)
+    assert report.ranking[0]["layer"] == layer and report.float_layers == search.float_layers
+    assert layer in search.float_layers and len(search.float_layers) <= 3, search.float_layers
+    assert report.target_met and report.final_drop_points <= max_drop < report.steps[0]["drop_points"]
+    out = write_fallback(fp32, int8, search.float_layers, tmp_path / "fallback.onnx")
+    # independent of the search's bookkeeping: the file written meets the budget
+    assert float(np.mean(run_logits(out, x).argmax(1) == own)) >= 1.0 - max_drop / 100.0
+    check = check_qdq(out)
+    assert check["float_layers"] == search.float_layers and check["counts"]["float_layers"] == len(search.float_layers)
