@@ -60,52 +60,60 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(1) == labels))
 
 
+def sensitivity_ranking(layers: Sequence[str], reference: np.ndarray, plain: np.ndarray,
+                        evaluate: Callable[[list[str]], np.ndarray], rows: int = 64,
+                        log: Callable[[str], None] = print) -> list[str]:
+    """End-to-end ranking, the second try when the doctor's (local noise) misses: the logit MSE that keeping each
+    layer alone in float removes, on the images plain int8 flips plus the first others (``rows`` in all)."""
+    flipped = np.flatnonzero(plain.argmax(1) != reference.argmax(1))
+    idx = np.concatenate([flipped, np.setdiff1d(np.arange(len(plain)), flipped)])[:max(rows, len(flipped))]
+
+    def mse(logits):
+        return float(np.mean((reference[idx].astype(np.float64) - logits[idx]) ** 2))
+    base, gains = mse(plain), []
+    for i, layer in enumerate(layers):
+        gains.append((base - mse(evaluate([layer])), layer))
+        if (i + 1) % 10 == 0:
+            log(f"    sensitivity: {i + 1}/{len(layers)} layers")
+    gains.sort(key=lambda g: -g[0])  # most sensitive first (stable: ties keep the given order)
+    return [layer for _, layer in gains]
+
+
 def search_float_layers(ranked: Sequence[str], max_drop: float, labels: np.ndarray, reference: np.ndarray,
                         evaluate: Callable[[list[str]], np.ndarray], max_float_fraction: float = 0.25,
-                        log: Callable[[str], None] = print, ranked_by: str = "") -> Search:
+                        log: Callable[[str], None] = print, ranked_by: str = "",
+                        rerank: Callable[[], Sequence[str]] | None = None) -> Search:
     """The fewest layers to keep in float, from ``ranked`` (worst first: the doctor's ranking,
     compile/layer_error.py), so that top-1 against ``labels`` drops at most ``max_drop`` points below
     ``reference``'s: growing prefixes of the ranking (1, 2, 4, ...), bisection down to the shortest prefix that
-    meets the target, then each chosen layer dropped again if the target holds without it. At most
-    ``max_float_fraction`` of the layers; if the target is still missed the best set tried is kept and the
-    report says so (``target_met`` False). The report is a FloatFallback (runtime/measured.py) as a dict."""
+    meets the target, then each chosen layer dropped again if the target holds without it. When no prefix of
+    at most ``max_float_fraction`` of the layers meets it, the same again on ``rerank()`` (e.g.
+    sensitivity_ranking); if the target is still missed the best set tried is kept and the report says so
+    (``target_met`` False). The report is a FloatFallback (runtime/measured.py) as a dict."""
     from edgepipe.runtime.measured import FloatFallback
     t0 = time.perf_counter()
     labels = np.asarray(labels)
     ref_top1 = top1(reference, labels)
     steps: list[dict] = []
 
-    def drop_of(layers: list[str]) -> float:
+    def meets(layers: list[str]) -> bool:
         acc = top1(evaluate(layers), labels)
         steps.append({"float_layers": len(layers), "layers": list(layers), "top1": acc,
                       "drop_points": round((ref_top1 - acc) * 100, 3)})
         if layers:
             log(f"    {len(layers)} layer(s) in float: top-1 {acc:.4f} (drop {steps[-1]['drop_points']:.2f} pts)")
-        return steps[-1]["drop_points"]
+        return steps[-1]["drop_points"] <= max_drop + 1e-9
 
-    def meets(layers: list[str]) -> bool:
-        return drop_of(layers) <= max_drop + 1e-9
-
-    met = meets([])
-    chosen: list[str] = []
+    met, chosen = meets([]), []
+    cap = max(1, int(len(ranked) * max_float_fraction))
     if not met:
-        cap = max(1, int(len(ranked) * max_float_fraction))
-        lo, hi, size = 0, None, 1
-        while hi is None and lo < cap:  # grow: 1, 2, 4, ... layers
-            size = min(size, cap)
-            if meets(list(ranked[:size])):
-                hi = size
-            else:
-                lo, size = size, size * 2
-        while hi is not None and hi - lo > 1:  # bisect down to the shortest prefix that meets it
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if meets(list(ranked[:mid])) else (mid, hi)
-        met = hi is not None
-        chosen = list(ranked[:hi]) if met else list(min(steps, key=lambda s: s["drop_points"])["layers"])
-        for layer in reversed(chosen[:-1] if met and len(chosen) > 1 else []):  # drop what the target does not need
-            rest = [x for x in chosen if x != layer]
-            if meets(rest):
-                chosen = rest
+        met, chosen = _shortest_prefix(list(ranked), cap, meets)
+    if not met and rerank is not None:
+        ranked = list(rerank())
+        ranked_by = (ranked_by + "; then " if ranked_by else "") + "end-to-end sensitivity (logit error removed)"
+        met, chosen = _shortest_prefix(ranked, cap, meets)
+    if not met and len(steps) > 1:
+        chosen = list(min(steps, key=lambda s: s["drop_points"])["layers"])
     final = next(s for s in reversed(steps) if s["layers"] == chosen)
     report = FloatFallback(
         float_layers=chosen, target_met=met, validation_images=int(len(labels)), max_drop_points=max_drop,
@@ -113,3 +121,25 @@ def search_float_layers(ranked: Sequence[str], max_drop: float, labels: np.ndarr
         ranked_by=ranked_by or None, ranking=[{"layer": x} for x in ranked[:10]], steps=steps,
         seconds=round(time.perf_counter() - t0, 1))
     return Search(chosen, report.to_dict())
+
+
+def _shortest_prefix(ranked: list[str], cap: int, meets: Callable[[list[str]], bool]) -> tuple[bool, list[str]]:
+    """Grow prefixes (1, 2, 4, ... up to ``cap``), bisect to the shortest that meets, then drop what it does not need."""
+    lo, hi, size = 0, None, 1
+    while hi is None and lo < cap:
+        size = min(size, cap)
+        if meets(ranked[:size]):
+            hi = size
+        else:
+            lo, size = size, size * 2
+    if hi is None:
+        return False, []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(ranked[:mid]) else (mid, hi)
+    chosen = ranked[:hi]
+    for layer in reversed(chosen[:-1]):
+        rest = [x for x in chosen if x != layer]
+        if meets(rest):
+            chosen = rest
+    return True, chosen

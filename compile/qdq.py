@@ -213,9 +213,10 @@ def fallback_search(fp32_path: Path, qdq_path: Path, control: AccuracyControl, r
                     log=print):
     """The budgeted fallback of a QDQ file (compile/mixed_precision.py): the doctor ranks its layers on the
     validation images plain int8 flips (then others, ``ranking_images`` in all), the search keeps the fewest in
-    float, evaluating each set by a graph bypass (no re-quantization) on all of ``control``'s images."""
+    float, evaluating each set by a graph bypass (no re-quantization) on all of ``control``'s images; when no
+    prefix of the doctor's ranking meets the target, an end-to-end sensitivity ranking is tried next."""
     from edgepipe.compile.layer_error import qdq_layers, ranked
-    from edgepipe.compile.mixed_precision import search_float_layers
+    from edgepipe.compile.mixed_precision import search_float_layers, sensitivity_ranking
     x = np.concatenate([a for a, _ in control.items]).astype(np.float32)
     y = np.array([t for _, t in control.items])
     reference, plain = run_logits(fp32_path, x), run_logits(qdq_path, x)
@@ -223,10 +224,12 @@ def fallback_search(fp32_path: Path, qdq_path: Path, control: AccuracyControl, r
     rows = np.concatenate([flipped, np.setdiff1d(np.arange(len(x)), flipped)])[:max(1, ranking_images)]
     bypass = FloatBypass(qdq_path, fp32_path)
     ranking = [r for r in ranked(qdq_layers(fp32_path, qdq_path, x[rows])) if r["layer"] in bypass.float_weight]
-    search = search_float_layers(
-        [r["layer"] for r in ranking], control.max_drop, y, reference, log=log,
-        ranked_by=RANKED_BY.format(n=len(rows)),
-        evaluate=lambda layers: run_logits(bypass.model_bytes(layers), x) if layers else plain)
+    def evaluate(layers):
+        return run_logits(bypass.model_bytes(layers), x) if layers else plain
+    names = [r["layer"] for r in ranking]
+    search = search_float_layers(names, control.max_drop, y, reference, evaluate, log=log,
+                                 ranked_by=RANKED_BY.format(n=len(rows)),
+                                 rerank=lambda: sensitivity_ranking(names, reference, plain, evaluate, log=log))
     search.report.update(validation_kind=control.kind,
                          ranking=[{"layer": r["layer"], "injected": r["injected"]} for r in ranking[:10]])
     return search
