@@ -1,10 +1,10 @@
-"""Sensitivity-driven mixed precision: when an int8 model misses its accuracy target, measure how much each
-layer's quantization costs (the logit error that goes away when only that layer is kept in float) and keep
-the most sensitive layers in float, one at a time, until the target is met.
+"""Budgeted fallback (mixed precision) for QDQ int8 files (the ONNX Runtime and TensorRT int8 targets): when an
+int8 model misses its accuracy target, keep the fewest layers in float, tried in the order of the doctor's
+ranking (the noise each layer's own quantization injects, compile/layer_error.py), until the target is met.
+The same contract as OpenVINO's accuracy control (NNCF, compile/openvino_ir.py).
 
-Backend-neutral: the caller gives ``evaluate(float_layers) -> logits`` (the QDQ path passes them as
-onnxruntime's nodes_to_exclude; OpenVINO uses NNCF's own accuracy control instead) on the same validation
-images as the fp32 ``reference`` logits.
+Backend-neutral: the caller gives the ranking and ``evaluate(float_layers) -> logits`` (compile/qdq.py: a graph
+bypass of the QDQ file) on the same validation images as the fp32 ``reference`` logits.
 
 Accuracy control needs no labels: the targets may be the fp32 model's own top-1 on held-out images
 ("fp32 agreement"), then top-1 is agreement with fp32 and ``max_drop`` bounds the share of flipped predictions.
@@ -60,58 +60,86 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(1) == labels))
 
 
-def logit_error(reference: np.ndarray, logits: np.ndarray) -> float:
-    return float(np.mean((reference.astype(np.float64) - logits) ** 2))
+def sensitivity_ranking(layers: Sequence[str], reference: np.ndarray, plain: np.ndarray,
+                        evaluate: Callable[[list[str]], np.ndarray], rows: int = 64,
+                        log: Callable[[str], None] = print) -> list[str]:
+    """End-to-end ranking, the second try when the doctor's (local noise) misses: the logit MSE that keeping each
+    layer alone in float removes, on the images plain int8 flips plus the first others (``rows`` in all)."""
+    flipped = np.flatnonzero(plain.argmax(1) != reference.argmax(1))
+    idx = np.concatenate([flipped, np.setdiff1d(np.arange(len(plain)), flipped)])[:max(rows, len(flipped))]
+
+    def mse(logits):
+        return float(np.mean((reference[idx].astype(np.float64) - logits[idx]) ** 2))
+    base, gains = mse(plain), []
+    for i, layer in enumerate(layers):
+        gains.append((base - mse(evaluate([layer])), layer))
+        if (i + 1) % 10 == 0:
+            log(f"    sensitivity: {i + 1}/{len(layers)} layers")
+    gains.sort(key=lambda g: -g[0])  # most sensitive first (stable: ties keep the given order)
+    return [layer for _, layer in gains]
 
 
-def search_float_layers(layers: Sequence[str], max_drop: float, labels: np.ndarray, reference: np.ndarray,
+def search_float_layers(ranked: Sequence[str], max_drop: float, labels: np.ndarray, reference: np.ndarray,
                         evaluate: Callable[[list[str]], np.ndarray], max_float_fraction: float = 0.25,
-                        ranking_images: int = 64, log: Callable[[str], None] = print) -> Search:
-    """Greedy search; ``max_drop`` is in top-1 points against ``reference`` on ``labels``.
-
-    Sensitivity is ranked by logit MSE (smoother than top-1 on few images) on the images plain int8 flips
-    plus the first others, ``ranking_images`` in all; the acceptance test uses top-1 on all of them. At most ``max_float_fraction`` of
-    the layers are kept in float; if the target is still missed the report says so (``target_met`` False).
-    """
+                        log: Callable[[str], None] = print, ranked_by: str = "",
+                        rerank: Callable[[], Sequence[str]] | None = None) -> Search:
+    """The fewest layers to keep in float, from ``ranked`` (worst first: the doctor's ranking,
+    compile/layer_error.py), so that top-1 against ``labels`` drops at most ``max_drop`` points below
+    ``reference``'s: growing prefixes of the ranking (1, 2, 4, ...), bisection down to the shortest prefix that
+    meets the target, then each chosen layer dropped again if the target holds without it. When no prefix of
+    at most ``max_float_fraction`` of the layers meets it, the same again on ``rerank()`` (e.g.
+    sensitivity_ranking); if the target is still missed the best set tried is kept and the report says so
+    (``target_met`` False). The report is a FloatFallback (runtime/measured.py) as a dict."""
+    from edgepipe.runtime.measured import FloatFallback
     t0 = time.perf_counter()
     labels = np.asarray(labels)
     ref_top1 = top1(reference, labels)
-    full = evaluate([])
-    int8_top1 = top1(full, labels)
-    steps = [{"float_layers": 0, "top1": int8_top1, "drop_points": round((ref_top1 - int8_top1) * 100, 3)}]
-    report = {"fp32_top1": ref_top1, "int8_top1": steps[0]["top1"], "max_drop_points": max_drop,
-              "validation_images": int(len(labels)), "steps": steps}
-    if (ref_top1 - steps[0]["top1"]) * 100 <= max_drop + 1e-9:
-        report.update(target_met=True, final_top1=steps[0]["top1"], final_drop_points=steps[0]["drop_points"], seconds=round(time.perf_counter() - t0, 1))
-        return Search([], report)
+    steps: list[dict] = []
 
-    # rank on the images int8 flips (where sensitivity shows) plus the first others, up to ranking_images
-    flipped = np.flatnonzero(full.argmax(1) != reference.argmax(1))
-    rows = np.concatenate([flipped, np.setdiff1d(np.arange(len(labels)), flipped)])[:max(ranking_images, len(flipped))]
-    base_err = logit_error(reference[rows], full[rows])
-    gains = []
-    for i, layer in enumerate(layers):
-        err = logit_error(reference[rows], evaluate([layer])[rows])
-        gains.append((base_err - err, layer))
-        if (i + 1) % 10 == 0:
-            log(f"    sensitivity: {i + 1}/{len(layers)} layers")
-    gains.sort(key=lambda g: -g[0])  # most sensitive first (stable: ties keep the graph order)
-    ranked = [layer for _, layer in gains]
-    report["sensitivity_top"] = [{"layer": layer, "logit_mse_gain": round(g, 5)} for g, layer in gains[:10]]
+    def meets(layers: list[str]) -> bool:
+        acc = top1(evaluate(layers), labels)
+        drop = (ref_top1 - acc) * 100  # compared unrounded: one image of 56 is 1.7857 points, rounded 1.786
+        steps.append({"float_layers": len(layers), "layers": list(layers), "top1": acc, "drop_points": round(drop, 3)})
+        if layers:
+            log(f"    {len(layers)} layer(s) in float: top-1 {acc:.4f} (drop {drop:.2f} pts)")
+        return drop <= max_drop + 1e-9
 
-    chosen: list[str] = []
-    met = False
-    for layer in ranked[:max(1, int(len(layers) * max_float_fraction))]:
-        chosen.append(layer)
-        acc = top1(evaluate(chosen), labels)
-        drop = (ref_top1 - acc) * 100
-        steps.append({"float_layers": len(chosen), "added": layer, "top1": acc, "drop_points": round(drop, 3)})
-        log(f"    {len(chosen)} layer(s) in float: top-1 {acc:.4f} (drop {drop:.2f} pts)")
-        if drop <= max_drop + 1e-9:
-            met = True
-            break
-    best = steps[-1] if met else min(steps, key=lambda s: s["drop_points"])  # not met: keep the best step
-    chosen = ranked[:best["float_layers"]]
-    report.update(target_met=met, final_top1=best["top1"], final_drop_points=best["drop_points"],
-                  float_layers=list(chosen), seconds=round(time.perf_counter() - t0, 1))
-    return Search(chosen, report)
+    met, chosen = meets([]), []
+    cap = max(1, int(len(ranked) * max_float_fraction))
+    if not met:
+        met, chosen = _shortest_prefix(list(ranked), cap, meets)
+    if not met and rerank is not None:
+        ranked = list(rerank())
+        ranked_by = (ranked_by + "; then " if ranked_by else "") + "end-to-end sensitivity (logit error removed)"
+        met, chosen = _shortest_prefix(ranked, cap, meets)
+    if not met and len(steps) > 1:
+        chosen = list(min(steps, key=lambda s: s["drop_points"])["layers"])
+    final = next(s for s in reversed(steps) if s["layers"] == chosen)
+    report = FloatFallback(
+        float_layers=chosen, target_met=met, validation_images=int(len(labels)), max_drop_points=max_drop,
+        fp32_top1=ref_top1, int8_top1=steps[0]["top1"], final_top1=final["top1"], final_drop_points=final["drop_points"],
+        ranked_by=ranked_by or None, ranking=[{"layer": x} for x in ranked[:10]], steps=steps,
+        seconds=round(time.perf_counter() - t0, 1))
+    return Search(chosen, report.to_dict())
+
+
+def _shortest_prefix(ranked: list[str], cap: int, meets: Callable[[list[str]], bool]) -> tuple[bool, list[str]]:
+    """Grow prefixes (1, 2, 4, ... up to ``cap``), bisect to the shortest that meets, then drop what it does not need."""
+    lo, hi, size = 0, None, 1
+    while hi is None and lo < cap:
+        size = min(size, cap)
+        if meets(ranked[:size]):
+            hi = size
+        else:
+            lo, size = size, size * 2
+    if hi is None:
+        return False, []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(ranked[:mid]) else (mid, hi)
+    chosen = ranked[:hi]
+    for layer in reversed(chosen[:-1]):
+        rest = [x for x in chosen if x != layer]
+        if meets(rest):
+            chosen = rest
+    return True, chosen

@@ -7,6 +7,7 @@ with the most sensitive layers left in float (``nodes_to_exclude``) until the ac
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -161,7 +162,9 @@ class FloatBypass:
         self.float_weight = {n.name: weights[n.input[1]] for n in fp32.graph.node
                              if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in weights}
 
-    def model_bytes(self, float_layers: Sequence[str]) -> bytes:
+    def with_float(self, float_layers: Sequence[str], prune: bool = False):
+        """The QDQ graph with ``float_layers`` reading their float input and weight; with ``prune``, the Q/DQ
+        nodes and int8 weights nothing reads any more are removed (what nodes_to_exclude would have given)."""
         import onnx
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
@@ -178,7 +181,75 @@ class FloatBypass:
             weight.name += "_float"
             node.input[1] = weight.name
             model.graph.initializer.append(weight)
-        return model.SerializeToString()
+        if prune:
+            prune_unread(model.graph)
+        return model
+
+    def model_bytes(self, float_layers: Sequence[str]) -> bytes:
+        return self.with_float(float_layers).SerializeToString()
+
+
+def prune_unread(graph) -> None:
+    """Remove, in place, the nodes whose outputs nothing reads (repeatedly) and the initializers no node reads."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        keep = [n for n in graph.node if any(o in read for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    read = {i for n in graph.node for i in n.input}
+    inits = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+RANKED_BY = ("the doctor's ranking (compile/layer_error.py: noise each layer's own quantization injects) on {n} "
+             "validation images, those plain int8 flips first")
+
+
+def fallback_search(fp32_path: Path, qdq_path: Path, control: AccuracyControl, ranking_images: int = 16,
+                    log=print):
+    """The budgeted fallback of a QDQ file (compile/mixed_precision.py): the doctor ranks its layers on the
+    validation images plain int8 flips (then others, ``ranking_images`` in all), the search keeps the fewest in
+    float, evaluating each set by a graph bypass (no re-quantization) on all of ``control``'s images; when no
+    prefix of the doctor's ranking meets the target, an end-to-end sensitivity ranking is tried next."""
+    from edgepipe.compile.layer_error import qdq_layers, ranked
+    from edgepipe.compile.mixed_precision import search_float_layers, sensitivity_ranking
+    x = np.concatenate([a for a, _ in control.items]).astype(np.float32)
+    y = np.array([t for _, t in control.items])
+    reference, plain = run_logits(fp32_path, x), run_logits(qdq_path, x)
+    flipped = np.flatnonzero(plain.argmax(1) != reference.argmax(1))
+    rows = np.concatenate([flipped, np.setdiff1d(np.arange(len(x)), flipped)])[:max(1, ranking_images)]
+    bypass = FloatBypass(qdq_path, fp32_path)
+    ranking = [r for r in ranked(qdq_layers(fp32_path, qdq_path, x[rows])) if r["layer"] in bypass.float_weight]
+    def evaluate(layers):
+        return run_logits(bypass.model_bytes(layers), x) if layers else plain
+    names = [r["layer"] for r in ranking]
+    search = search_float_layers(names, control.max_drop, y, reference, evaluate, log=log,
+                                 ranked_by=RANKED_BY.format(n=len(rows)),
+                                 rerank=lambda: sensitivity_ranking(names, reference, plain, evaluate, log=log))
+    search.report.update(validation_kind=control.kind,
+                         ranking=[{"layer": r["layer"], "injected": r["injected"]} for r in ranking[:10]])
+    return search
+
+
+def write_fallback(fp32_path: Path, qdq_path: Path, float_layers: Sequence[str], dst: Path) -> Path:
+    """``qdq_path`` with ``float_layers`` in float (their Q/DQ and int8 weights removed, the fp32 weights in),
+    recorded in its metadata as the quantizer records them: the fallback for a QDQ file that can not be
+    re-quantized (no calibration cache: e.g. a built folder)."""
+    import onnx
+    model = FloatBypass(qdq_path, fp32_path).with_float(float_layers, prune=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    props[FLOAT_LAYERS_KEY] = ",".join(x for x in [*props.get(FLOAT_LAYERS_KEY, "").split(","), *float_layers] if x)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_path(dst, suffix=".onnx") as out:
+        onnx.save(model, str(out))
+    return dst
 
 
 def ort_session(model: Path | bytes):
@@ -198,16 +269,17 @@ def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 32) -> np.n
 
 def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Sequence[np.ndarray], *,
                  mode: str = "auto", isa: str = "portable", activation_symmetric: bool = True,
-                 mixed_precision: bool = True, control: AccuracyControl | None = None, ranking_images: int = 64,
+                 mixed_precision: bool = True, control: AccuracyControl | None = None, ranking_images: int = 16,
                  calibrate_method: str = CALIBRATE_METHOD) -> dict:
     """Write the int8 QDQ ONNX to ``dst_path``; returns the variant's compile info.
 
     ``calibration``: preprocessed (1, 3, H, W) arrays, all used. ``mode`` (stages.quantize.qdq_mode, "auto":
     chosen for ``isa``; "s8s8" for a TensorRT source), ``activation_symmetric``: zero points 0 for int8
-    activations. Given ``control`` (see AccuracyControl) and ``mixed_precision``, layers are kept in float, most
-    sensitive first, until the drop against the fp32 ONNX is within ``control.max_drop``.
+    activations. Given ``control`` (see AccuracyControl) and ``mixed_precision``, the budgeted fallback
+    (``fallback_search``) keeps the fewest layers in float until the drop against the fp32 ONNX is within
+    ``control.max_drop``.
     """
-    from edgepipe.compile.mixed_precision import check_validation, search_float_layers
+    from edgepipe.compile.mixed_precision import check_validation
     from edgepipe.compile.qdq_check import check_qdq
     if not calibration:
         raise UserError("the onnxruntime int8 target needs calibration images (data.calibration)")
@@ -226,28 +298,26 @@ def quantize_qdq(onnx_path: str | Path, dst_path: str | Path, calibration: Seque
         chosen = full
         if control is not None and mixed_precision:
             info.update(check_validation(calibration, control.items, control.kind))
-            x = np.concatenate([a for a, _ in control.items]).astype(np.float32)
-            y = np.array([t for _, t in control.items])
-            bypass = FloatBypass(full, q.src)
-            search = search_float_layers(
-                layers=[n for n in q.layers if n in bypass.float_weight], max_drop=control.max_drop, labels=y, ranking_images=ranking_images,
-                reference=run_logits(q.src, x), evaluate=lambda float_layers: run_logits(bypass.model_bytes(float_layers), x))
-            info["mixed_precision"] = search.report
-            info["float_layers"] = search.float_layers
-            if search.float_layers:
+            search = fallback_search(q.src, full, control, ranking_images)
+            info["mixed_precision"], info["float_layers"] = search.report, search.float_layers
+            if search.float_layers:  # re-quantized with nodes_to_exclude: the same scales for every other layer
                 chosen = q.quantize(Path(tmp) / "mixed.onnx", search.float_layers)
-                info["mixed_precision"]["speed"] = float_layers_cost(full, chosen, x[:1])
+                one = control.items[0][0]
+                info["mixed_precision"]["speed"] = float_layers_cost(full, chosen, one, fp32=q.src)
         with atomic_path(dst_path, suffix=".onnx") as out:
             Path(out).write_bytes(chosen.read_bytes())
     info["tensorrt_qdq_check"] = check_qdq(dst_path)
     return info
 
 
-def float_layers_cost(int8: Path, mixed: Path, one: np.ndarray, runs: int = 40) -> dict:
-    """What keeping layers in float costs: batch-1 median latency of plain int8 and of the mixed file, ONNX
-    Runtime CPU on this build host, alternated run by run so that load on the machine hits both alike."""
+def float_layers_cost(int8: Path, mixed: Path, one: np.ndarray, runs: int = 40, fp32: Path | None = None) -> dict:
+    """What keeping layers in float costs: batch-1 median latency of plain int8, of the mixed file and (given)
+    of the fp32 file, ONNX Runtime CPU on this build host, alternated run by run so that load on the machine
+    hits them alike. A FallbackSpeed (runtime/measured.py) as a dict."""
     import time
-    sessions = {k: ort_session(p) for k, p in (("int8", int8), ("mixed", mixed))}
+    from edgepipe.runtime.measured import FallbackSpeed
+    files = {"int8": int8, "mixed": mixed, **({"fp32": fp32} if fp32 is not None else {})}
+    sessions = {k: ort_session(p) for k, p in files.items()}
     feeds = {k: {s.get_inputs()[0].name: np.ascontiguousarray(one, dtype=np.float32)} for k, s in sessions.items()}
     times = {k: [] for k in sessions}
     for i in range(runs + 5):
@@ -257,6 +327,10 @@ def float_layers_cost(int8: Path, mixed: Path, one: np.ndarray, runs: int = 40) 
             if i >= 5:  # warm-up
                 times[k].append((time.perf_counter() - t0) * 1000.0)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"int8_ms": round(med["int8"], 3), "mixed_ms": round(med["mixed"], 3),
-            "cost_percent": round(100.0 * (med["mixed"] / med["int8"] - 1.0), 1), "runs": runs,
-            "where": "onnxruntime CPU, batch 1, median, on the build host"}
+    kept = None
+    if "fp32" in med and med["fp32"] > med["int8"]:
+        kept = round((med["fp32"] - med["mixed"]) / (med["fp32"] - med["int8"]), 3)
+    return dataclasses.asdict(FallbackSpeed(
+        int8_ms=round(med["int8"], 3), mixed_ms=round(med["mixed"], 3), fp32_ms=round(med["fp32"], 3) if "fp32" in med else None,
+        cost_percent=round(100.0 * (med["mixed"] / med["int8"] - 1.0), 1), speedup_kept=kept, runs=runs,
+        where="onnxruntime CPU, batch 1, median, on the build host"))

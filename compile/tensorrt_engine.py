@@ -9,9 +9,10 @@ int8 from builder flags; strongly typed ones (preferred from 10.12, the only kin
 QDQ graph for int8, the fp16 ONNX `edgepipe run` exports for fp16. The decisions are in tensorrt_plan.py.
 
 After the build the engine and its sidecar (TensorRT version, GPU, compute capability, typing, profile, source
-ONNX, per-layer precisions) go into manifest.json (written atomically), and the engine is proven on this
-device against the reference set (edgepipe.runtime.verify). Only then is the TensorRT default of the manifest
-set, by the serving policy over what passed here (runtime/serving.py), never by this module.
+ONNX, per-layer precisions) go into manifest.json (written atomically) or, in a signed folder, into this
+machine's MAC'd engine record (runtime/engine_records.py: the signed manifest is never rewritten), and the
+engine is proven on this device against the reference set (edgepipe.runtime.verify). Only then is the TensorRT
+default set, by the serving policy over what passed here (runtime/serving.py), never by this module.
 
 TensorRT objects are named ``builder``, ``network``, ``parser``, ``config``, ``profile``, ``cache``, ``engine``,
 ``inspector``, ``runtime``, ``inp`` (tests/test_tensorrt.py checks every attribute used on them, and every
@@ -30,8 +31,10 @@ from edgepipe.compile.tensorrt_plan import (Source, check_version, choose_source
 from edgepipe.runtime.backends.base import BACKENDS
 from edgepipe.runtime.errors import BackendUnavailable
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.manifest import Manifest, Variant, variant_name
+from edgepipe.runtime.engine_records import save_built_engine, set_engine_default
+from edgepipe.runtime.manifest import Variant, variant_name
 from edgepipe.runtime.serving import verified_default
+from edgepipe.runtime.signing import load_manifest
 from edgepipe.runtime.verify import verify_model_dir
 
 # functions that use the builder precision flags, which exist in TensorRT 10.x only (weak typing)
@@ -185,7 +188,7 @@ def main(args) -> int:
         from edgepipe.compile.tensorrt_check import main as check_main
         return check_main(args)
     root = Path(args.dir)
-    manifest = Manifest.load(root)
+    manifest, _ = load_manifest(root)  # signature checked when trusted keys are configured; engines built here
     precision = args.precision
     batch = parse_batch(args.batch)
     if args.workspace <= 0:
@@ -216,25 +219,23 @@ def main(args) -> int:
         print(f"{name}: its strongly typed source has fp32 float parts, so the engine is INT8 + FP32 (slower than "
               f"INT8 + FP16); re-run `edgepipe run` to ship the fp16 QDQ ONNX, or on TensorRT 10.x use --typing weak", flush=True)
     built = build_engine(trt, source, engine_path, precision, args.workspace, batch, root / cache_name)
-    manifest = Manifest.load(root)  # re-read: keep everything else as it is now
-    manifest.variants[name] = engine_variant(
+    manifest, _ = load_manifest(root)  # re-read: keep everything else as it is now
+    written = save_built_engine(root, name, engine_variant(
         manifest.variants.get(name), precision=precision, root=root, engine_path=engine_path, source=source,
         built=built, found={"version": trt.__version__, **gpu}, batch=batch, workspace_mb=args.workspace,
-        cache_name=cache_name)
-    manifest.dump(root)
+        cache_name=cache_name))
     by = built["layers"].get("by_precision") or {}
-    print(f"{name}: wrote {engine_path} and its manifest entry; layers by precision: "
+    print(f"{name}: wrote {engine_path} and its record in {written.relative_to(root)}; layers by precision: "
           + (", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "not reported"), flush=True)
     record = verify_model_dir(root, variants=[name])  # proves the engine on this device against the reference set
     if record["variants"][name]["verdict"] != "pass":
         print(f"{name}: the engine does not match the reference set on this device (see {record.get('path')}); "
               f"it is not served automatically", flush=True)
         return 1
-    manifest = Manifest.load(root)
+    manifest, _ = load_manifest(root)
     default = verified_default(manifest, "tensorrt", record)  # the serving policy, over what passed here
     if default and manifest.defaults.get("tensorrt") != default:
-        manifest.defaults["tensorrt"] = default
-        manifest.dump(root)
+        set_engine_default(root, default)
     return 0
 
 

@@ -44,11 +44,31 @@ def int8_source(onnx_path: Path, dst: Path, calibration: Sequence[np.ndarray], *
     if fp16_dst is not None:
         info["fp16_onnx"] = fp16_source(dst, fp16_dst, calibration)
         checks[" (fp16 float parts)"] = info["fp16_onnx"]["tensorrt_qdq_check"] = check_qdq(fp16_dst)
+        same_fallback(dst, fp16_dst)
     for what, check in checks.items():
         if not check["ok"]:
             raise UserError(f"the QDQ ONNX{what} for target tensorrt/int8 fails TensorRT's rules: "
                             f"{'; '.join(check['errors'][:3])}")
     return info
+
+
+def float_weighted_layers(path: Path) -> list[str]:
+    """The Conv / Gemm / MatMul nodes of a QDQ file whose weight does not come through a DequantizeLinear."""
+    import onnx
+    from edgepipe.compile.qdq import QUANTIZED_OPS
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1
+            and getattr(producer.get(n.input[1]), "op_type", None) != "DequantizeLinear"]
+
+
+def same_fallback(qdq: Path, fp16_twin: Path) -> None:
+    """Refuses (one line) an fp16 twin whose layers in float are not the QDQ file's: the budgeted fallback
+    (compile/mixed_precision.py) must hold for the weakly and the strongly typed engine alike."""
+    a, b = float_weighted_layers(qdq), float_weighted_layers(fp16_twin)
+    if a != b:
+        raise UserError(f"the fp16 QDQ twin of {qdq.name} keeps other layers in float ({sorted(set(a) ^ set(b))[:3]}); "
+                        "re-run `edgepipe run` (report this as a bug if it persists)")
 
 
 def activation_maxima(onnx_path: Path, calibration: Sequence[np.ndarray]) -> dict[str, float]:

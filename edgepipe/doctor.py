@@ -1,7 +1,7 @@
 """`edgepipe doctor DIR [--variant V]`: why an int8 variant disagrees with fp32, layer by layer, and what to do.
 
 For each int8 variant (OpenVINO IR or QDQ ONNX) and its fp32 counterpart in the same folder, on the folder's
-reference set (held-out images): every quantized layer's error against fp32 (edgepipe/doctor_layers.py),
+reference set (held-out images): every quantized layer's error against fp32 (compile/layer_error.py),
 ranked by the noise the layer's own quantization injects; the layers already kept in float and why (mixed precision, NNCF
 accuracy control, the portable weight bound); the preprocessing check (runtime/preprocess_check.py); and a
 short verdict. Written to DIR/doctor.md and DIR/doctor.json, printed as a table. Torch-free: OpenVINO IR
@@ -9,7 +9,6 @@ needs only openvino; QDQ ONNX needs onnx + onnxruntime (the build host).
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,18 +54,20 @@ def int8_variants(manifest: Manifest, variant: str | None) -> list[str]:
 def kept_in_float(v: Variant) -> dict:
     """Which layers the build left in float, and why (from the variant's compile record)."""
     c = v.compiled
-    mp = c.mixed_precision
+    fallback = v.float_fallback
     why = ("left in float after NNCF accuracy control: reverted to meet max_drop, or never quantized, as a classifier "
            "head often is" if c.method == "nncf.quantize_with_accuracy_control"
-           else "mixed precision kept the most sensitive in float to meet max_drop" if mp.get("float_layers")
+           else "the budgeted fallback kept the fewest in float, worst first by this ranking, to meet max_drop"
+           if fallback and fallback.float_layers
            else "not quantized by the quantizer (e.g. the classifier head, or ops it does not quantize)")
     out = {"layers": c.float_layers, "why": why if c.float_layers else ""}
     if c.bounded_layers:
         narrowed = "?" if c.channels_narrowed is None else c.channels_narrowed
         out["weight_bound"] = (f"{c.bounded_layers} layers' weight steps widened per channel ({narrowed} "
                                "channels) so u8 x s8 pair sums never saturate on x86 without VNNI (stages.quantize.isa portable)")
-    if mp.get("sensitivity_top"):
-        out["sensitivity_top"] = mp["sensitivity_top"]
+    if fallback:
+        out["fallback"] = {k: getattr(fallback, k) for k in ("target_met", "int8_top1", "final_top1", "max_drop_points")}
+        out["fallback"]["speed"] = fallback.to_dict().get("speed")
     return out
 
 
@@ -97,7 +98,7 @@ def verdict(rows: list[dict], v: Variant) -> str:
 
 
 def examine(model_dir: Path, manifest: Manifest, name: str, x: np.ndarray) -> dict:
-    from edgepipe.doctor_layers import ir_layers, qdq_layers
+    from edgepipe.compile.layer_error import ir_layers, qdq_layers, ranked
     v = manifest.variants[name]
     partner = fp32_partner(manifest, name)
     q_files = verify_files(model_dir, v.files, name)
@@ -111,9 +112,7 @@ def examine(model_dir: Path, manifest: Manifest, name: str, x: np.ndarray) -> di
             rows = qdq_layers(f_model, q_model, x)
         except ModuleNotFoundError as exc:
             raise UserError(f"the doctor needs {exc.name} for QDQ ONNX variants (build host): pip install 'edgepipe[compile,onnxruntime]'") from None
-    rows.sort(key=lambda r: -r["injected"])
-    for rank, r in enumerate(rows, 1):
-        r["rank"] = rank
+    rows = ranked(rows)
     return {"variant": name, "fp32": partner, "images": int(len(x)), "layers": rows, "kept_in_float": kept_in_float(v),
             "reference_check": v.reference_check, "verdict": verdict(rows, v)}
 

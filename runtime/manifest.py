@@ -20,7 +20,7 @@ from pathlib import Path
 from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.measured import Accuracy, Check, Latency
+from edgepipe.runtime.measured import Accuracy, Check, FloatFallback, Latency
 from edgepipe.runtime.names import did_you_mean, refuse_unknown
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import load_json
@@ -97,6 +97,7 @@ class Variant:
     # typed views of what was measured (runtime/measured.py); None when it was not
     check = property(lambda self: Check.from_dict(self.parity))
     host_check = property(lambda self: Check.from_dict(self.reference_check))
+    float_fallback = property(lambda self: FloatFallback.from_dict((self.compile or {}).get("mixed_precision")))
     latency = property(lambda self: Latency.from_dict(self.latency_ms))
     # typed views of how it was made (runtime/compiled.py)
     compiled = property(lambda self: CompileFacts.of(self.compile))

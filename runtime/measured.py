@@ -107,6 +107,49 @@ class Pruning(_FromDict):
     seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class FallbackSpeed(_FromDict):
+    """What the layers kept in float cost: batch-1 median latency (ms) of the fp32, plain int8 and fallback
+    files, alternated run by run on the build host (ONNX Runtime CPU); ``speedup_kept``: the share of int8's
+    gain over fp32 the fallback file keeps (1.0: all of it)."""
+    int8_ms: float | None = None
+    mixed_ms: float | None = None
+    fp32_ms: float | None = None
+    cost_percent: float | None = None         # fallback vs plain int8
+    speedup_kept: float | None = None
+    runs: int | None = None
+    where: str | None = None
+
+
+@dataclass(frozen=True)
+class FloatFallback(_FromDict):
+    """Budgeted fallback of a QDQ int8 variant (compile/mixed_precision.py), Variant.compile["mixed_precision"]:
+    the fewest layers kept in float, tried in the doctor's ranked order, until the drop against fp32 on held-out
+    images (top-1 on labels, or agreement with fp32) is within ``max_drop_points``; and what that cost."""
+    float_layers: list = field(default_factory=list)
+    target_met: bool = False
+    validation_kind: str | None = None        # "labels" or "fp32 agreement"
+    validation_images: int | None = None
+    max_drop_points: float | None = None
+    fp32_top1: float | None = None            # top-1 or, for "fp32 agreement", 1.0
+    int8_top1: float | None = None            # plain int8
+    final_top1: float | None = None           # with float_layers in float
+    final_drop_points: float | None = None
+    ranked_by: str | None = None
+    ranking: list = field(default_factory=list)   # the first {"layer", "injected"} of the ranking, worst first
+    steps: list = field(default_factory=list)     # {"float_layers", "top1", "drop_points", "layers"?} per set tried
+    seconds: float | None = None
+    speed: FallbackSpeed | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        view = super().from_dict(data)
+        return view and dataclasses.replace(view, speed=FallbackSpeed.from_dict(data.get("speed")))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclass
 class Row:
     """One measured variant on one backend. ``id`` is the variant's name on its own backend and

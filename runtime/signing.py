@@ -205,12 +205,14 @@ def verify_folder(model_dir, trust: TrustStore) -> Verified:
 
 def load_manifest(model_dir, trust: TrustStore | None = None) -> tuple[Manifest, Verified | None]:
     """The folder's manifest, checked against the trusted keys when any are configured (None: from the
-    environment / config folder); (manifest, None) when no keys are configured."""
+    environment / config folder); (manifest, None) when no keys are configured. Engines this machine built
+    for a signed folder are laid over it (runtime/engine_records.py)."""
+    from edgepipe.runtime.engine_records import with_built_engines
     trust = load_trust() if trust is None else trust
     if not trust.active:
-        return Manifest.load(model_dir), None
+        return with_built_engines(model_dir, Manifest.load(model_dir)), None
     verified = verify_folder(model_dir, trust)
-    return verified.manifest, verified
+    return with_built_engines(model_dir, verified.manifest, verified), verified
 
 
 # ---------------------------------------------------------------- device records
@@ -252,8 +254,11 @@ def authenticate_record(record: dict) -> dict:
 
 def record_is_trusted(rel_path: str, data: bytes, record: dict, verified: Verified) -> bool:
     """A device record counts under trusted keys when the signature covers its bytes or this machine wrote it."""
-    if verified.device_records.get(rel_path) == hashlib.sha256(data).hexdigest():
-        return True
+    return verified.device_records.get(rel_path) == hashlib.sha256(data).hexdigest() or written_here(record)
+
+
+def written_here(record: dict) -> bool:
+    """Does ``record`` carry a MAC by this machine's device-record key (a record this machine wrote)?"""
     mac = (record.get(RECORD_MAC_FIELD) or {}).get("mac") if isinstance(record.get(RECORD_MAC_FIELD), dict) else None
     secret = _device_secret(create=False)
     return bool(secret and isinstance(mac, str) and hmac.compare_digest(mac, _record_mac(secret, record)))

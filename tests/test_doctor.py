@@ -129,3 +129,41 @@ def test_preprocessing_check_flags_a_swapped_colour_order(folder):
     record = json.loads(next((folder / "devices").glob("*.json")).read_text())
     assert record["preprocessing"]["better"] == ["colour swapped"]
     assert record["preprocessing"]["alternatives"]["colour swapped"]["top1_agreement"] == 1.0
+
+
+def test_fallback_keeps_the_perturbed_qdq_layer_in_float_and_meets_the_budget(folder, tiny_artifacts, tmp_path):
+    """The budgeted fallback (compile/qdq.py fallback_search) on a QDQ file with one layer's weight scales
+    perturbed, held to what the same file reached before the perturbation: the doctor's ranking puts that layer
+    first, the fewest layers kept in float meet the budget the perturbed file misses, and the file written keeps
+    them in float (real ONNX Runtime and onnxruntime.quantization)."""
+    from edgepipe.compile.mixed_precision import AccuracyControl
+    from edgepipe.compile.qdq import fallback_search, run_logits, write_fallback
+    from edgepipe.compile.qdq_check import check_qdq
+    from edgepipe.runtime.manifest import Manifest
+    from edgepipe.runtime.measured import FloatFallback
+    add_qdq_variant(folder, tiny_artifacts / "calibration")  # calibrated on the first 8 calibration images
+    fp32, int8 = folder / "onnxruntime-fp32" / "model.onnx", folder / "onnxruntime-int8" / "model.onnx"
+    pre = Manifest.load(folder).preprocess
+    images = sorted((tiny_artifacts / "heldout").glob("*.jpg"))[:24] + sorted((tiny_artifacts / "calibration").glob("*.jpg"))[8:]
+    x = np.stack([pre(cv2.imread(str(p)))[0] for p in images])
+    own = run_logits(fp32, x).argmax(1)
+
+    def agreement(path) -> float:
+        return float(np.mean(run_logits(path, x).argmax(1) == own))
+    healthy = agreement(int8)
+    layer = "/_blocks.6/_expand_conv/Conv"
+    perturb_qdq_scales(folder, layer)
+    assert agreement(int8) < healthy, "the perturbation flips nothing: it tests nothing"
+    max_drop = 100.0 * (1.0 - healthy) + 1e-6  # the budget: what this int8 file reached before the perturbation
+    control = AccuracyControl(list(zip(x[:, None], own)), max_drop, "fp32 agreement")
+    search = fallback_search(fp32, int8, control, ranking_images=4, log=lambda _: None)
+    report = FloatFallback.from_dict(search.report)
+    assert report.ranking[0]["layer"] == layer and report.float_layers == search.float_layers
+    assert layer in search.float_layers and len(search.float_layers) <= 3, search.report["steps"]
+    assert report.target_met and report.final_drop_points < report.steps[0]["drop_points"]
+    assert report.steps[0]["drop_points"] > max_drop  # plain (perturbed) int8 misses the budget
+    out = write_fallback(fp32, int8, search.float_layers, tmp_path / "fallback.onnx")
+    # independent of the search's bookkeeping: the file written meets the budget
+    assert agreement(out) >= healthy
+    check = check_qdq(out)
+    assert check["float_layers"] == search.float_layers and check["counts"]["float_layers"] == len(search.float_layers)

@@ -131,3 +131,55 @@ def test_device_records_count_only_when_signed_or_written_here(folder, keys, env
     assert run_edgepipe("sign", folder, "--key", private, env=env).returncode == 0
     monkeypatch.setenv("XDG_CONFIG_HOME", str(folder.parent / "another-config"))
     assert Classifier(folder, trust=trust).choice.verified_here is True
+
+
+def test_an_engine_built_on_the_device_leaves_the_signed_manifest_alone(folder, keys, env, monkeypatch):
+    """`edgepipe build-engine` in a signed folder records the engine in this machine's MAC'd engine record
+    (runtime/engine_records.py), never in manifest.json: the signature still verifies and readers see the
+    engine; a record edited by hand, or for an engine not built from a signed source, is ignored. (TensorRT is
+    not installed here: the engine file is plain bytes that only have their hash checked.)"""
+    from edgepipe.runtime.engine_records import save_built_engine, set_engine_default
+    from edgepipe.runtime.errors import IntegrityError
+    from edgepipe.runtime.integrity import FileEntry, verify_files
+    from edgepipe.runtime.manifest import Variant
+    from edgepipe.runtime.signing import load_manifest, load_trust
+    private, public = keys["build"]
+    data = json.loads((folder / "manifest.json").read_text())
+    source = data["variants"]["onnxruntime-fp32"]["files"][0]
+    data["variants"]["tensorrt-int8"] = dict(backend="tensorrt", precision="int8", format="engine", files=[source],
+                                             input_shape=data["variants"]["onnxruntime-fp32"]["input_shape"],
+                                             status="pending-build", quantization="ptq")
+    (folder / "manifest.json").write_text(json.dumps(data, indent=2))
+    assert run_edgepipe("sign", folder, "--key", private, env=env).returncode == 0
+    signed_bytes = (folder / "manifest.json").read_bytes()
+    monkeypatch.setenv("XDG_CONFIG_HOME", env["XDG_CONFIG_HOME"])
+    monkeypatch.setenv("EDGEPIPE_TRUSTED_KEYS", str(public))
+    engine = folder / "tensorrt-int8" / "model.engine"
+    engine.parent.mkdir()
+    engine.write_bytes(b"bytes standing for a serialized engine")
+
+    def built(source_sha: str) -> Variant:
+        return Variant("tensorrt", "int8", "engine", [FileEntry.of(folder, engine)], [1, 3, 224, 224], status="ok",
+                       quantization="ptq", tensorrt={"source_onnx_sha256": source_sha, "typing": "weak"})
+    record = save_built_engine(folder, "tensorrt-int8", built(source["sha256"]))
+    assert record.parent == folder / "devices" / "engines" and (folder / "manifest.json").read_bytes() == signed_bytes
+    assert "tensorrt" not in load_manifest(folder, load_trust())[0].defaults   # default only once verified here
+    assert set_engine_default(folder, "tensorrt-int8") == record
+    assert (folder / "manifest.json").read_bytes() == signed_bytes
+    manifest, verified = load_manifest(folder, load_trust())   # the signature still verifies
+    v = manifest.variants["tensorrt-int8"]
+    assert verified and v.status == "ok" and v.files[0].path == "tensorrt-int8/model.engine"
+    assert manifest.defaults["tensorrt"] == "tensorrt-int8" and verify_files(folder, v.files, "tensorrt-int8")
+    # edited by whoever can write the folder (the MAC no longer checks): ignored, the signed record stands
+    text = json.loads(record.read_text())
+    text["variants"]["tensorrt-int8"]["input_shape"] = [8, 3, 224, 224]
+    record.write_text(json.dumps(text))
+    assert load_manifest(folder, load_trust())[0].variants["tensorrt-int8"].status == "pending-build"
+    # MAC'd here, but not built from a source ONNX the signature covers: ignored
+    save_built_engine(folder, "tensorrt-int8", built("0" * 64))
+    assert load_manifest(folder, load_trust())[0].variants["tensorrt-int8"].status == "pending-build"
+    # the engine changed after its record was written: the integrity check refuses it before it is read
+    save_built_engine(folder, "tensorrt-int8", built(source["sha256"]))
+    engine.write_bytes(b"another engine")
+    with pytest.raises(IntegrityError, match="model.engine"):
+        verify_files(folder, load_manifest(folder, load_trust())[0].variants["tensorrt-int8"].files, "tensorrt-int8")

@@ -102,3 +102,24 @@ def test_manifest_checks_the_engine_typing_and_float_precision():
     for bad in ({"typing": "medium"}, {"typing": "strong", "float_precision": "fp8"}):
         with pytest.raises(ManifestError, match="float_precision one of fp32, fp16, bf16"):
             Variant.from_dict(dict(base, tensorrt=bad))
+
+
+def test_the_fp16_twin_keeps_the_fallback_layers_in_float(tmp_path):
+    """A layer the budgeted fallback keeps in float (compile/qdq.py write_fallback) is float in the fp16 twin too,
+    and a twin whose float layers differ from its QDQ file is refused (tensorrt_sources.same_fallback)."""
+    import pytest
+    from edgepipe import UserError
+    from edgepipe.compile.qdq import write_fallback
+    from edgepipe.compile.tensorrt_sources import float_weighted_layers, fp16_source, same_fallback
+    calib = list(np.random.default_rng(1).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
+    src = small_conv_onnx(tmp_path / "m.onnx", 17)
+    int8_source(src, tmp_path / "q.onnx", calib, QuantizeStage())
+    assert float_weighted_layers(tmp_path / "q.onnx") == []
+    fallback = write_fallback(src, tmp_path / "q.onnx", ["conv"], tmp_path / "fb.onnx")
+    check = check_qdq(fallback)
+    assert check["ok"] and check["float_layers"] == ["conv"] and check["counts"]["quantized_layers"] == 1, check
+    fp16_source(fallback, tmp_path / "fb16.onnx", calib)
+    assert float_weighted_layers(tmp_path / "fb16.onnx") == ["conv"]
+    same_fallback(fallback, tmp_path / "fb16.onnx")
+    with pytest.raises(UserError, match="keeps other layers in float"):
+        same_fallback(tmp_path / "q.onnx", tmp_path / "fb16.onnx")

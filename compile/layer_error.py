@@ -1,4 +1,5 @@
 """Per-layer error of an int8 model against its fp32 model, on the same inputs: which layer adds the error.
+Read by `edgepipe doctor` (edgepipe/doctor.py) and by the budgeted fallback of QDQ files (compile/qdq.py).
 
 For every quantized layer (Convolution / MatMul / Gemm) both models are asked for the layer's input (before
 its quantizer) and output; the errors are measured against the fp32 model's tensors at the same place:
@@ -54,6 +55,15 @@ def with_injected(row: dict) -> dict:
     """``row`` with ``injected``: the noise power of the layer's weight and input quantization, summed."""
     noise = sum(10.0 ** (-row[k] / 10.0) for k in ("weight_sqnr_db", "act_sqnr_db") if row.get(k) is not None)
     return dict(row, injected=round(noise, 7))
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """``rows`` worst first (by injected noise), each with its ``rank``: the order the doctor prints and the
+    budgeted fallback (compile/mixed_precision.py) tries layers in."""
+    rows = sorted(rows, key=lambda r: -r["injected"])
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    return rows
 
 
 # ---------------------------------------------------------------- OpenVINO IR
