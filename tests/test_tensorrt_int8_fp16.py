@@ -113,7 +113,7 @@ def test_the_fp16_twin_keeps_the_fallback_layers_in_float(tmp_path):
     from edgepipe.compile.tensorrt_sources import float_weighted_layers, fp16_source, same_fallback
     calib = list(np.random.default_rng(1).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
     src = small_conv_onnx(tmp_path / "m.onnx", 17)
-    int8_source(src, tmp_path / "q.onnx", calib, QuantizeStage())
+    int8_source(src, tmp_path / "q.onnx", calib, isa="portable", mixed_precision=True)
     assert float_weighted_layers(tmp_path / "q.onnx") == []
     fallback = write_fallback(src, tmp_path / "q.onnx", ["conv"], tmp_path / "fb.onnx")
     check = check_qdq(fallback)
