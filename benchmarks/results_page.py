@@ -1,7 +1,11 @@
 """docs/results.md from `edgepipe bench` reports, so every published figure comes from one measured run
 with its machine, date and command next to it (and cannot drift from the report it came from).
 
-    python -m edgepipe.benchmarks.results_page OUT/bench/report.json [MORE/report.json ...] --out docs/results.md
+    python -m edgepipe.benchmarks.results_page OUT/bench/report.json [MORE/report.json ...] \
+        [--cameras many-cameras.json ...] --out docs/results.md
+
+``--cameras``: results of benchmarks/studies/many_cameras.py (one edgepipe serve process against N camera.py
+processes on N live RTSP cameras), each a section of its own.
 
 Each report's pareto.png is copied beside the page: the first as pareto.png (the README's picture), the
 others as pareto-<recipe>.png.
@@ -100,8 +104,38 @@ def section(report: dict, picture: str | None, build_command: str | None, note: 
     return lines
 
 
+def cameras_table(results: list[dict]) -> str:
+    rows = ["| cameras | mode | classified ÷ offered (worst stream) | aggregate fps | age p50 / p95 ms | "
+            "summed peak RSS | engine batches | camera CPU |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        hist = ", ".join(f"{k}: {v}" for k, v in (r.get("batch_histogram") or {}).items()) or "-"
+        rows.append(f"| {r['cameras']} | {r['mode']} | {r['classified_over_offered']:.2f} ({r['worst_stream']:.2f}) | "
+                    f"{r['aggregate_fps']} | {r['age_p50_ms']} / {r['age_p95_ms']} | {r['peak_rss_mb']:,} MB | {hist} | "
+                    f"{r['camera_cpu']:.0%} |")
+    return "\n".join(rows)
+
+
+def cameras_section(path: Path) -> list[str]:
+    """A many_cameras.py result file as a section: machine, date, cameras, command, the table."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        m = data["machine"]
+        results = data["results"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a many_cameras.py result file ({exc})") from None
+    modes = ",".join(dict.fromkeys(r["mode"] for r in results))
+    counts = ",".join(dict.fromkeys(str(r["cameras"]) for r in results))
+    return [f"## Many cameras: {Path(data['model']).name}", "",
+            f"- **Machine**: {m['cpu']}, {m['cores']} cores; ISA: {', '.join(m['isa'])}",
+            f"- **Date**: {m['date']}; measured window {data['seconds']:g} s per run, RTSP over {data['transport']}",
+            f"- **Cameras**: {data['camera']}",
+            f"- **Measured with**: `python benchmarks/studies/many_cameras.py --model DIR --cameras {counts} "
+            f"--seconds {data['seconds']:g} --modes {modes}` (serve: one `edgepipe serve` process; separate: one "
+            "`camera.py` per camera)", "", cameras_table(results), ""]
+
+
 def write_page(reports: list[Path], out: Path, build_commands: list[str] | None = None,
-               notes: list[str] | None = None) -> Path:
+               notes: list[str] | None = None, cameras: list[Path] | None = None) -> Path:
     build_commands, notes = build_commands or [], notes or []
     lines = [HEADER]
     for i, path in enumerate(reports):
@@ -121,6 +155,8 @@ def write_page(reports: list[Path], out: Path, build_commands: list[str] | None 
             shutil.copyfile(png, out.parent / picture)
         lines += section(report, picture, build_commands[i] if i < len(build_commands) else None,
                          notes[i] if i < len(notes) else None)
+    for path in cameras or []:
+        lines += cameras_section(path)
     write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
 
@@ -134,8 +170,11 @@ def main(argv=None) -> int:
                    help="the `edgepipe run` command of each report, in order (shown on the page)")
     p.add_argument("--note", action="append", metavar="TEXT", default=None,
                    help="a line about each report's conditions, in order (e.g. what else ran on the machine)")
+    p.add_argument("--cameras", action="append", type=Path, metavar="JSON", default=None,
+                   help="a benchmarks/studies/many_cameras.py --out file (repeatable): a section per file")
     args = p.parse_args(argv)
-    return run_tool("results_page", lambda: write_page(args.reports, args.out, args.built_with, args.note))
+    return run_tool("results_page", lambda: write_page(args.reports, args.out, args.built_with, args.note,
+                                                       args.cameras))
 
 
 if __name__ == "__main__":

@@ -224,9 +224,8 @@ def fp32_onnx(ctx: RunContext, mspec, made_from: str, data: RunData) -> tuple[Pa
         ctx.cache.run(f"{prefix}import-onnx", hash_key(mhash, metadata, ctx.versions),
                       lambda: {"onnx": str(mspec.write_fp32(onnx_path, metadata))}, files=lambda r: [onnx_path])
         return onnx_path, Reference(mspec.logits(data.check_batch), mspec.macs(), mhash)
-    import torch
-
     from edgepipe.compile.export import export_onnx
+    from edgepipe.train.logits import torch_logits
     from edgepipe.train.models import count_macs, model_hash
     model = mspec.model.eval()
     mhash = model_hash(model)
@@ -234,8 +233,7 @@ def fp32_onnx(ctx: RunContext, mspec, made_from: str, data: RunData) -> tuple[Pa
                   lambda: {"onnx": str(export_onnx(model, onnx_path, pre.crop, recipe.export.opset,
                                                    recipe.export.dynamic_batch, recipe.export.simplify, metadata))},
                   files=lambda r: [onnx_path])
-    with torch.no_grad():
-        logits = model(torch.from_numpy(data.check_batch)).numpy()
+    logits = torch_logits(model, data.check_batch)
     return onnx_path, Reference(logits, count_macs(model, (1, 3, pre.crop, pre.crop)), mhash, model)
 
 

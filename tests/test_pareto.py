@@ -99,3 +99,17 @@ def test_results_page_names_machine_date_and_commands(tmp_path):
     assert "| **openvino-int8** (ships) | openvino | int8 | ok | 0.8900 |" in text
     assert (page.parent / "pareto.png").read_bytes() == (bench / "pareto.png").read_bytes()
     assert results_main([str(tmp_path / "nope.json"), "--out", str(page)]) == 2
+    # the many-cameras study's result file gets a section of its own, with its machine and date
+    row = dict(cameras=16, mode="serve", classified_over_offered=0.934, worst_stream=0.92, aggregate_fps=224.1,
+               age_p50_ms=80.5, age_p95_ms=150.2, peak_rss_mb=487, batch_histogram={"<=8": 650}, camera_cpu=0.1)
+    cams = tmp_path / "cams.json"
+    cams.write_text(json.dumps({"machine": {"cpu": "Cam CPU", "isa": ["avx2"], "cores": 2, "date": "2026-12-07 04:20"},
+                                "model": "/x/default", "seconds": 30.0, "transport": "udp", "camera": "H.264 640x360",
+                                "results": [row, dict(row, mode="separate", batch_histogram=None)]}))
+    assert results_main([str(bench / "report.json"), "--out", str(page), "--cameras", str(cams)]) == 0
+    text = page.read_text()
+    assert "## Many cameras: default" in text and "Cam CPU, 2 cores" in text and "2026-12-07 04:20" in text
+    assert "| 16 | serve | 0.93 (0.92) | 224.1 | 80.5 / 150.2 | 487 MB | <=8: 650 | 10% |" in text
+    assert "--cameras 16 --seconds 30 --modes serve,separate" in text
+    cams.write_text("{}")
+    assert results_main([str(bench / "report.json"), "--out", str(page), "--cameras", str(cams)]) == 2

@@ -203,8 +203,8 @@ def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_
         after = evaluate(model, data.val) if len(data.val) else None
         export_qdq(model, qdq, size, recipe.export.opset, recipe.export.dynamic_batch,
                    metadata={"labels": spec.labels, "producer": "edgepipe qat"})
-        with torch.no_grad():
-            ref = model(torch.from_numpy(parity_batch)).numpy()
+        from edgepipe.train.logits import torch_logits
+        ref = torch_logits(model.eval(), parity_batch)
         folder.mkdir(parents=True, exist_ok=True)
         from edgepipe.atomic import atomic_path
         with atomic_path(ref_file, suffix=".npy") as tmp:

@@ -33,7 +33,6 @@ import random
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from edgepipe.benchmarks.results_page import cameras_table
 
 FPS, SIZE, KEYFRAME_S, CLIP_S = 15, "640x360", 2.0, 20
 SETTLE_S = 2.0
@@ -366,17 +367,6 @@ def run_separate(args, urls: list[str], folder: Path, camera_pids: list[int]) ->
 MODES = {"serve": run_serve, "separate": run_separate}
 
 
-def table(results: list[dict]) -> str:
-    rows = ["| cameras | mode | classified ÷ offered (worst stream) | aggregate fps | age p50 / p95 ms | "
-            "summed peak RSS | engine batches | camera CPU |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        hist = ", ".join(f"{k}: {v}" for k, v in (r.get("batch_histogram") or {}).items()) or "-"
-        rows.append(f"| {r['cameras']} | {r['mode']} | {r['classified_over_offered']:.2f} ({r['worst_stream']:.2f}) | "
-                    f"{r['aggregate_fps']} | {r['age_p50_ms']} / {r['age_p95_ms']} | {r['peak_rss_mb']:,} MB | {hist} | "
-                    f"{r['camera_cpu']:.0%} |")
-    return "\n".join(rows)
-
-
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.lower().startswith("model name")), "?")
@@ -422,7 +412,7 @@ def main(argv=None) -> int:
     report = {"machine": machine(), "model": args.model, "seconds": args.seconds, "transport": args.transport,
               "camera": f"H.264 {SIZE} {FPS} fps, keyframe every {KEYFRAME_S:g} s, ffmpeg -c copy to rtsp-server-perl",
               "results": results}
-    print(table(results))
+    print(cameras_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
