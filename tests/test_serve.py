@@ -120,6 +120,18 @@ def test_two_workers_run_calls_at_once_with_results_of_their_own_input(tiny_arti
     assert sorted(measure_batches(clf, repeats=1, largest=2, workers=2)) == [1, 2]
 
 
+def test_two_requests_ask_openvino_for_two_streams_on_a_cpu_or_gpu_only(tiny_artifacts):
+    from edgepipe.runtime.backends.ov import compile_config
+    from edgepipe.runtime.manifest import Manifest
+    variant = Manifest.load(tiny_artifacts).variants["openvino-int8"]
+    assert compile_config("CPU", variant, "LATENCY", None, 2)["NUM_STREAMS"] == 2
+    assert compile_config("CPU", variant, "LATENCY", None, 2)["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert compile_config("GPU.1", variant, "LATENCY", None, 2)["NUM_STREAMS"] == 2
+    for device in ("NPU", "AUTO:GPU,CPU", "HETERO:GPU,CPU"):
+        assert "NUM_STREAMS" not in compile_config(device, variant, "LATENCY", None, 2), device
+    assert "NUM_STREAMS" not in compile_config("CPU", variant, "LATENCY", None, 1)
+
+
 def test_a_worker_leaves_the_other_workers_their_share_of_the_streams():
     from edgepipe.runtime.engine import Engine
     engine = Engine(None, batch=16, wait_s=0.005, workers=2)

@@ -104,9 +104,9 @@ def cache_dir(device: str) -> str | None:
 def compile_config(device: str, variant: Variant, hint: str, threads: int | None = None, streams: int = 1) -> dict:
     """Properties for compile_model. Per-hardware settings go through DEVICE_PROPERTIES on virtual devices.
     ``threads``: CPU threads (None: EDGEPIPE_THREADS, else OpenVINO's default); ``streams`` > 1: that many
-    calls at once (the THROUGHPUT hint with NUM_STREAMS, on a real device)."""
+    calls at once (the THROUGHPUT hint with NUM_STREAMS on a CPU or GPU; other devices take their own)."""
     config: dict = {"PERFORMANCE_HINT": hint}
-    if streams > 1 and device.split(":")[0] not in VIRTUAL_DEVICES:
+    if streams > 1 and device.split(".")[0] in ("CPU", "GPU"):
         config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
     per_device: dict = {}
     # OpenVINO's CPU plugin silently runs fp32 models in bf16 where the CPU has it (and the GPU in f16); an
