@@ -98,7 +98,7 @@ class ServeMetrics:
         self._batch = Histogram("edgepipe_batch_size", "Frames per engine call", buckets=BATCH_BUCKETS, registry=r)
         self._infer = Histogram("edgepipe_infer_seconds", "Duration of one engine call (whole batch)",
                                 buckets=INFER_BUCKETS, registry=r)
-        self._queue = Gauge("edgepipe_queue_depth", "Frames waiting for the inference worker", registry=r)
+        self._queue = Gauge("edgepipe_queue_depth", "Frames waiting for the engine workers", registry=r)
         self._streams_gauge = Gauge("edgepipe_streams", "Streams being served", registry=r)
         self._model = Info("edgepipe_model", "The model variant serving now", registry=r)
         self._fps = _FpsCollector(clock)
