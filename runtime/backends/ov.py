@@ -7,8 +7,8 @@ CPU, GPU (Intel iGPU/dGPU), NPU, and the virtual devices AUTO, HETERO:A,B and MU
   a GPU or NPU start-up would otherwise recompile the model every time. See `cache_dir`.
 - Batch 1 runs a model compiled for exactly batch 1 (static shapes are faster); other batch sizes compile
   the dynamic-batch model on first use. The NPU compiles static shapes only: it serves batch 1 (said on stderr).
-- ``requests`` infer requests are reused (one per call in flight; with more than one, the model is compiled
-  with as many CPU streams, so calls from several threads compute at once, each on its share of the cores);
+- ``requests`` infer requests are reused (one per call in flight; with more than one, a CPU or GPU compiles the model
+  with as many streams, so calls from several threads compute at once, each on its share of the device);
   the caller's array is shared with the request (no copy in), and only the logits are copied out.
 """
 from __future__ import annotations
