@@ -80,7 +80,7 @@ def test_other_frame_kinds_match_too(kind):
     assert np.abs(pre(frame) - expected).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("side", [256, 315, 480, 720])
+@pytest.mark.parametrize("side", [256, 315, 480, 720, 944, 1260])
 def test_the_resize_is_as_close_to_pils_antialiased_bilinear_as_inter_area(side):
     """torchvision resizes PIL images with PIL's anti-aliased bilinear filter; on real photos cut to a square of
     ``side`` pixels and shrunk to 224, `resize_square` is no further from it than INTER_AREA (mean |diff|)."""
