@@ -95,6 +95,7 @@ def run(args) -> int:
     from edgepipe.runtime.camera import start_classifier
     from edgepipe.runtime.metrics import ServeMetrics
     configs = stream_configs(args)
+    few_malloc_arenas()
     clf = start_classifier(args, "serve", requests=args.engine_workers)
     metrics = ServeMetrics(variant=clf.variant_name, backend=clf.backend_name, device=clf.device)
     mqtt = None
@@ -121,6 +122,25 @@ def run(args) -> int:
             api.close()
         if mqtt is not None:
             mqtt.close()
+
+
+MALLOC_ARENAS = 2
+
+
+def few_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc malloc arenas (as MALLOC_ARENA_MAX=2 would, unless that is set): every
+    stream's threads allocate and free frames of hundreds of kB, and glibc's default of up to 8 arenas per core
+    keeps each arena's freed frames resident (16 cameras on 2 cores: peak RSS 436 against 510 MB). Elsewhere
+    than glibc: nothing."""
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+    except (OSError, AttributeError):   # not glibc (musl has no mallopt): its own allocator
+        pass
 
 
 def serve_until_stopped(server: Server, args, choice: dict) -> int:
