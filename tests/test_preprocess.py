@@ -95,3 +95,15 @@ def test_the_resize_is_as_close_to_pils_antialiased_bilinear_as_inter_area(side)
         area.append(np.abs(cv2.resize(square, (224, 224), interpolation=cv2.INTER_AREA) - pil).mean())
     assert np.mean(ours) <= np.mean(area) * 1.2 + 0.05, (np.mean(ours), np.mean(area))
     assert resize_square(square, 224).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("size", [(1280, 720), (1920, 1080), (2560, 1440), (1080, 1920)])
+def test_a_large_crop_is_even_so_the_halving_applies(size):
+    """The crop of a 720p or larger frame has even sides (resize_square halves it exactly), centred, within a
+    pixel of resize-then-crop's exact span."""
+    pre = Preprocess()
+    w, h = size
+    y0, x0, sh, sw = pre.crop_box(h, w)
+    exact = pre.crop * min(h, w) / pre.resize
+    assert sh % 2 == 0 and sw % 2 == 0 and abs(sh - exact) <= 1 and abs(sw - exact) <= 1
+    assert abs((h - sh) - 2 * y0) <= 1 and abs((w - sw) - 2 * x0) <= 1
