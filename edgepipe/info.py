@@ -24,9 +24,20 @@ def what_auto_serves(model_dir: Path, manifest: Manifest) -> dict:
         return {"variant": None, "backend": None, "reason": str(exc)}
 
 
+def manifest_here(model_dir: Path) -> Manifest:
+    """The manifest as this machine reads it: with the engines it built for a signed folder laid over it
+    (runtime/engine_records.py); a folder the keys trusted here refuse is shown as it is (its signature line
+    says why it would not load)."""
+    from edgepipe.runtime.signing import SignatureError, load_manifest
+    try:
+        return load_manifest(model_dir)[0]
+    except SignatureError:
+        return Manifest.load(model_dir)
+
+
 def folder_info(model_dir) -> dict:
     model_dir = Path(model_dir)
-    manifest = Manifest.load(model_dir)
+    manifest = manifest_here(model_dir)
     variants = []
     for name, v in manifest.variants.items():
         row = Row.of_variant(name, v)

@@ -170,6 +170,9 @@ def test_an_engine_built_on_the_device_leaves_the_signed_manifest_alone(folder, 
     v = manifest.variants["tensorrt-int8"]
     assert verified and v.status == "ok" and v.files[0].path == "tensorrt-int8/model.engine"
     assert manifest.defaults["tensorrt"] == "tensorrt-int8" and verify_files(folder, v.files, "tensorrt-int8")
+    from edgepipe.info import folder_info   # `edgepipe info` shows the engine built here, not "pending-build"
+    shown = {row["name"]: row for row in folder_info(folder)["variants"]}
+    assert shown["tensorrt-int8"]["status"] == "ok" and folder_info(folder)["defaults"]["tensorrt"] == "tensorrt-int8"
     # edited by whoever can write the folder (the MAC no longer checks): ignored, the signed record stands
     text = json.loads(record.read_text())
     text["variants"]["tensorrt-int8"]["input_shape"] = [8, 3, 224, 224]
