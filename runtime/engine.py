@@ -141,9 +141,10 @@ class Engine:
                     if items:
                         self.classify(items)
                 finally:
-                    with self.lock:
-                        self._busy -= streams
-                    self.wake()                 # those streams' next frames may be taken now
+                    if streams:
+                        with self.lock:
+                            self._busy -= streams
+                        self.wake()             # those streams' next frames may be taken now
                 self._close_ended()
         except Exception as exc:  # noqa: BLE001 - the server reports it in one line and stops
             self.error = exc
