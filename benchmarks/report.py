@@ -41,7 +41,7 @@ def _fmt(x, spec=".2f"):
 def _compile_notes(manifest: Manifest) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
-    pruned = Pruning.from_dict(manifest.model.pruned)
+    pruned = manifest.model.pruning
     if pruned:
         parts = [f"MACs {_fmt((pruned.base_macs or 0) / 1e6, '.1f')} M -> {_fmt((pruned.macs or 0) / 1e6, '.1f')} M"]
         if pruned.base_latency_ms:
@@ -71,8 +71,8 @@ def _compile_notes(manifest: Manifest) -> list[str]:
 def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
     """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model).
     ``rows``: report_rows (name, backend, precision, made_from, quantization, top1)."""
-    fine_tune = FineTuning.from_dict(model.source)
-    if (fine_tune is None or fine_tune.fine_tuned_on is None) and not model.pruned:
+    fine_tune, pruning = model.fine_tuning, model.pruning
+    if (fine_tune is None or fine_tune.fine_tuned_on is None) and pruning is None:
         return None
     pruned = [r for r in rows if r["made_from"] == "pruned"]
     pruned_fp32 = next((r["top1"] for backend in ("onnxruntime", "openvino") for r in pruned
@@ -83,30 +83,30 @@ def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
             for r in pruned if r["precision"] == "int8"}
     fine_tuned = fine_tune is not None and fine_tune.fine_tuned_on is not None
     return {"fine_tune": dataclasses.asdict(fine_tune) if fine_tuned else None,
-            "prune": model.pruned, "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
+            "prune": pruning and dataclasses.asdict(pruning), "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
 
 
 def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
     if not summary:
         return []
     lines = ["## Training", ""]
-    ft = summary.get("fine_tune")
-    if ft:
-        lines.append(f"- fine-tuning from {'ImageNet weights' if ft.get('pretrained') else 'random initialisation'}: "
-                     f"{ft.get('train_images')} images x {_fmt(ft.get('epochs'))} epochs at {ft.get('input_size')} px, "
-                     f"{_fmt(ft.get('images_per_s'), '.0f')} images/s, {_fmt(ft.get('train_seconds'), '.0f')} s, "
-                     f"validation top-1 {_fmt(ft.get('val_top1'), '.4f')}")
-    pr = summary.get("prune")
-    if pr:
-        how = f"{'global' if pr.get('global_pruning') else 'per-layer'} {pr.get('importance') or 'magnitude'} importance"
-        if pr.get("distill_alpha"):
-            how += f", recovery with knowledge distillation from the unpruned model (alpha {pr['distill_alpha']})"
-        lines.append(f"- pruning ({how}): MACs -{_fmt((pr.get('macs_reduction') or 0) * 100, '.0f')}%, "
-                     f"{_fmt(pr.get('speedup'))}x on {pr.get('backend')}, validation top-1 "
-                     f"{_fmt(pr.get('val_top1_before'), '.4f')} -> {_fmt(pr.get('val_top1'), '.4f')}, {_fmt(pr.get('seconds'), '.0f')} s")
-    for name, q in summary.get("pruned_int8", {}).items():
+    if summary["fine_tune"]:
+        ft = FineTuning(**summary["fine_tune"])
+        lines.append(f"- fine-tuning from {'ImageNet weights' if ft.pretrained else 'random initialisation'}: "
+                     f"{ft.train_images} images x {_fmt(ft.epochs)} epochs at {ft.input_size} px, "
+                     f"{_fmt(ft.images_per_s, '.0f')} images/s, {_fmt(ft.train_seconds, '.0f')} s, "
+                     f"validation top-1 {_fmt(ft.val_top1, '.4f')}")
+    if summary["prune"]:
+        pr = Pruning(**summary["prune"])
+        how = f"{'global' if pr.global_pruning else 'per-layer'} {pr.importance or 'magnitude'} importance"
+        if pr.distill_alpha:
+            how += f", recovery with knowledge distillation from the unpruned model (alpha {pr.distill_alpha})"
+        lines.append(f"- pruning ({how}): MACs -{_fmt((pr.macs_reduction or 0) * 100, '.0f')}%, "
+                     f"{_fmt(pr.speedup)}x on {pr.backend}, validation top-1 "
+                     f"{_fmt(pr.val_top1_before, '.4f')} -> {_fmt(pr.val_top1, '.4f')}, {_fmt(pr.seconds, '.0f')} s")
+    for name, q in summary["pruned_int8"].items():
         lines.append(f"- {name} ({q['method'].upper()}): top-1 {_fmt(q['top1'], '.4f')}, "
-                     f"{_fmt(q['drop_vs_pruned_fp32_pts'])} pts below pruned fp32 ({_fmt(summary.get('pruned_fp32_top1'), '.4f')})"
+                     f"{_fmt(q['drop_vs_pruned_fp32_pts'])} pts below pruned fp32 ({_fmt(summary['pruned_fp32_top1'], '.4f')})"
                      + (" — served" if name in defaults.values() else ""))
     return lines + [""]
 
