@@ -130,11 +130,11 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
                  + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
     lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with ' + short + ' on the held-out check images)'}.")
-    checks = manifest.checks
+    checks = manifest.check_images
     if checks:
-        kind = "real images" if checks["images"] == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
-        lines.append(f"Checks (parity, agreement) rest on {checks['check_images']} held-out {kind} from "
-                     f"{checks['heldout_source']}, never on the {checks['calibration_images']} calibration images; "
+        kind = "real images" if checks.images == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
+        lines.append(f"Checks (parity, agreement) rest on {checks.check_images} held-out {kind} from "
+                     f"{checks.heldout_source}, never on the {checks.calibration_images} calibration images; "
                      f"{manifest.reference_set.count if manifest.reference_set else 0} of them travel with the artifacts for "
                      "`edgepipe verify` on the device.")
     lines += ["", "| variant | status | top-1 | Δ vs reference (pts) | agree w/ reference | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",

@@ -130,7 +130,7 @@ def trtexec_step(report: dict, root: Path, name: str) -> None:
     out = engine.with_name("trtexec-layers.json")
     shape = "x".join(str(d) for d in [1, *variant.input_shape[1:]])
     cmd = [trtexec, f"--loadEngine={engine}", f"--exportLayerInfo={out}", "--profilingVerbosity=detailed",
-           f"--shapes={manifest.input.get('name', 'input')}:{shape}", "--iterations=1", "--warmUp=0", "--duration=0",
+           f"--shapes={manifest.input_name}:{shape}", "--iterations=1", "--warmUp=0", "--duration=0",
            "--noDataTransfers"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TRTEXEC_TIMEOUT_S)
@@ -180,7 +180,7 @@ def verify_step(report: dict, root: Path, name: str) -> None:
         side = manifest.variants[name].engine
         precision = side.precision or manifest.variants[name].precision
         atol, rtol = POLYGRAPHY_TOLERANCE.get(precision, POLYGRAPHY_TOLERANCE["int8"])
-        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input.get("name", "input"),
+        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input_name,
                                  [1, *manifest.variants[name].input_shape[1:]], atol=atol, rtol=rtol,
                                  precision=precision, strongly_typed=side.typing == "strong")
         report["next_steps"].append(f"{name} does not match the reference set here. Compare TensorRT with ONNX Runtime "

@@ -36,7 +36,7 @@ from edgepipe.run_data import RunData, accuracy_control, prepare_data, preflight
 from edgepipe.runtime.integrity import FileEntry, sha256_file
 from edgepipe.runtime.manifest import (FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant, exported_onnx,
                                       name_prefix, variant_name)
-from edgepipe.runtime.measured import Pruning, Row
+from edgepipe.runtime.measured import CheckImages, Pruning, Row
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, prepare_out_dir, remove_stale_parts, tool_versions
 
@@ -96,7 +96,7 @@ class Served:
     """What report_stage decided: the reference set, what the check images were, the budgets each variant
     breaks, and the serving choice."""
     reference_set: ReferenceSet
-    checks: dict
+    checks: CheckImages
     budgets: dict[str, str]
     defaults: dict[str, str]
     default_variant: str
@@ -308,7 +308,7 @@ def assemble_manifest(ctx: RunContext, models: Models, compiled: Compiled, measu
         preprocess=pre, labels=list(spec.labels), variants=variants,
         input={"name": "input", "shape": [-1 if recipe.export.dynamic_batch else 1, 3, pre.crop, pre.crop], "dtype": "float32"},
         output={"name": "logits", "kind": "logits"}, versions=ctx.versions, export=compiled.exports,
-        reference_set=served and served.reference_set, checks=served and served.checks,
+        reference_set=served and served.reference_set, checks=served and dataclasses.asdict(served.checks),
         defaults=dict(served.defaults) if served else {}, default_variant=served and served.default_variant,
         reference={"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")} if served else None,
         format_version=FORMAT_VERSION)
@@ -371,9 +371,9 @@ def report_stage(ctx: RunContext, models: Models, compiled: Compiled, measured: 
     from edgepipe.serving_rounds import interleaved_p90
     recipe, plan, torch_ref = ctx.recipe, data.plan, measured.reference
     reference_set = write_reference_set(ctx.out, data, compiled, reference_count(ctx, data))
-    checks = {"images": plan.kind, "check_images": len(data.check_names), "heldout_source": plan.heldout_source,
-              "calibration_images": len(plan.calibration), "control_images": len(plan.control),
-              "control_overlaps_check": plan.control_overlaps_check}
+    checks = CheckImages(images=plan.kind, check_images=len(data.check_names), heldout_source=plan.heldout_source,
+                         calibration_images=len(plan.calibration), control_images=len(plan.control),
+                         control_overlaps_check=plan.control_overlaps_check)
     manifest = assemble_manifest(ctx, models, compiled, measured)
     over = budget_failures(manifest, recipe, torch_ref)
     for name, why in over.items():
@@ -383,7 +383,7 @@ def report_stage(ctx: RunContext, models: Models, compiled: Compiled, measured: 
         {n: dataclasses.replace(v, budget=over.get(n)) for n, v in manifest.variants.items()},
         (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
         eligible=lambda name, v: name not in over, p90=p90)
-    served = Served(reference_set, dict(checks, serving_rounds=rounds), over, defaults, default_variant)
+    served = Served(reference_set, dataclasses.replace(checks, serving_rounds=rounds), over, defaults, default_variant)
     manifest = assemble_manifest(ctx, models, compiled, measured, served)
     manifest.dump(ctx.out)
     return write_reports(ctx.out, recipe, manifest, torch_ref)

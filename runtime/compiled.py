@@ -35,6 +35,7 @@ class CompileFacts:
     """The parts of a variant's compile record (Variant.compile) that other steps read."""
     float_layers: list[str] = field(default_factory=list)    # int8 variants: layers kept in float
     method: str | None = None                                # the quantizer's call, e.g. nncf.quantize
+    mode: str | None = None                                  # the quantizer's mode (e.g. accuracy control)
     calibration_images: int | None = None
     bounded_layers: int | None = None                        # isa portable: layers whose weight steps were widened
     channels_narrowed: int | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx, WeightsSource
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.measured import Accuracy, Check, FineTuning, FloatFallback, Latency, Pruning
+from edgepipe.runtime.measured import Accuracy, Check, CheckImages, FineTuning, FloatFallback, Latency, Pruning
 from edgepipe.runtime.names import did_you_mean, refuse_unknown
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import load_json
@@ -234,9 +234,19 @@ class Manifest:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
 
     @property
+    def input_name(self) -> str:
+        """The model input's name (the ONNX input every variant takes)."""
+        return (self.input or {}).get("name", "input")
+
+    @property
+    def check_images(self) -> CheckImages | None:
+        """Manifest.checks typed: what the run's checks rested on; None for a folder without it."""
+        return read_view(CheckImages, self.checks)
+
+    @property
     def serving_rounds(self) -> dict:
-        """checks["serving_rounds"]: per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
-        return (self.checks or {}).get("serving_rounds") or {}
+        """Per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
+        return (self.check_images or CheckImages()).serving_rounds
 
     @property
     def exports(self) -> dict[str, ExportedOnnx]:

@@ -103,6 +103,19 @@ class Pruning:
 
 
 @dataclass(frozen=True)
+class CheckImages:
+    """What a run's checks rested on (Manifest.checks): the kind and count of held-out check images, where they
+    came from, how many calibrated and steered accuracy control, and the build's interleaved p90 rounds."""
+    images: str | None = None                 # "real" or "generated"
+    check_images: int | None = None
+    heldout_source: str | None = None
+    calibration_images: int | None = None
+    control_images: int | None = None
+    control_overlaps_check: bool | None = None
+    serving_rounds: dict = field(default_factory=dict)   # per backend (edgepipe/serving_rounds.py)
+
+
+@dataclass(frozen=True)
 class FallbackSpeed:
     """What the layers kept in float cost: batch-1 median latency (ms) of the fp32, plain int8 and fallback
     files, alternated run by run on the build host (ONNX Runtime CPU); ``speedup_kept``: the share of int8's
