@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
-from edgepipe.runtime.measured import Check, FineTuning, Pruning, Row
+from edgepipe.runtime.measured import Check, FineTuning, Pruning, ReferenceRun, Row
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -111,24 +111,24 @@ def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
     return lines + [""]
 
 
-def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dict:
+def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: ReferenceRun) -> dict:
     rows = report_rows(manifest)
-    ref_acc = (torch_ref.get("accuracy") or {})
     report = {
         "recipe": recipe.name, "model": manifest.model.name, "manifest": MANIFEST_NAME,
         "variants": rows,
-        "reference": {"name": torch_ref.get("reference") or "PyTorch eager fp32", "torch_eager_ms": torch_ref["latency_ms"]["p50"], "torch_eager_latency_ms": torch_ref["latency_ms"],
-                      "torch_top1": ref_acc.get("top1"), "torch_top5": ref_acc.get("top5"), "roofline_ms": None},
+        "reference": {"name": torch_ref.reference or "PyTorch eager fp32", "torch_eager_ms": torch_ref.latency_ms["p50"],
+                      "torch_eager_latency_ms": torch_ref.latency_ms, "torch_top1": torch_ref.top1,
+                      "torch_top5": torch_ref.top5, "roofline_ms": None},
         "defaults": dict(manifest.defaults), "default_variant": manifest.default_variant,
         "evaluation": recipe.data.evaluation, "versions": manifest.versions,
         "training": training_summary(manifest.model, rows),
     }
     write_json(out / "report.json", report)
     lines = [f"# edgepipe report — {recipe.name} ({manifest.model.name})", ""]
-    refname = torch_ref.get("reference") or "PyTorch eager fp32"  # an ONNX source: that file in ONNX Runtime
-    short = "the reference" if torch_ref.get("reference") else "PyTorch"
-    lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
-                 + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
+    refname = torch_ref.reference or "PyTorch eager fp32"  # an ONNX source: that file in ONNX Runtime
+    short = "the reference" if torch_ref.reference else "PyTorch"
+    lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref.latency_ms['p50'])} ms"
+                 + (f", top-1 {torch_ref.top1:.4f} on {torch_ref.accuracy['n']} images" if torch_ref.accuracy else "") + ".")
     lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with ' + short + ' on the held-out check images)'}.")
     checks = manifest.check_images
     if checks:
@@ -140,7 +140,7 @@ def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dic
     lines += ["", "| variant | status | top-1 | Δ vs reference (pts) | agree w/ reference | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        drop = (ref_acc["top1"] - r["top1"]) * 100 if ref_acc.get("top1") is not None and r["top1"] is not None else None
+        drop = (torch_ref.top1 - r["top1"]) * 100 if torch_ref.top1 is not None and r["top1"] is not None else None
         lat = r["latency_ms"] or {}
         p = r["parity"] or {}
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r['top1'], '.4f')} | {_fmt(drop)} | {_fmt(r['agreement_with_fp32'], '.3f')} "

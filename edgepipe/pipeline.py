@@ -36,7 +36,7 @@ from edgepipe.run_data import RunData, accuracy_control, prepare_data, preflight
 from edgepipe.runtime.integrity import FileEntry, sha256_file
 from edgepipe.runtime.manifest import (FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant, exported_onnx,
                                       name_prefix, variant_name)
-from edgepipe.runtime.measured import CheckImages, Pruning, Row
+from edgepipe.runtime.measured import CheckImages, Pruning, ReferenceRun, Row
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, prepare_out_dir, remove_stale_parts, tool_versions
 
@@ -87,7 +87,7 @@ class Compiled:
 class Measured:
     """What measure_stage made: the reference model's own latency / accuracy / predictions, and per measured
     variant the Variant fields measured (parity, latency_ms, accuracy, ...)."""
-    reference: dict
+    reference: ReferenceRun
     variants: dict[str, dict]
 
 
@@ -197,13 +197,13 @@ def compile_stage(ctx: RunContext, models: Models, data: RunData) -> Compiled:
         for target in wanted:
             if target.precision == "int8" and quantize.method == "qat":
                 continue  # only the "-int8-qat" variants (below)
+            # the device does not change the compiled files
             key = hash_key(onnx_sha, target.model_dump(exclude={"device"}), quantize.model_dump(),
                            data.fingerprints["calibration"], ctx.versions, data.fingerprints["control"])
             job = targets.CompileJob(onnx_path, ctx.out / variant_name(target.backend, target.precision, made_from),
                                      data.calibration, quantize, control)
             variants[job.folder.name] = compile_variant(ctx, targets.get(target.backend, target.precision), job, key,
                                                         made_from, data, dict(record, device=target.device))
-            # (the device does not change the compiled files)
         if qat_wanted:
             from edgepipe.train.stage import qat_model
             qat = qat_model(mspec, made_from, recipe, ctx.out, ctx.cache, data.check_batch)
@@ -310,16 +310,16 @@ def assemble_manifest(ctx: RunContext, models: Models, compiled: Compiled, measu
         output={"name": "logits", "kind": "logits"}, versions=ctx.versions, export=compiled.exports,
         reference_set=served and served.reference_set, checks=served and dataclasses.asdict(served.checks),
         defaults=dict(served.defaults) if served else {}, default_variant=served and served.default_variant,
-        reference={"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")} if served else None,
+        reference={"torch_eager_ms": torch_ref.latency_ms, "accuracy": torch_ref.accuracy} if served else None,
         format_version=FORMAT_VERSION)
 
 
-def measured_variant(v: Variant, measured: dict | None, torch_ref: dict) -> Variant:
+def measured_variant(v: Variant, measured: dict | None, torch_ref: ReferenceRun) -> Variant:
     """``v`` with what measure_stage measured on it (failed when out of tolerance) and its agreement with the
     reference model's predictions."""
     if measured is not None:
         v = dataclasses.replace(v, **measured, status=v.status if measured["parity"]["ok"] else "failed")
-    return dataclasses.replace(v, agreement_with_fp32=agreement_with_reference(v, torch_ref.get("predictions") or {}))
+    return dataclasses.replace(v, agreement_with_fp32=agreement_with_reference(v, torch_ref.predictions))
 
 
 # ---------------------------------------------------------------- measure
@@ -353,7 +353,7 @@ def measure_stage(ctx: RunContext, compiled: Compiled, data: RunData, base) -> M
         measured[name] = ctx.cache.run(f"measure-{name}", key, check)
         if not measured[name]["parity"]["ok"]:
             log(f"  {name}: parity out of tolerance -> marked failed")
-    return Measured(torch_ref, measured)
+    return Measured(ReferenceRun(**torch_ref), measured)
 
 
 def reference_count(ctx: RunContext, data: RunData) -> int:
@@ -375,13 +375,13 @@ def report_stage(ctx: RunContext, models: Models, compiled: Compiled, measured: 
                          calibration_images=len(plan.calibration), control_images=len(plan.control),
                          control_overlaps_check=plan.control_overlaps_check)
     manifest = assemble_manifest(ctx, models, compiled, measured)
-    over = budget_failures(manifest, recipe, torch_ref)
+    over = budget_failures(manifest, recipe, torch_ref.top1)
     for name, why in over.items():
         log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
     p90, rounds = interleaved_p90(ctx, manifest, data.check_batch[:1].copy(), lambda name, v: name not in over)
     defaults, default_variant = serving_defaults(
         {n: dataclasses.replace(v, budget=over.get(n)) for n, v in manifest.variants.items()},
-        (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
+        torch_ref.top1, recipe.stages.quantize.max_drop,
         eligible=lambda name, v: name not in over, p90=p90)
     served = Served(reference_set, dataclasses.replace(checks, serving_rounds=rounds), over, defaults, default_variant)
     manifest = assemble_manifest(ctx, models, compiled, measured, served)
@@ -413,16 +413,15 @@ def agreement_with_reference(v: Variant, reference_predictions: dict) -> float |
     return agreement if agreement is not None else (v.check.top1_agreement if v.check else None)
 
 
-def budget_failures(manifest: Manifest, recipe: Recipe, torch_ref: dict) -> dict[str, str]:
+def budget_failures(manifest: Manifest, recipe: Recipe, reference_top1: float | None) -> dict[str, str]:
     """Variants that break a budget of the recipe that `edgepipe run` can judge (agreement, top-1, drop, p90),
     by the rules `edgepipe bench` applies; throughput, per-class and ratio budgets are judged by bench."""
     from edgepipe.benchmarks import budgets
-    ref_top1 = (torch_ref.get("accuracy") or {}).get("top1")
     failures = {}
     for name, v in manifest.variants.items():
         if v.status != "ok":
             continue
-        row = Row.of_variant(name, v, ref_top1).as_dict()
+        row = Row.of_variant(name, v, reference_top1).as_dict()
         for b in (b for b in recipe.budgets if budgets.matches(b, row)):
             for check in budgets.checks_of(b):
                 field, kind, _ = budgets.CHECKS[check]

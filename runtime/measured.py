@@ -103,6 +103,20 @@ class Pruning:
 
 
 @dataclass(frozen=True)
+class ReferenceRun:
+    """The model the variants are compared with, measured in the same run (benchmarks/measure.py): PyTorch
+    eager fp32, or for a model that came as an ONNX file that file in ONNX Runtime (``reference`` says so);
+    its batch-1 latency and, on the evaluation images, its per-image predictions and (labeled) accuracy."""
+    latency_ms: dict
+    predictions: dict = field(default_factory=dict)
+    accuracy: dict | None = None              # top1, top5, n, per_class_top1; None without labeled images
+    reference: str | None = None              # None: PyTorch eager fp32
+
+    top1 = property(lambda self: self.accuracy["top1"] if self.accuracy else None)
+    top5 = property(lambda self: self.accuracy["top5"] if self.accuracy else None)
+
+
+@dataclass(frozen=True)
 class CheckImages:
     """What a run's checks rested on (Manifest.checks): the kind and count of held-out check images, where they
     came from, how many calibrated and steered accuracy control, and the build's interleaved p90 rounds."""
