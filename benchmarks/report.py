@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgepipe.atomic import write_json, write_text
 from edgepipe.runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo
-from edgepipe.runtime.measured import Check, FineTuning, Pruning, Row
+from edgepipe.runtime.measured import Check, FineTuning, Pruning, ReferenceRun, Row
 from edgepipe.runtime.serving import DEFAULT_MAX_DROP, MIN_SPEEDUP
 
 
@@ -41,7 +41,7 @@ def _fmt(x, spec=".2f"):
 def _compile_notes(manifest: Manifest) -> list[str]:
     """PyTorch -> ONNX parity per export, and per variant: layers kept in float, TensorRT QDQ check."""
     lines = ["## Export and compile checks", ""]
-    pruned = Pruning.from_dict(manifest.model.pruned)
+    pruned = manifest.model.pruning
     if pruned:
         parts = [f"MACs {_fmt((pruned.base_macs or 0) / 1e6, '.1f')} M -> {_fmt((pruned.macs or 0) / 1e6, '.1f')} M"]
         if pruned.base_latency_ms:
@@ -71,8 +71,8 @@ def _compile_notes(manifest: Manifest) -> list[str]:
 def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
     """Fine-tuning, pruning and int8-of-the-pruned-model figures of this run (None for a finished model).
     ``rows``: report_rows (name, backend, precision, made_from, quantization, top1)."""
-    fine_tune = FineTuning.from_dict(model.source)
-    if (fine_tune is None or fine_tune.fine_tuned_on is None) and not model.pruned:
+    fine_tune, pruning = model.fine_tuning, model.pruning
+    if (fine_tune is None or fine_tune.fine_tuned_on is None) and pruning is None:
         return None
     pruned = [r for r in rows if r["made_from"] == "pruned"]
     pruned_fp32 = next((r["top1"] for backend in ("onnxruntime", "openvino") for r in pruned
@@ -83,64 +83,64 @@ def training_summary(model: ModelInfo, rows: list[dict]) -> dict | None:
             for r in pruned if r["precision"] == "int8"}
     fine_tuned = fine_tune is not None and fine_tune.fine_tuned_on is not None
     return {"fine_tune": dataclasses.asdict(fine_tune) if fine_tuned else None,
-            "prune": model.pruned, "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
+            "prune": pruning and dataclasses.asdict(pruning), "pruned_fp32_top1": pruned_fp32, "pruned_int8": int8}
 
 
 def _training_lines(summary: dict | None, defaults: dict) -> list[str]:
     if not summary:
         return []
     lines = ["## Training", ""]
-    ft = summary.get("fine_tune")
-    if ft:
-        lines.append(f"- fine-tuning from {'ImageNet weights' if ft.get('pretrained') else 'random initialisation'}: "
-                     f"{ft.get('train_images')} images x {_fmt(ft.get('epochs'))} epochs at {ft.get('input_size')} px, "
-                     f"{_fmt(ft.get('images_per_s'), '.0f')} images/s, {_fmt(ft.get('train_seconds'), '.0f')} s, "
-                     f"validation top-1 {_fmt(ft.get('val_top1'), '.4f')}")
-    pr = summary.get("prune")
-    if pr:
-        how = f"{'global' if pr.get('global_pruning') else 'per-layer'} {pr.get('importance') or 'magnitude'} importance"
-        if pr.get("distill_alpha"):
-            how += f", recovery with knowledge distillation from the unpruned model (alpha {pr['distill_alpha']})"
-        lines.append(f"- pruning ({how}): MACs -{_fmt((pr.get('macs_reduction') or 0) * 100, '.0f')}%, "
-                     f"{_fmt(pr.get('speedup'))}x on {pr.get('backend')}, validation top-1 "
-                     f"{_fmt(pr.get('val_top1_before'), '.4f')} -> {_fmt(pr.get('val_top1'), '.4f')}, {_fmt(pr.get('seconds'), '.0f')} s")
-    for name, q in summary.get("pruned_int8", {}).items():
+    if summary["fine_tune"]:
+        ft = FineTuning(**summary["fine_tune"])
+        lines.append(f"- fine-tuning from {'ImageNet weights' if ft.pretrained else 'random initialisation'}: "
+                     f"{ft.train_images} images x {_fmt(ft.epochs)} epochs at {ft.input_size} px, "
+                     f"{_fmt(ft.images_per_s, '.0f')} images/s, {_fmt(ft.train_seconds, '.0f')} s, "
+                     f"validation top-1 {_fmt(ft.val_top1, '.4f')}")
+    if summary["prune"]:
+        pr = Pruning(**summary["prune"])
+        how = f"{'global' if pr.global_pruning else 'per-layer'} {pr.importance or 'magnitude'} importance"
+        if pr.distill_alpha:
+            how += f", recovery with knowledge distillation from the unpruned model (alpha {pr.distill_alpha})"
+        lines.append(f"- pruning ({how}): MACs -{_fmt((pr.macs_reduction or 0) * 100, '.0f')}%, "
+                     f"{_fmt(pr.speedup)}x on {pr.backend}, validation top-1 "
+                     f"{_fmt(pr.val_top1_before, '.4f')} -> {_fmt(pr.val_top1, '.4f')}, {_fmt(pr.seconds, '.0f')} s")
+    for name, q in summary["pruned_int8"].items():
         lines.append(f"- {name} ({q['method'].upper()}): top-1 {_fmt(q['top1'], '.4f')}, "
-                     f"{_fmt(q['drop_vs_pruned_fp32_pts'])} pts below pruned fp32 ({_fmt(summary.get('pruned_fp32_top1'), '.4f')})"
+                     f"{_fmt(q['drop_vs_pruned_fp32_pts'])} pts below pruned fp32 ({_fmt(summary['pruned_fp32_top1'], '.4f')})"
                      + (" — served" if name in defaults.values() else ""))
     return lines + [""]
 
 
-def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: dict) -> dict:
+def write_reports(out: Path, recipe, manifest: Manifest, torch_ref: ReferenceRun) -> dict:
     rows = report_rows(manifest)
-    ref_acc = (torch_ref.get("accuracy") or {})
     report = {
         "recipe": recipe.name, "model": manifest.model.name, "manifest": MANIFEST_NAME,
         "variants": rows,
-        "reference": {"name": torch_ref.get("reference") or "PyTorch eager fp32", "torch_eager_ms": torch_ref["latency_ms"]["p50"], "torch_eager_latency_ms": torch_ref["latency_ms"],
-                      "torch_top1": ref_acc.get("top1"), "torch_top5": ref_acc.get("top5"), "roofline_ms": None},
+        "reference": {"name": torch_ref.reference or "PyTorch eager fp32", "torch_eager_ms": torch_ref.latency_ms["p50"],
+                      "torch_eager_latency_ms": torch_ref.latency_ms, "torch_top1": torch_ref.top1,
+                      "torch_top5": torch_ref.top5, "roofline_ms": None},
         "defaults": dict(manifest.defaults), "default_variant": manifest.default_variant,
         "evaluation": recipe.data.evaluation, "versions": manifest.versions,
         "training": training_summary(manifest.model, rows),
     }
     write_json(out / "report.json", report)
     lines = [f"# edgepipe report — {recipe.name} ({manifest.model.name})", ""]
-    refname = torch_ref.get("reference") or "PyTorch eager fp32"  # an ONNX source: that file in ONNX Runtime
-    short = "the reference" if torch_ref.get("reference") else "PyTorch"
-    lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref['latency_ms']['p50'])} ms"
-                 + (f", top-1 {ref_acc['top1']:.4f} on {ref_acc['n']} images" if ref_acc else "") + ".")
+    refname = torch_ref.reference or "PyTorch eager fp32"  # an ONNX source: that file in ONNX Runtime
+    short = "the reference" if torch_ref.reference else "PyTorch"
+    lines.append(f"Reference: {refname}: p50 {_fmt(torch_ref.latency_ms['p50'])} ms"
+                 + (f", top-1 {torch_ref.top1:.4f} on {torch_ref.accuracy['n']} images" if torch_ref.accuracy else "") + ".")
     lines.append(f"Evaluation data: {recipe.data.evaluation or 'none (no top-1; agreement with ' + short + ' on the held-out check images)'}.")
-    checks = manifest.checks
+    checks = manifest.check_images
     if checks:
-        kind = "real images" if checks["images"] == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
-        lines.append(f"Checks (parity, agreement) rest on {checks['check_images']} held-out {kind} from "
-                     f"{checks['heldout_source']}, never on the {checks['calibration_images']} calibration images; "
+        kind = "real images" if checks.images == "real" else "generated crops of the bundled photos (harder than real images: looser agreement bounds)"
+        lines.append(f"Checks (parity, agreement) rest on {checks.check_images} held-out {kind} from "
+                     f"{checks.heldout_source}, never on the {checks.calibration_images} calibration images; "
                      f"{manifest.reference_set.count if manifest.reference_set else 0} of them travel with the artifacts for "
                      "`edgepipe verify` on the device.")
     lines += ["", "| variant | status | top-1 | Δ vs reference (pts) | agree w/ reference | p50 ms | p90 ms | p99 ms | MMACs | MB | parity max abs | flipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        drop = (ref_acc["top1"] - r["top1"]) * 100 if ref_acc.get("top1") is not None and r["top1"] is not None else None
+        drop = (torch_ref.top1 - r["top1"]) * 100 if torch_ref.top1 is not None and r["top1"] is not None else None
         lat = r["latency_ms"] or {}
         p = r["parity"] or {}
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r['top1'], '.4f')} | {_fmt(drop)} | {_fmt(r['agreement_with_fp32'], '.3f')} "

@@ -52,6 +52,15 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
     bundled photos into ``out_dir`` (idempotent: a folder already holding this count, seed and size is kept as
     it is; crops made before for another folder are copied from the shared cache). Crop ``i`` depends on
     (seed, i) only; a different ``seed`` gives a different set of crops, e.g. a held-out validation set."""
+    generated_images(out_dir, count, seed, size, prefix)
+    return Path(out_dir)
+
+
+def generated_images(out_dir: str | Path, count: int = 300, seed: int = 0, size: int = 320,
+                     prefix: str = "calib") -> dict[Path, bytes]:
+    """generate_calibration_images, returning the crops as {file: its JPEG bytes} in file-name order: the
+    files are for the user to look at; a run decodes the bytes it holds (cv2.imdecode, what reading the file
+    gives) instead of reading them back. Files already there (or in the shared cache) are read once."""
     out_dir = Path(out_dir)
     no_photos = "no bundled photos found; install scikit-image (pip install 'edgepipe[compile]')"
     paths = bundled_photos()
@@ -61,17 +70,19 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
     marker = out_dir / ".generated.json"
     existing = sorted(out_dir.glob(f"{prefix}_*.jpg")) if out_dir.is_dir() else []
     if len(existing) == count and marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return out_dir  # already generated: decode no photo
+        return {path: path.read_bytes() for path in existing}  # already generated: decode no photo
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     for old in existing:  # made with other settings
         old.unlink()
+    made = {}
     shared = _shared_copy(stamp, prefix, paths)
     if shared.is_dir():  # the same crops, made by an earlier run into another folder: copy, decode nothing
         for src in sorted(shared.glob(f"{prefix}_*.jpg")):
-            write_bytes(out_dir / src.name, src.read_bytes())
+            made[out_dir / src.name] = data = src.read_bytes()
+            write_bytes(out_dir / src.name, data)
         write_bytes(marker, json.dumps(stamp).encode())
-        return out_dir
+        return made
     photos = [img for img in (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths) if img is not None]
     if not photos:
         raise RuntimeError(no_photos)
@@ -81,10 +92,12 @@ def generate_calibration_images(out_dir: str | Path, count: int = 300, seed: int
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
         if not ok:
             raise RuntimeError("OpenCV could not encode a calibration image")
-        write_bytes(out_dir / f"{prefix}_{i:04d}.jpg", jpeg.tobytes())  # atomic: no truncated JPEG after a kill
+        path = out_dir / f"{prefix}_{i:04d}.jpg"
+        made[path] = jpeg.tobytes()
+        write_bytes(path, made[path])  # atomic: no truncated JPEG after a kill
     write_bytes(marker, json.dumps(stamp).encode())
     _keep_shared_copy(out_dir, shared, prefix)
-    return out_dir
+    return dict(sorted(made.items()))
 
 
 def _shared_copy(stamp: dict, prefix: str, photos: list[Path]) -> Path:

@@ -17,6 +17,7 @@ stops with one line. The parts that need no GPU live in compile/tensorrt_report.
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 from argparse import Namespace
@@ -95,8 +96,8 @@ def build_step(report: dict, args, precision: str) -> bool:
     add_step(report, f"build {name}", True, seconds=seconds, verify_exit=rc, typing=side.typing,
              float_precision=side.float_precision, profile=side.profile,
              timing_cache=side.timing_cache, timing_cache_state=side.timing_cache_state,
-             layers_by_precision=layers.get("by_precision"), data_movement=layers.get("data_movement"),
-             fp32_layers=side.fp32_layers, layer_info=layers.get("raw"))
+             layers_by_precision=layers.by_precision, data_movement=layers.data_movement,
+             fp32_layers=side.fp32_layers, layer_info=layers.raw)
     return True
 
 
@@ -129,7 +130,7 @@ def trtexec_step(report: dict, root: Path, name: str) -> None:
     out = engine.with_name("trtexec-layers.json")
     shape = "x".join(str(d) for d in [1, *variant.input_shape[1:]])
     cmd = [trtexec, f"--loadEngine={engine}", f"--exportLayerInfo={out}", "--profilingVerbosity=detailed",
-           f"--shapes={manifest.input.get('name', 'input')}:{shape}", "--iterations=1", "--warmUp=0", "--duration=0",
+           f"--shapes={manifest.input_name}:{shape}", "--iterations=1", "--warmUp=0", "--duration=0",
            "--noDataTransfers"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TRTEXEC_TIMEOUT_S)
@@ -140,7 +141,7 @@ def trtexec_step(report: dict, root: Path, name: str) -> None:
         add_step(report, f"trtexec layer cross-check {name}", False, command=" ".join(cmd),
                  error=(proc.stdout + proc.stderr)[-800:])
         return
-    check = compare_layers(variant.engine.layers, out.read_text())
+    check = compare_layers(dataclasses.asdict(variant.engine.layers), out.read_text())
     add_step(report, f"trtexec layer cross-check {name}", check["ok"], command=" ".join(cmd), **check)
 
 
@@ -179,7 +180,7 @@ def verify_step(report: dict, root: Path, name: str) -> None:
         side = manifest.variants[name].engine
         precision = side.precision or manifest.variants[name].precision
         atol, rtol = POLYGRAPHY_TOLERANCE.get(precision, POLYGRAPHY_TOLERANCE["int8"])
-        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input.get("name", "input"),
+        cmd = polygraphy_command(str(root / (side.source_onnx or exported_onnx("base"))), manifest.input_name,
                                  [1, *manifest.variants[name].input_shape[1:]], atol=atol, rtol=rtol,
                                  precision=precision, strongly_typed=side.typing == "strong")
         report["next_steps"].append(f"{name} does not match the reference set here. Compare TensorRT with ONNX Runtime "

@@ -7,10 +7,13 @@ A check run on the images a model was calibrated on proves nothing, so every run
   reference set that travels with the artifacts); the rest steer accuracy control (stages.quantize.max_drop /
   min_agreement), by their labels when they have them, else by agreement with the fp32 model's top-1.
 Images found in both the calibration and the held-out set (same bytes) are dropped from the held-out set.
+Generated crops are written for the user to look at; the plan keeps their bytes (``encoded``), so the run
+decodes them from memory instead of reading the files back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepipe import UserError
@@ -30,6 +33,11 @@ class DataPlan:
     kind: str                           # "real" or "generated": what the check verdicts rest on
     heldout_source: str                 # where the held-out images come from, for the report
     control_overlaps_check: bool        # too few held-out images to keep the two apart
+    encoded: dict[Path, bytes] = field(default_factory=dict)   # generated crops: file -> its bytes, kept in memory
+
+    def sha256(self, path) -> str | None:
+        """The content hash of one of the plan's images (None: no such file)."""
+        return _sha256(path, self.encoded)
 
     def describe(self) -> str:
         return (f"calibration: {len(self.calibration)} images; held out ({self.heldout_source}, {self.kind} images): "
@@ -37,17 +45,28 @@ class DataPlan:
                 + (" (the same images)" if self.control_overlaps_check else ""))
 
 
-def _generated(out: Path, count: int, seed: int, folder: str) -> list[Path]:
-    from edgepipe.compile.calibration import generate_calibration_images
+def _sha256(path, encoded: dict[Path, bytes]) -> str | None:
+    if Path(path) in encoded:
+        return hashlib.sha256(encoded[Path(path)]).hexdigest()
+    return sha256_file(path) if Path(path).is_file() else None
+
+
+def _generated(out: Path, count: int, seed: int, folder: str) -> dict[Path, bytes]:
+    from edgepipe.compile.calibration import generated_images
     prefix = "calib" if folder == "calibration" else folder  # held-out crops are not called calib_*
-    return sorted(generate_calibration_images(out / folder, count=count, seed=seed, prefix=prefix).glob(f"{prefix}_*.jpg"))
+    return generated_images(out / folder, count=count, seed=seed, prefix=prefix)
 
 
-def calibration_source_images(recipe, out: Path, source: str) -> list[Path]:
-    """The images of ``source`` (data.calibration.source as a path, or "generated")."""
+def calibration_source_images(recipe, out: Path, source: str, encoded: dict[Path, bytes]) -> list[Path]:
+    """The images of ``source`` (data.calibration.source as a path, or "generated": then their bytes are added
+    to ``encoded``)."""
     from edgepipe.runtime.data import list_images
     cfg = recipe.data.calibration
-    paths = _generated(out, cfg.count, 0, "calibration") if source == "generated" else list_images(source)
+    if source == "generated":
+        encoded.update(made := _generated(out, cfg.count, 0, "calibration"))
+        paths = list(made)
+    else:
+        paths = list_images(source)
     if not paths:
         raise UserError(f"data.calibration.source {cfg.source}: no images found; the int8 targets need calibration images")
     return paths
@@ -60,7 +79,8 @@ def plan_data(recipe, out: Path, labels: list[str], eval_items: list | None,
     data as image files (default: :func:`edgepipe.datasets.resolve_data`, which writes referenced datasets)."""
     cfg = recipe.data
     data = data or resolve_data(recipe, out)
-    paths = calibration_source_images(recipe, out, data.calibration_source)
+    encoded: dict[Path, bytes] = {}
+    paths = calibration_source_images(recipe, out, data.calibration_source, encoded)
     if eval_items:
         heldout = [(Path(p), t) for p, t in eval_items]
         source, kind = f"data.evaluation {cfg.evaluation}", "real"
@@ -71,12 +91,13 @@ def plan_data(recipe, out: Path, labels: list[str], eval_items: list | None,
     else:  # without accuracy control only the checked images are needed
         q = recipe.stages.quantize
         count = cfg.heldout if (q.max_drop is not None or q.min_agreement is not None) else min(cfg.heldout, cfg.parity_images)
-        heldout = [(p, -1) for p in _generated(out, count, HELDOUT_SEED, "heldout")]
+        encoded.update(made := _generated(out, count, HELDOUT_SEED, "heldout"))
+        heldout = [(p, -1) for p in made]
         source, kind = f"{count} generated crops (seed {HELDOUT_SEED})", "generated"
     if cfg.calibration.limit:
         paths = paths[:cfg.calibration.limit]
-    calib_hashes = {sha256_file(p) for p in paths}
-    heldout = [(p, t) for p, t in heldout if not Path(p).is_file() or sha256_file(p) not in calib_hashes]
+    calib_hashes = {_sha256(p, encoded) for p in paths}
+    heldout = [(p, t) for p, t in heldout if (digest := _sha256(p, encoded)) is None or digest not in calib_hashes]
     if not heldout:
         raise UserError("every held-out image is also a calibration image; give data.evaluation images that are not "
                         "in data.calibration.source")
@@ -84,4 +105,4 @@ def plan_data(recipe, out: Path, labels: list[str], eval_items: list | None,
     control = heldout[cfg.parity_images:]
     overlap = not control
     return DataPlan(calibration=paths, check=check, control=control or heldout, kind=kind, heldout_source=source,
-                    control_overlaps_check=overlap)
+                    control_overlaps_check=overlap, encoded=encoded)

@@ -9,6 +9,10 @@ before the first stage and never changed, the output folder, the step cache, the
     measure_stage    parity, accuracy and latency of every variant through the runtime
     report_stage     reference set, budgets, serving choice (runtime/serving.py), manifest.json, report.json/md
 
+Each stage returns what it made (Models, RunData, Compiled, Measured, Served) and changes nothing another stage
+made; one function, assemble_manifest, puts them together into the Manifest (the provisional one written after
+compiling, and the final one).
+
 Every step is cached by the hash of its inputs (steps.py), so a re-run with unchanged inputs reuses it and an
 interrupted run resumes from the last completed step.
 """
@@ -32,7 +36,7 @@ from edgepipe.run_data import RunData, accuracy_control, prepare_data, preflight
 from edgepipe.runtime.integrity import FileEntry, sha256_file
 from edgepipe.runtime.manifest import (FORMAT_VERSION, Manifest, ModelInfo, ReferenceSet, Variant, exported_onnx,
                                       name_prefix, variant_name)
-from edgepipe.runtime.measured import Row
+from edgepipe.runtime.measured import CheckImages, Pruning, ReferenceRun, Row
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import OutputLock, StepCache, code_hash, hash_key, prepare_out_dir, remove_stale_parts, tool_versions
 
@@ -52,6 +56,15 @@ class RunContext:
 
 
 @dataclass(frozen=True)
+class Models:
+    """What models_stage made: the models variants are compiled from ("base", "pruned"), what pruning did, and
+    the deployed preprocessing."""
+    specs: dict
+    pruning: Pruning | None
+    pre: Preprocess
+
+
+@dataclass(frozen=True)
 class Reference:
     """What a model's variants are checked against: its logits on the check images (and its MACs, hash, and
     the PyTorch model when there is one)."""
@@ -59,6 +72,34 @@ class Reference:
     macs: int | None = None
     model_hash: str | None = None
     model: object = None
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What compile_stage made: every variant as compiled, the Reference of each model (and QAT model) its
+    variants are checked against, and the exported fp32 ONNX files with their parity."""
+    variants: dict[str, Variant]
+    references: dict[str, Reference]
+    exports: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What measure_stage made: the reference model's own latency / accuracy / predictions, and per measured
+    variant the Variant fields measured (parity, latency_ms, accuracy, ...)."""
+    reference: ReferenceRun
+    variants: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What report_stage decided: the reference set, what the check images were, the budgets each variant
+    breaks, and the serving choice."""
+    reference_set: ReferenceSet
+    checks: CheckImages
+    budgets: dict[str, str]
+    defaults: dict[str, str]
+    default_variant: str
 
 
 # ---------------------------------------------------------------- run
@@ -81,15 +122,15 @@ def run_stages(ctx: RunContext, spec) -> dict:
     clock = StageClock()
     torch.manual_seed(0)
     log(f"[1/5] model {spec.name}")
-    models, pre = clock("model", models_stage, ctx, spec)
+    models = clock("model", models_stage, ctx, spec)
     log("[2/5] data")
-    data = clock("data", prepare_data, ctx.recipe, ctx.out, models["base"].labels, pre)
+    data = clock("data", prepare_data, ctx.recipe, ctx.out, models.specs["base"].labels, models.pre)
     log("[3/5] export + compile")
-    manifest, references = clock("compile", compile_stage, ctx, models, data)
+    compiled = clock("compile", compile_stage, ctx, models, data)
     log("[4/5] parity + accuracy + latency per variant")
-    torch_ref = clock("measure", measure_stage, ctx, manifest, references, data, models["base"])
+    measured = clock("measure", measure_stage, ctx, compiled, data, models.specs["base"])
     log("[5/5] report")
-    report = clock("report", report_stage, ctx, manifest, references, data, torch_ref)
+    report = clock("report", report_stage, ctx, models, compiled, measured, data)
     write_text(ctx.out / ".edgepipe" / "timings.json", json.dumps({"stages": clock.stages, "steps": ctx.cache.seconds}, indent=1))
     log(f"done in {clock.total('wall_s'):.0f}s (CPU {clock.total('cpu_s'):.0f}s: "
         + ", ".join(f"{k} {v['cpu_s']:.0f}" for k, v in clock.stages.items())
@@ -115,26 +156,26 @@ class StageClock:
         return sum(s[key] for s in self.stages.values())
 
 
-def models_stage(ctx: RunContext, spec) -> tuple[dict, Preprocess]:
+def models_stage(ctx: RunContext, spec) -> Models:
     """The models variants are compiled from ({"base": ..., "pruned": ...}) and the deployed preprocessing."""
     recipe = ctx.recipe
     if recipe.stages.train.enabled:
         from edgepipe.train.stage import train_stage
         spec = train_stage(spec, recipe, ctx.out, ctx.cache)
-    models = {"base": spec}
+    specs, pruning = {"base": spec}, None
     if recipe.stages.prune.enabled:
         from edgepipe.train.stage import prune_stage
-        models["pruned"] = prune_stage(spec, recipe, ctx.out, ctx.cache)
+        specs["pruned"], pruning = prune_stage(spec, recipe, ctx.out, ctx.cache)
     pre = spec.preprocess
     if recipe.model.input_size and recipe.model.input_size != pre.crop:  # deploy at another size than trained
         from edgepipe.train.stage import preprocess_at
         pre = preprocess_at(spec.preprocess, recipe.model.input_size, recipe.data.train)
-    return models, pre
+    return Models(specs, pruning, pre)
 
 
 # ---------------------------------------------------------------- compile
 
-def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifest, dict[str, Reference]]:
+def compile_stage(ctx: RunContext, models: Models, data: RunData) -> Compiled:
     """Every variant of every model through the compile-target registry; the provisional manifest (variants
     "unverified", so a run killed before the end never leaves one that `--backend auto` serves) is written."""
     recipe, quantize = ctx.recipe, ctx.recipe.stages.quantize
@@ -142,7 +183,7 @@ def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifes
     references: dict[str, Reference] = {}
     exports: dict[str, dict] = {}
     qat_wanted = quantize.enabled and quantize.method in ("qat", "both")
-    for made_from, mspec in models.items():
+    for made_from, mspec in models.specs.items():
         onnx_path, references[made_from] = fp32_onnx(ctx, mspec, made_from, data)
         ref = references[made_from]
         onnx_sha = sha256_file(onnx_path)
@@ -156,12 +197,13 @@ def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifes
         for target in wanted:
             if target.precision == "int8" and quantize.method == "qat":
                 continue  # only the "-int8-qat" variants (below)
+            # the device does not change the compiled files
             key = hash_key(onnx_sha, target.model_dump(exclude={"device"}), quantize.model_dump(),
                            data.fingerprints["calibration"], ctx.versions, data.fingerprints["control"])
             job = targets.CompileJob(onnx_path, ctx.out / variant_name(target.backend, target.precision, made_from),
                                      data.calibration, quantize, control)
-            compile_variant(ctx, variants, targets.get(target.backend, target.precision), job, key, made_from, data,
-                            dict(record, device=target.device))  # the device does not change the compiled files
+            variants[job.folder.name] = compile_variant(ctx, targets.get(target.backend, target.precision), job, key,
+                                                        made_from, data, dict(record, device=target.device))
         if qat_wanted:
             from edgepipe.train.stage import qat_model
             qat = qat_model(mspec, made_from, recipe, ctx.out, ctx.cache, data.check_batch)
@@ -173,19 +215,19 @@ def compile_stage(ctx: RunContext, models: dict, data: RunData) -> tuple[Manifes
             for target in (t for t in wanted if t.precision == "int8"):
                 job = targets.CompileJob(qat["onnx"], ctx.out / variant_name(target.backend, "int8", made_from, "qat"),
                                          [], quantize)
-                v = compile_variant(ctx, variants, targets.get(target.backend, "int8", "qat"), job,
+                v = compile_variant(ctx, targets.get(target.backend, "int8", "qat"), job,
                                     hash_key(qat["key"], target.model_dump(), ctx.versions), made_from, data,
                                     dict(qat_record, device=target.device))
-                v.compile = {**qat["info"], **v.compile}
-    manifest = new_manifest(ctx, models, data.pre, variants, exports)
-    provisional = Manifest.from_dict(manifest.to_dict())
-    for v in provisional.variants.values():
-        v.status = "unverified" if v.status == "ok" else v.status
-    provisional.dump(ctx.out)
-    return manifest, references
+                variants[job.folder.name] = dataclasses.replace(v, compile={**qat["info"], **v.compile})
+    compiled = Compiled(variants, references, exports)
+    provisional = assemble_manifest(ctx, models, compiled)
+    unverified = {n: dataclasses.replace(v, status="unverified" if v.status == "ok" else v.status)
+                  for n, v in provisional.variants.items()}
+    dataclasses.replace(provisional, variants=unverified).dump(ctx.out)
+    return compiled
 
 
-def compile_variant(ctx: RunContext, variants: dict, target: targets.CompileTarget, job: targets.CompileJob, key: str,
+def compile_variant(ctx: RunContext, target: targets.CompileTarget, job: targets.CompileJob, key: str,
                     made_from: str, data: RunData, record: dict) -> Variant:
     """One cached compile step: the target's Variant, plus the facts of the model it was made from."""
     name = job.folder.name
@@ -194,8 +236,7 @@ def compile_variant(ctx: RunContext, variants: dict, target: targets.CompileTarg
         f"compile-{name}", key,
         lambda: target.compile(job, ctx.out, made_from=made_from, input_shape=shape).to_dict(),
         files=lambda r: [ctx.out / f["path"] for f in r["files"]])
-    variants[name] = dataclasses.replace(Variant.from_dict(compiled, f"compile step {name}"), **record)
-    return variants[name]
+    return dataclasses.replace(Variant.from_dict(compiled, f"compile step {name}"), **record)
 
 
 def load_model_source(recipe: Recipe):
@@ -246,25 +287,48 @@ def export_parity(onnx_path: Path, onnx_sha: str, ref_logits, data: RunData, ref
     return {"sha256": onnx_sha, "parity_vs_pytorch": parity}
 
 
-def new_manifest(ctx: RunContext, models: dict, pre: Preprocess, variants: dict[str, Variant], exports: dict) -> Manifest:
-    recipe, spec = ctx.recipe, models["base"]
+def assemble_manifest(ctx: RunContext, models: Models, compiled: Compiled, measured: Measured | None = None,
+                      served: Served | None = None) -> Manifest:
+    """The one place the run's Manifest is put together, from what the stages made: as compiled; with what was
+    measured (a variant out of tolerance is failed; agreement with the reference model's predictions); with
+    the report stage's reference set, checks, budgets and serving choice."""
+    recipe, spec, pre = ctx.recipe, models.specs["base"], models.pre
     build = {k: v for k, v in recipe.model.model_dump(include={"pretrained", "weights", "checkpoint", "num_classes"}).items()
              if v is not None}  # how bench rebuilds the PyTorch reference
-    pruned = models["pruned"].source.get("pruned") if "pruned" in models else None
+    variants = compiled.variants
+    if measured is not None:
+        variants = {name: measured_variant(v, measured.variants.get(name), measured.reference)
+                    for name, v in variants.items()}
+    if served is not None:
+        variants = {name: dataclasses.replace(v, budget=served.budgets.get(name)) for name, v in variants.items()}
+    torch_ref = measured.reference if measured is not None else None
     return Manifest(
-        model=ModelInfo(spec.name, len(spec.labels), spec.source, recipe.name, build, pruned),
+        model=ModelInfo(spec.name, len(spec.labels), spec.source, recipe.name, build,
+                        dataclasses.asdict(models.pruning) if models.pruning else None),
         preprocess=pre, labels=list(spec.labels), variants=variants,
         input={"name": "input", "shape": [-1 if recipe.export.dynamic_batch else 1, 3, pre.crop, pre.crop], "dtype": "float32"},
-        output={"name": "logits", "kind": "logits"}, versions=ctx.versions, export=exports, format_version=FORMAT_VERSION)
+        output={"name": "logits", "kind": "logits"}, versions=ctx.versions, export=compiled.exports,
+        reference_set=served and served.reference_set, checks=served and dataclasses.asdict(served.checks),
+        defaults=dict(served.defaults) if served else {}, default_variant=served and served.default_variant,
+        reference={"torch_eager_ms": torch_ref.latency_ms, "accuracy": torch_ref.accuracy} if served else None,
+        format_version=FORMAT_VERSION)
+
+
+def measured_variant(v: Variant, measured: dict | None, torch_ref: ReferenceRun) -> Variant:
+    """``v`` with what measure_stage measured on it (failed when out of tolerance) and its agreement with the
+    reference model's predictions."""
+    if measured is not None:
+        v = dataclasses.replace(v, **measured, status=v.status if measured["parity"]["ok"] else "failed")
+    return dataclasses.replace(v, agreement_with_fp32=agreement_with_reference(v, torch_ref.predictions))
 
 
 # ---------------------------------------------------------------- measure
 
-def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Reference], data: RunData, base) -> dict:
-    """Parity, accuracy and latency of every compiled variant through the real runtime (a variant out of
-    tolerance is marked failed); returns the reference model's own latency and accuracy."""
+def measure_stage(ctx: RunContext, compiled: Compiled, data: RunData, base) -> Measured:
+    """Parity, accuracy and latency of every compiled variant through the real runtime (from the provisional
+    manifest compile_stage wrote), and the reference model's own latency and accuracy."""
     from edgepipe.benchmarks.measure import measure_source_onnx, measure_torch, measure_variant
-    recipe = ctx.recipe
+    recipe, references = ctx.recipe, compiled.references
     timing = {"warmup": recipe.bench.warmup, "iterations": recipe.bench.iterations}
     ref_key = hash_key(references["base"].model_hash, data.pre.to_dict(), recipe.data.evaluation,
                        data.fingerprints["evaluation"], recipe.bench.model_dump(), ctx.versions)
@@ -275,7 +339,8 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
         torch_ref = ctx.cache.run("measure-reference", ref_key,
                                   lambda: measure_source_onnx(base, data.pre, data.evaluation, **timing))
     count = reference_count(ctx, data)
-    for name, v in manifest.variants.items():
+    measured = {}
+    for name, v in compiled.variants.items():
         if v.status != "ok":
             continue
         key = hash_key([f.sha256 for f in v.files], recipe.data.evaluation, data.fingerprints["evaluation"],
@@ -285,12 +350,10 @@ def measure_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Ref
             return measure_variant(ctx.out, name, parity_batch=data.check_batch, parity_names=data.check_names,
                                    ref_logits=references[v.reference_logits].logits, precision=v.precision,
                                    compare=data.compare, reference_count=count, evaluation=data.evaluation, **timing)
-        for field, value in ctx.cache.run(f"measure-{name}", key, check).items():
-            setattr(v, field, value)
-        if not v.parity["ok"]:
-            v.status = "failed"
+        measured[name] = ctx.cache.run(f"measure-{name}", key, check)
+        if not measured[name]["parity"]["ok"]:
             log(f"  {name}: parity out of tolerance -> marked failed")
-    return torch_ref
+    return Measured(ReferenceRun(**torch_ref), measured)
 
 
 def reference_count(ctx: RunContext, data: RunData) -> int:
@@ -300,32 +363,33 @@ def reference_count(ctx: RunContext, data: RunData) -> int:
 
 # ---------------------------------------------------------------- report
 
-def report_stage(ctx: RunContext, manifest: Manifest, references: dict[str, Reference], data: RunData, torch_ref: dict) -> dict:
+def report_stage(ctx: RunContext, models: Models, compiled: Compiled, measured: Measured, data: RunData) -> dict:
+    """The reference set, the budgets, the serving choice (runtime/serving.py); the final manifest.json and
+    report.json / report.md."""
     from edgepipe.benchmarks.report import write_reports
-    from edgepipe.runtime.serving import choose_defaults
-    recipe, plan = ctx.recipe, data.plan
-    manifest.reference_set = write_reference_set(ctx.out, data, references, manifest, reference_count(ctx, data))
-    manifest.checks = {"images": plan.kind, "check_images": len(data.check_names), "heldout_source": plan.heldout_source,
-                       "calibration_images": len(plan.calibration), "control_images": len(plan.control),
-                       "control_overlaps_check": plan.control_overlaps_check}
-    for v in manifest.variants.values():
-        v.agreement_with_fp32 = agreement_with_reference(v, torch_ref.get("predictions") or {})
-    over = budget_failures(manifest, recipe, torch_ref)
+    from edgepipe.runtime.serving import serving_defaults
+    from edgepipe.serving_rounds import interleaved_p90
+    recipe, plan, torch_ref = ctx.recipe, data.plan, measured.reference
+    reference_set = write_reference_set(ctx.out, data, compiled, reference_count(ctx, data))
+    checks = CheckImages(images=plan.kind, check_images=len(data.check_names), heldout_source=plan.heldout_source,
+                         calibration_images=len(plan.calibration), control_images=len(plan.control),
+                         control_overlaps_check=plan.control_overlaps_check)
+    manifest = assemble_manifest(ctx, models, compiled, measured)
+    over = budget_failures(manifest, recipe, torch_ref.top1)
     for name, why in over.items():
         log(f"  {name}: outside the recipe's budgets ({why}) -> not served")
-        manifest.variants[name].budget = why
-    from edgepipe.serving_rounds import interleaved_p90
     p90, rounds = interleaved_p90(ctx, manifest, data.check_batch[:1].copy(), lambda name, v: name not in over)
-    manifest.checks["serving_rounds"] = rounds
-    choose_defaults(manifest, (torch_ref.get("accuracy") or {}).get("top1"), recipe.stages.quantize.max_drop,
-                    eligible=lambda name, v: name not in over, p90=p90)
-    manifest.reference = {"torch_eager_ms": torch_ref["latency_ms"], "accuracy": torch_ref.get("accuracy")}
+    defaults, default_variant = serving_defaults(
+        {n: dataclasses.replace(v, budget=over.get(n)) for n, v in manifest.variants.items()},
+        torch_ref.top1, recipe.stages.quantize.max_drop,
+        eligible=lambda name, v: name not in over, p90=p90)
+    served = Served(reference_set, dataclasses.replace(checks, serving_rounds=rounds), over, defaults, default_variant)
+    manifest = assemble_manifest(ctx, models, compiled, measured, served)
     manifest.dump(ctx.out)
     return write_reports(ctx.out, recipe, manifest, torch_ref)
 
 
-def write_reference_set(out: Path, data: RunData, references: dict[str, Reference], manifest: Manifest,
-                        count: int) -> ReferenceSet:
+def write_reference_set(out: Path, data: RunData, compiled: Compiled, count: int) -> ReferenceSet:
     """The first ``count`` checked (held-out) images as uint8 crops, with the fp32 logits each variant is
     compared with (the unpruned model, the pruned one, a QAT model), for `edgepipe verify` on the device."""
     ref_dir = out / "reference"
@@ -337,8 +401,8 @@ def write_reference_set(out: Path, data: RunData, references: dict[str, Referenc
         write_bytes(path, buf.getvalue())
         return FileEntry.of(out, path)
 
-    logits = {key: save(ref_dir / f"{key}-logits.npy", references[key].logits[:count].astype(np.float32))
-              for key in sorted({v.reference_logits for v in manifest.variants.values()})}
+    logits = {key: save(ref_dir / f"{key}-logits.npy", compiled.references[key].logits[:count].astype(np.float32))
+              for key in sorted({v.reference_logits for v in compiled.variants.values()})}
     return ReferenceSet(inputs=save(ref_dir / "inputs.npy", data.check_crops[:count]), logits=logits,
                         names=data.check_names[:count], images=data.plan.kind, count=count, color=data.pre.color)
 
@@ -349,16 +413,15 @@ def agreement_with_reference(v: Variant, reference_predictions: dict) -> float |
     return agreement if agreement is not None else (v.check.top1_agreement if v.check else None)
 
 
-def budget_failures(manifest: Manifest, recipe: Recipe, torch_ref: dict) -> dict[str, str]:
+def budget_failures(manifest: Manifest, recipe: Recipe, reference_top1: float | None) -> dict[str, str]:
     """Variants that break a budget of the recipe that `edgepipe run` can judge (agreement, top-1, drop, p90),
     by the rules `edgepipe bench` applies; throughput, per-class and ratio budgets are judged by bench."""
     from edgepipe.benchmarks import budgets
-    ref_top1 = (torch_ref.get("accuracy") or {}).get("top1")
     failures = {}
     for name, v in manifest.variants.items():
         if v.status != "ok":
             continue
-        row = Row.of_variant(name, v, ref_top1).as_dict()
+        row = Row.of_variant(name, v, reference_top1).as_dict()
         for b in (b for b in recipe.budgets if budgets.matches(b, row)):
             for check in budgets.checks_of(b):
                 field, kind, _ = budgets.CHECKS[check]

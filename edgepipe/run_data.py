@@ -24,18 +24,21 @@ def log(msg: str) -> None:
 
 
 class Crops:
-    """Each image file read and cut to the model's crop once per run, whichever sets it is in (the check
-    images and the accuracy-control images are data.evaluation images when that is given)."""
+    """Each image decoded and cut to the model's crop once per run, whichever sets it is in (the check
+    images and the accuracy-control images are data.evaluation images when that is given): from the bytes
+    the data plan holds (generated crops), else from its file."""
 
     def __init__(self, pre: Preprocess):
         self.pre = pre
         self._crops: dict[str, np.ndarray | None] = {}
+        self.encoded: dict[Path, bytes] = {}     # DataPlan.encoded, once the plan is made
 
     def __call__(self, path) -> np.ndarray | None:
         key = str(path)
         if key not in self._crops:
-            from edgepipe.runtime.evaluate import read_crop
-            self._crops[key] = read_crop(path, self.pre)
+            from edgepipe.runtime.evaluate import decode_image, read_image
+            img = decode_image(self.encoded[Path(path)]) if Path(path) in self.encoded else read_image(path)
+            self._crops[key] = None if img is None else self.pre.crops([img])[0]
         return self._crops[key]
 
 
@@ -76,12 +79,13 @@ def prepare_data(recipe, out: Path, labels: list[str], pre: Preprocess) -> RunDa
         if recipe.data.on_bad_image == "stop":
             report_bad_images(evaluation.skipped, len(items), "stop")
     plan = plan_data(recipe, out, labels, items, resolved)
+    crops.encoded = plan.encoded
     calibration, _ = load_arrays(plan.calibration, pre, recipe.data.on_bad_image, crops)
     check_crops, check_names = load_crops(plan.check, pre, recipe.data.on_bad_image, crops)
     log("  " + plan.describe() + (f"; evaluation: {len(items)} images" if items else ""))
     fingerprints = {
-        "calibration": data_fingerprint(plan.calibration),
-        "control": hash_key(data_fingerprint([p for p, _ in plan.control]), [t for _, t in plan.control]),
+        "calibration": data_fingerprint(plan.calibration, plan.sha256),
+        "control": hash_key(data_fingerprint([p for p, _ in plan.control], plan.sha256), [t for _, t in plan.control]),
         "evaluation": data_fingerprint([p for p, _ in items]) if items else None}
     return RunData(pre=pre, plan=plan, calibration=calibration, check_crops=check_crops, check_names=check_names,
                    evaluation=evaluation, crops=crops, fingerprints=fingerprints)
@@ -136,9 +140,11 @@ def preflight(recipe) -> None:
         report_bad_images([str(p) for p in paths if read_image(p) is None], len(paths), "stop")
 
 
-def data_fingerprint(paths: list[Path]) -> str:
-    """Content hash of a set of images (names + bytes), so a moved or copied output folder stays cached."""
-    return hash_key([(Path(p).name, sha256_file(p) if Path(p).is_file() else None) for p in paths])
+def data_fingerprint(paths: list[Path], sha256=None) -> str:
+    """Content hash of a set of images (names + bytes), so a moved or copied output folder stays cached.
+    ``sha256(path)``: where the hashes come from (DataPlan.sha256: bytes the plan holds), default the files."""
+    sha256 = sha256 or (lambda p: sha256_file(p) if Path(p).is_file() else None)
+    return hash_key([(Path(p).name, sha256(p)) for p in paths])
 
 
 def accuracy_control(data: RunData, fp32_onnx: Path, quantize):

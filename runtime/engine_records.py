@@ -79,7 +79,7 @@ def _update_record(root: Path, change) -> Path:
 
 
 def built_from_signed_source(signed: Variant, built: Variant) -> bool:
-    source = (built.tensorrt or {}).get("source_onnx_sha256")
+    source = built.engine.source_onnx_sha256
     return (signed.backend == built.backend == "tensorrt" and signed.precision == built.precision
             and isinstance(source, str) and source in {f.sha256 for f in signed.files})
 

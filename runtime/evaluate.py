@@ -20,6 +20,12 @@ def read_image(path) -> np.ndarray | None:
         data = np.fromfile(str(path), dtype=np.uint8)
     except (OSError, ValueError):
         return None
+    return decode_image(data)
+
+
+def decode_image(data: np.ndarray | bytes) -> np.ndarray | None:
+    """An encoded image (a file's bytes) decoded as read_image does: BGR uint8, or None when it is not one."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
     if data.size == 0:
         return None
     try:

@@ -8,6 +8,8 @@ the runtime, bench and verify. Every reader and writer goes through these datacl
 The manifest lists every file with its sha256 (runtime/integrity.py checks them before anything loads), the
 preprocessing, the labels, each variant (what it was made from, how it was compiled, what was measured) and the
 reference set that `edgepipe verify` reproduces on the device. Unknown fields are refused with a close match.
+The free-form parts (how a variant was compiled, its engine sidecar, what was measured) are read here, and only
+here, into the typed views of runtime/compiled.py and runtime/measured.py (read_view).
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx
+from edgepipe.runtime.compiled import CompileFacts, EngineSidecar, ExportedOnnx, WeightsSource
 from edgepipe.runtime.errors import ManifestError
 from edgepipe.runtime.integrity import FileEntry
-from edgepipe.runtime.measured import Accuracy, Check, FloatFallback, Latency
+from edgepipe.runtime.measured import Accuracy, Check, CheckImages, FineTuning, FloatFallback, Latency, Pruning
 from edgepipe.runtime.names import did_you_mean, refuse_unknown
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.runtime.safe_files import load_json
@@ -95,14 +97,15 @@ class Variant:
         return self.status == "ok" and self.budget is None
 
     # typed views of what was measured (runtime/measured.py); None when it was not
-    check = property(lambda self: Check.from_dict(self.parity))
-    host_check = property(lambda self: Check.from_dict(self.reference_check))
-    float_fallback = property(lambda self: FloatFallback.from_dict((self.compile or {}).get("mixed_precision")))
-    latency = property(lambda self: Latency.from_dict(self.latency_ms))
-    # typed views of how it was made (runtime/compiled.py)
-    compiled = property(lambda self: CompileFacts.of(self.compile))
-    engine = property(lambda self: EngineSidecar.of(self.tensorrt))
-    top1 = property(lambda self: (Accuracy.from_dict(self.accuracy) or Accuracy()).top1)
+    check = property(lambda self: read_view(Check, self.parity))
+    host_check = property(lambda self: read_view(Check, self.reference_check))
+    float_fallback = property(lambda self: read_view(FloatFallback, self.compiled.mixed_precision))
+    latency = property(lambda self: read_view(Latency, self.latency_ms))
+    scores = property(lambda self: read_view(Accuracy, self.accuracy))
+    # typed views of how it was made (runtime/compiled.py); empty views when nothing was recorded
+    compiled = property(lambda self: read_view(CompileFacts, self.compile) or CompileFacts())
+    engine = property(lambda self: read_view(EngineSidecar, self.tensorrt) or EngineSidecar())
+    top1 = property(lambda self: (self.scores or Accuracy()).top1)
     p90_ms = property(lambda self: (self.latency or Latency()).p90)
 
 
@@ -115,8 +118,11 @@ class ModelInfo:
     build: dict = field(default_factory=dict)    # how bench rebuilds the PyTorch reference: pretrained, checkpoint, weights
     pruned: dict | None = None                   # MACs / latency / accuracy before and after pruning
 
-    source_onnx = property(lambda self: (self.source or {}).get("onnx"))   # the ONNX file it came as, if it did
-    source_checkpoint = property(lambda self: (self.source or {}).get("checkpoint"))
+    weights = property(lambda self: read_view(WeightsSource, self.source) or WeightsSource())
+    source_onnx = property(lambda self: self.weights.onnx)   # the ONNX file it came as, if it did
+    source_checkpoint = property(lambda self: self.weights.checkpoint)
+    fine_tuning = property(lambda self: read_view(FineTuning, self.source))   # None: not recorded
+    pruning = property(lambda self: read_view(Pruning, self.pruned))          # None: not pruned
 
 
 @dataclass
@@ -228,14 +234,24 @@ class Manifest:
         return {n: v for n, v in self.variants.items() if v.backend == backend}
 
     @property
+    def input_name(self) -> str:
+        """The model input's name (the ONNX input every variant takes)."""
+        return (self.input or {}).get("name", "input")
+
+    @property
+    def check_images(self) -> CheckImages | None:
+        """Manifest.checks typed: what the run's checks rested on; None for a folder without it."""
+        return read_view(CheckImages, self.checks)
+
+    @property
     def serving_rounds(self) -> dict:
-        """checks["serving_rounds"]: per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
-        return (self.checks or {}).get("serving_rounds") or {}
+        """Per backend, the build's interleaved p90 rounds (edgepipe/serving_rounds.py)."""
+        return (self.check_images or CheckImages()).serving_rounds
 
     @property
     def exports(self) -> dict[str, ExportedOnnx]:
         """Manifest.export typed: each exported fp32 ONNX (see exported_onnx) with its hash and parity."""
-        return {name: ExportedOnnx.of(entry) for name, entry in self.export.items()}
+        return {name: read_view(ExportedOnnx, entry) or ExportedOnnx() for name, entry in self.export.items()}
 
 
 def unknown_variant(name: str, variants, where: str = "this manifest") -> ManifestError:
@@ -244,6 +260,29 @@ def unknown_variant(name: str, variants, where: str = "this manifest") -> Manife
 
 
 # ---------------------------------------------------------------- parsing helpers
+
+def read_view(cls, data):
+    """The typed view ``cls`` (a dataclass of runtime/compiled.py or measured.py) of one of the manifest's JSON
+    objects; None for none. Each field is read by its name, or as its json_field says (another key, a nested
+    view); keys the view does not know are left out, and absent or null ones keep the field's default."""
+    if not data:
+        return None
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("key")
+        value = data
+        for part in (f.name,) if key is None else (key,) if isinstance(key, str) else key:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        view = f.metadata.get("view")
+        if view is not None:
+            value = {k: read_view(view, v) for k, v in value.items()} if f.metadata.get("each") else read_view(view, value)
+            if value is None:
+                continue
+        values[f.name] = type(value)(value) if isinstance(value, (dict, list)) else value
+    return cls(**values)
+
 
 def _check_keys(cls, data: dict, where: str) -> None:
     """Every required field of ``cls`` present, and no field it does not have (with a close match)."""

@@ -3,7 +3,8 @@ and the one row form of a measured variant that the serving policy, budgets, `ed
 and budget check, and `edgepipe info` read.
 
 The manifest keeps these as plain JSON objects (Variant.parity, .latency_ms, .accuracy, .reference_check);
-the views here read them, tolerating fields an older edgepipe did not write.
+runtime/manifest.py reads them into these views (read_view), tolerating fields an older edgepipe did not write.
+A field read from another JSON key, or as a nested view, says so with json_field.
 """
 from __future__ import annotations
 
@@ -15,20 +16,14 @@ if TYPE_CHECKING:
     from edgepipe.runtime.manifest import Variant
 
 
-def _known(cls, data: dict | None) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in (data or {}).items() if k in names}
-
-
-class _FromDict:
-    @classmethod
-    def from_dict(cls, data: dict | None):
-        """The typed view of a manifest's JSON object (fields it does not know are left out); None for none."""
-        return cls(**_known(cls, data)) if data else None
+def json_field(key: str | tuple[str, ...] | None = None, view: type | None = None, each: bool = False, **default):
+    """A view field that runtime/manifest.py read_view reads from JSON ``key`` (a tuple: a nested key; (): the
+    object itself) instead of its own name, and/or as the view ``view`` (``each``: a dict of them)."""
+    return field(metadata={"key": key, "view": view, "each": each}, **default)
 
 
 @dataclass(frozen=True)
-class Check(_FromDict):
+class Check:
     """A variant's logits against the reference's on the same images (runtime.verify.compare_logits)."""
     ok: bool = False
     n: int | None = None
@@ -50,7 +45,7 @@ class Check(_FromDict):
 
 
 @dataclass(frozen=True)
-class Latency(_FromDict):
+class Latency:
     """Batch-1 latency in ms (runtime.timing): percentiles, spread, and how many timed calls."""
     p50: float | None = None
     p90: float | None = None
@@ -66,7 +61,7 @@ class Latency(_FromDict):
 
 
 @dataclass(frozen=True)
-class Accuracy(_FromDict):
+class Accuracy:
     """Top-1 / top-5 on labeled evaluation images (n of them); unlabeled data gives n only."""
     top1: float | None = None
     top5: float | None = None
@@ -74,7 +69,7 @@ class Accuracy(_FromDict):
 
 
 @dataclass(frozen=True)
-class FineTuning(_FromDict):
+class FineTuning:
     """How the model was fine-tuned (ModelInfo.source of a trained model; fine_tuned_on None: not fine-tuned)."""
     fine_tuned_on: str | None = None          # data.train: a dataset name, folder or CSV
     pretrained: bool | None = None            # from ImageNet weights (else a random initialisation)
@@ -87,7 +82,7 @@ class FineTuning(_FromDict):
 
 
 @dataclass(frozen=True)
-class Pruning(_FromDict):
+class Pruning:
     """What pruning did to the model (ModelInfo.pruned): MACs and batch-1 latency before and after, on which
     backend, and validation top-1 before and after the recovery fine-tune."""
     base_macs: int | None = None
@@ -108,7 +103,34 @@ class Pruning(_FromDict):
 
 
 @dataclass(frozen=True)
-class FallbackSpeed(_FromDict):
+class ReferenceRun:
+    """The model the variants are compared with, measured in the same run (benchmarks/measure.py): PyTorch
+    eager fp32, or for a model that came as an ONNX file that file in ONNX Runtime (``reference`` says so);
+    its batch-1 latency and, on the evaluation images, its per-image predictions and (labeled) accuracy."""
+    latency_ms: dict
+    predictions: dict = field(default_factory=dict)
+    accuracy: dict | None = None              # top1, top5, n, per_class_top1; None without labeled images
+    reference: str | None = None              # None: PyTorch eager fp32
+
+    top1 = property(lambda self: self.accuracy["top1"] if self.accuracy else None)
+    top5 = property(lambda self: self.accuracy["top5"] if self.accuracy else None)
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """What a run's checks rested on (Manifest.checks): the kind and count of held-out check images, where they
+    came from, how many calibrated and steered accuracy control, and the build's interleaved p90 rounds."""
+    images: str | None = None                 # "real" or "generated"
+    check_images: int | None = None
+    heldout_source: str | None = None
+    calibration_images: int | None = None
+    control_images: int | None = None
+    control_overlaps_check: bool | None = None
+    serving_rounds: dict = field(default_factory=dict)   # per backend (edgepipe/serving_rounds.py)
+
+
+@dataclass(frozen=True)
+class FallbackSpeed:
     """What the layers kept in float cost: batch-1 median latency (ms) of the fp32, plain int8 and fallback
     files, alternated run by run on the build host (ONNX Runtime CPU); ``speedup_kept``: the share of int8's
     gain over fp32 the fallback file keeps (1.0: all of it)."""
@@ -122,7 +144,7 @@ class FallbackSpeed(_FromDict):
 
 
 @dataclass(frozen=True)
-class FloatFallback(_FromDict):
+class FloatFallback:
     """Budgeted fallback of a QDQ int8 variant (compile/mixed_precision.py), Variant.compile["mixed_precision"]:
     the fewest layers kept in float, tried in the doctor's ranked order, until the drop against fp32 on held-out
     images (top-1 on labels, or agreement with fp32) is within ``max_drop_points``; and what that cost."""
@@ -139,12 +161,7 @@ class FloatFallback(_FromDict):
     ranking: list = field(default_factory=list)   # the first {"layer", "injected"} of the ranking, worst first
     steps: list = field(default_factory=list)     # {"float_layers", "top1", "drop_points", "layers"?} per set tried
     seconds: float | None = None
-    speed: FallbackSpeed | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict | None):
-        view = super().from_dict(data)
-        return view and dataclasses.replace(view, speed=FallbackSpeed.from_dict(data.get("speed")))
+    speed: FallbackSpeed | None = json_field(view=FallbackSpeed, default=None)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -177,8 +194,8 @@ class Row:
     def of_variant(cls, name: str, v: "Variant", reference_top1: float | None = None) -> "Row":
         """The row of a manifest variant on its own backend, from what `edgepipe run` measured; the top-1 drop
         against ``reference_top1`` (the fp32 reference's top-1) when both are known."""
-        acc = Accuracy.from_dict(v.accuracy) or Accuracy()
-        lat = Latency.from_dict(v.latency_ms) or Latency()
+        acc = v.scores or Accuracy()
+        lat = v.latency or Latency()
         drop = (reference_top1 - acc.top1) * 100 if acc.top1 is not None and reference_top1 is not None else None
         return cls(id=name, name=name, backend=v.backend, precision=v.precision, status=v.status, made_from=v.made_from,
                    quantization=v.quantization, native_backend=v.backend, top1=acc.top1, top5=acc.top5, n=acc.n,
@@ -188,7 +205,8 @@ class Row:
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
         """A row from its dict form (bench's rows carry more keys; those are left out; no name: the id's)."""
-        return cls(**{"name": data["id"], **_known(cls, data)})
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"name": data["id"], **{k: v for k, v in data.items() if k in names}})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -55,21 +55,19 @@ def within_accuracy(v: Variant, reference_top1: float | None, max_drop: float) -
     return (reference_top1 - v.top1) * 100 <= max_drop + 1e-9
 
 
-def choose_defaults(manifest: Manifest, reference_top1: float | None = None, max_drop: float | None = None,
-                    eligible=lambda name, v: True, p90: dict[str, float] | None = None) -> None:
-    """Set manifest.defaults (backend -> variant) and manifest.default_variant from the build host's
-    measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets. ``p90``: latencies
-    that replace the variants' own (the build's interleaved rounds, robust to load)."""
+def serving_defaults(variants: dict[str, Variant], reference_top1: float | None = None, max_drop: float | None = None,
+                     eligible=lambda name, v: True, p90: dict[str, float] | None = None) -> tuple[dict[str, str], str]:
+    """(backend -> the variant served on it, the default variant): the manifest's defaults and default_variant
+    from the build host's measurements. ``eligible(name, variant)``: extra rules, e.g. the recipe's budgets.
+    ``p90``: latencies that replace the variants' own (the build's interleaved rounds, robust to load)."""
     max_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
-    variants = manifest.variants
     p90 = p90 or {}
     rows = [replace(r, p90_ms=p90.get(r.id, r.p90_ms)) for r in (Row.of_variant(name, v) for name, v in variants.items())]
     chosen = fastest_per_backend(rows, lambda r: within_accuracy(variants[r.id], reference_top1, max_drop)
                                  and eligible(r.id, variants[r.id]))
     defaults = {backend: name for backend, name in chosen.items() if name}
-    manifest.defaults = defaults
     ranked = sorted(defaults.values(), key=lambda n: p90.get(n, variants[n].p90_ms))
-    manifest.default_variant = ranked[0] if ranked else next(iter(variants))
+    return defaults, ranked[0] if ranked else next(iter(variants))
 
 
 # ---------------------------------------------------------------- on the device

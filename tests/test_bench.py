@@ -233,9 +233,9 @@ def test_example_budgets_and_workflow_fit_the_default_variants(tiny_artifacts):
 
 
 def test_one_serving_rule_for_run_and_bench():
-    """`edgepipe run` (choose_defaults) and `edgepipe bench` (best_per_target) pick through fastest_per_backend."""
+    """`edgepipe run` (serving_defaults) and `edgepipe bench` (best_per_target) pick through fastest_per_backend."""
     from edgepipe.benchmarks.bench import best_per_target
-    from edgepipe.runtime.serving import choose_defaults
+    from edgepipe.runtime.serving import serving_defaults
     rows = [{"id": "ov-fp32", "backend": "openvino", "precision": "fp32", "status": "ok", "p90_ms": 3.0, "top1_drop_pts": 0.0},
             {"id": "ov-int8", "backend": "openvino", "precision": "int8", "status": "ok", "p90_ms": 1.0, "top1_drop_pts": 2.5},
             {"id": "ort-fp32", "backend": "onnxruntime", "precision": "fp32", "status": "ok", "p90_ms": 2.0, "top1_drop_pts": 0.0},
@@ -258,7 +258,7 @@ def test_one_serving_rule_for_run_and_bench():
                                  accuracy={"top1": 0.9 - r["top1_drop_pts"] / 100 if r["p90_ms"] else None})
                 for r in rows}
     manifest = Manifest(model=ModelInfo(name="m", num_classes=2), preprocess=Preprocess(), labels=["a", "b"], variants=variants)
-    choose_defaults(manifest, reference_top1=0.9)
+    manifest.defaults, manifest.default_variant = serving_defaults(manifest.variants, reference_top1=0.9)
     assert manifest.defaults == {"openvino": "ov-fp32", "onnxruntime": "ort-fp32"}
     assert manifest.default_variant == "ort-fp32"
 

@@ -72,6 +72,26 @@ def test_generated_crops_depend_on_the_seed_only_and_are_reused(tmp_path):
     assert len(contents(generate_calibration_images(tmp_path / "a", count=3, seed=1, size=96))) == 3
 
 
+def test_generated_crops_are_used_from_memory_as_the_files_would_give_them(tmp_path, monkeypatch):
+    """A run keeps the JPEG bytes it wrote (made, copied from the shared cache, or already there) and crops them
+    from memory: the same pixels as reading the files back, with the files gone."""
+    from edgepipe.compile.calibration import generated_images
+    from edgepipe.run_data import Crops
+    from edgepipe.runtime.evaluate import read_crop
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pre = Preprocess(resize=80, crop=64)
+    made = generated_images(tmp_path / "a", count=3, seed=5, size=96)            # encoded here
+    copied = generated_images(tmp_path / "b", count=3, seed=5, size=96)          # from the shared cache
+    assert list(made) == sorted((tmp_path / "a").glob("calib_*.jpg")) and list(made.values()) == list(copied.values())
+    assert generated_images(tmp_path / "a", count=3, seed=5, size=96) == made    # already there: read once
+    from_files = [read_crop(p, pre) for p in made]
+    assert all(p.read_bytes() == data for p, data in made.items())
+    for p in made:
+        p.unlink()
+    crops = Crops(pre)
+    crops.encoded = made
+    assert all(np.array_equal(crops(p), f) for p, f in zip(made, from_files))
+
 def test_export_parity_on_real_images(small_onnx, photos):
     model, path = small_onnx
     proto = onnx.load(str(path))

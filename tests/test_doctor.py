@@ -140,7 +140,7 @@ def test_fallback_keeps_the_perturbed_qdq_layer_in_float_and_meets_the_budget(fo
     from edgepipe.compile.mixed_precision import AccuracyControl
     from edgepipe.compile.qdq import fallback_search, run_logits, write_fallback
     from edgepipe.compile.qdq_check import check_qdq
-    from edgepipe.runtime.manifest import Manifest
+    from edgepipe.runtime.manifest import Manifest, read_view
     from edgepipe.runtime.measured import FloatFallback
     add_qdq_variant(folder, tiny_artifacts / "calibration")  # calibrated on the first 8 calibration images
     fp32, int8 = folder / "onnxruntime-fp32" / "model.onnx", folder / "onnxruntime-int8" / "model.onnx"
@@ -158,7 +158,7 @@ def test_fallback_keeps_the_perturbed_qdq_layer_in_float_and_meets_the_budget(fo
     max_drop = 100.0 * (1.0 - healthy) + 1e-6  # the budget: what this int8 file reached before the perturbation
     control = AccuracyControl(list(zip(x[:, None], own)), max_drop, "fp32 agreement")
     search = fallback_search(fp32, int8, control, ranking_images=4, log=lambda _: None)
-    report = FloatFallback.from_dict(search.report)
+    report = read_view(FloatFallback, search.report)
     assert report.ranking[0]["layer"] == layer and report.float_layers == search.float_layers
     assert layer in search.float_layers and len(search.float_layers) <= 3, search.report["steps"]
     assert report.target_met and report.final_drop_points < report.steps[0]["drop_points"]

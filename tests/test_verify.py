@@ -207,11 +207,12 @@ def test_recipe_budgets_decide_what_run_serves(tiny_artifacts):
     from edgepipe.pipeline import budget_failures
     from edgepipe.recipe import recipe_from_dict
     from edgepipe.runtime.manifest import Manifest
-    from edgepipe.runtime.serving import choose_defaults
+    from edgepipe.runtime.serving import serving_defaults
     manifest = Manifest.load(tiny_artifacts)
     served = manifest.default_variant
     recipe = recipe_from_dict({"budgets": [{"variants": served, "p90_ms_max": 1e-6}, {"agreement_min": 0.0}]})
-    over = budget_failures(manifest, recipe, {})
+    over = budget_failures(manifest, recipe, None)  # no labeled images: no reference top-1
     assert set(over) == {served} and "p90_ms_max" in over[served]
-    choose_defaults(manifest, None, eligible=lambda name, v: name not in over)
+    manifest.defaults, manifest.default_variant = serving_defaults(manifest.variants, None,
+                                                                   eligible=lambda name, v: name not in over)
     assert served not in manifest.defaults.values() and manifest.default_variant != served

@@ -16,6 +16,7 @@ import numpy as np
 from edgepipe import UserError
 from edgepipe.log import progress
 from edgepipe.runtime.manifest import name_prefix
+from edgepipe.runtime.measured import Pruning
 from edgepipe.runtime.preprocess import Preprocess
 from edgepipe.steps import code_hash, hash_key, tool_versions
 from edgepipe.train.models import ModelSpec
@@ -108,8 +109,9 @@ def train_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
 
 # ---------------------------------------------------------------- prune
 
-def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
-    """Prune ``spec`` to the recipe's MACs / latency targets with fine-tuning; variants get prefix "pruned-"."""
+def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> tuple[ModelSpec, Pruning]:
+    """Prune ``spec`` to the recipe's MACs / latency targets with fine-tuning; variants get prefix "pruned-".
+    Returns the pruned model and what pruning did (ModelInfo.pruned)."""
     from edgepipe.train.models import model_hash
     from edgepipe.train import distributed
     from edgepipe.train.finetune import evaluate, fit
@@ -159,10 +161,8 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> ModelSpec:
     rec = cache.run("prune", key, run, files=lambda r: [folder / "pruned.safetensors", folder / "pruned.json",
                                                         folder / "pruned.onnx"])
     model, _ = load_pruned(folder)
-    summary = {k: rec.get(k) for k in ("base_macs", "macs", "macs_reduction", "base_latency_ms", "latency_ms",
-                                       "speedup", "backend", "targets_met", "val_top1", "val_top1_before",
-                                       "global_pruning", "importance", "distill_alpha", "recovery_epochs", "seconds")}
-    return ModelSpec(spec.name, model, spec.preprocess, list(spec.labels), {**spec.source, "pruned": summary})
+    pruning = Pruning(**{f.name: rec.get(f.name) for f in dataclasses.fields(Pruning)})
+    return ModelSpec(spec.name, model, spec.preprocess, list(spec.labels), dict(spec.source)), pruning
 
 
 # ---------------------------------------------------------------- quantization-aware training
@@ -190,6 +190,8 @@ def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_
                    recipe.export.model_dump(), hashlib.sha256(parity_batch.tobytes()).hexdigest(),
                    tool_versions(), train_code_hash())
 
+    made = {}  # the QAT model's logits when this run trains it (a reused step: read from its file, once)
+
     def run() -> dict:
         import torch
         data = _data(recipe, spec.preprocess)
@@ -204,7 +206,7 @@ def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_
         export_qdq(model, qdq, size, recipe.export.opset, recipe.export.dynamic_batch,
                    metadata={"labels": spec.labels, "producer": "edgepipe qat"})
         from edgepipe.train.logits import torch_logits
-        ref = torch_logits(model.eval(), parity_batch)
+        ref = made["logits"] = torch_logits(model.eval(), parity_batch)
         folder.mkdir(parents=True, exist_ok=True)
         from edgepipe.atomic import atomic_path
         with atomic_path(ref_file, suffix=".npy") as tmp:
@@ -216,4 +218,4 @@ def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_
 
     info = cache.run(f"{prefix}qat", key, run, files=lambda r: [qdq, ref_file])
     info = {"method": "qat (torch.ao fake-quant, symmetric int8, per-channel weights)", **info}
-    return {"onnx": qdq, "info": info, "logits": np.load(ref_file), "key": key}
+    return {"onnx": qdq, "info": info, "logits": made["logits"] if made else np.load(ref_file), "key": key}

@@ -22,6 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgepipe.runtime.compiled import CompileFacts
+from edgepipe.runtime.manifest import read_view
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 TARGETS = ("[{backend: onnxruntime, precision: fp32}, {backend: openvino, precision: fp32}, "
@@ -65,11 +68,11 @@ def run_fold(fold: str, sample: Path, work: Path, out: Path, args) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def qdq_check(compile_info: dict) -> str:
-    check = compile_info.get("tensorrt_qdq_check")
+def qdq_check(facts: CompileFacts) -> str:
+    check = facts.qdq_check
     if check is None:
         return "-"
-    return "ok" if check["ok"] else "FAIL: " + "; ".join(check["errors"][:2])
+    return "ok" if check.ok else "FAIL: " + check.why(2)
 
 
 def print_fold(fold: str, report: dict) -> None:
@@ -82,10 +85,10 @@ def print_fold(fold: str, report: dict) -> None:
     print("| variant | top-1 | drop vs fp32 (pts) | agreement w/ torch | layers in float | p50 ms | method | TensorRT QDQ check |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        c = r.get("compile") or {}
+        c = read_view(CompileFacts, r.get("compile")) or CompileFacts()   # report.json: the variant's compile record
         print(f"| {name} | {r['top1']:.4f} | {(ref - r['top1']) * 100:.2f} | {r['agreement_with_fp32']:.3f} "
-              f"| {len(c.get('float_layers', []))} | {(r.get('latency_ms') or {}).get('p50', float('nan')):.2f} "
-              f"| {c.get('method', '-')} {c.get('mode', '')} | {qdq_check(c)} |")
+              f"| {len(c.float_layers)} | {(r.get('latency_ms') or {}).get('p50', float('nan')):.2f} "
+              f"| {c.method or '-'} {c.mode or ''} | {qdq_check(c)} |")
 
 
 def print_pooled(reports: dict) -> None:
