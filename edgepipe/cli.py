@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 from edgepipe import UserError, __version__
 from edgepipe.helptext import ENVIRONMENT, ArgumentParser, HelpFormatter
@@ -315,7 +316,11 @@ def missing_extra_line(command: str, exc: ModuleNotFoundError) -> str | None:
     return f"`edgepipe {command}` needs {what} ({module} is not installed here): pip install 'edgepipe[{extra}]'"
 
 
-def _sigterm_as_interrupt(signum, frame):
+_interrupted = threading.Event()   # Ctrl-C or SIGTERM arrived (what a library turned it into does not matter)
+
+
+def _interrupt(signum, frame):
+    _interrupted.set()
     raise KeyboardInterrupt
 
 
@@ -331,15 +336,15 @@ def main(argv=None) -> int:
     if isinstance(getattr(args, "dir", None), str) and os.path.basename(args.dir) == "manifest.json" and os.path.isfile(args.dir):
         args.dir = os.path.dirname(args.dir) or "."  # DIR/manifest.json means DIR
     if args.command not in ("camera", "serve"):  # camera.py has its own clean-stop handling
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` stops a run like Ctrl-C: steps kept
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a run like Ctrl-C: steps kept
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return args.fn(args)
     except UserError as exc:
         print(f"edgepipe: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("edgepipe: interrupted; completed steps are kept and a re-run resumes from them", file=sys.stderr)
-        return 130
+        return interrupted_line()
     except BrokenPipeError:  # `edgepipe info DIR | head`: the reader left early, nothing went wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -350,10 +355,23 @@ def main(argv=None) -> int:
         print(f"edgepipe: error: {line}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only, file too large, I/O error: the machine, not a bug
+        if _interrupted.is_set():
+            return interrupted_line()
         if os.environ.get("EDGEPIPE_DEBUG") or log.logger.getEffectiveLevel() <= log.LEVELS["debug"]:
             raise  # -v / EDGEPIPE_DEBUG=1: the traceback
         print(f"edgepipe: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
+    except Exception:
+        # an interrupt inside a library may surface as its own error: an extension module being imported
+        # reports "ImportError: initialization failed" (pybind11), others a RuntimeError
+        if _interrupted.is_set():
+            return interrupted_line()
+        raise
+
+
+def interrupted_line() -> int:
+    print("edgepipe: interrupted; completed steps are kept and a re-run resumes from them", file=sys.stderr)
+    return 130
 
 
 # errno -> what to do about it

@@ -206,7 +206,7 @@ def compile_stage(ctx: RunContext, models: Models, data: RunData) -> Compiled:
                                                         made_from, data, dict(record, device=target.device))
         if qat_wanted:
             from edgepipe.train.stage import qat_model
-            qat = qat_model(mspec, made_from, recipe, ctx.out, ctx.cache, data.check_batch)
+            qat = qat_model(mspec, made_from, recipe, ctx.out, ctx.cache, data.check_batch, data.pre)
             if qat is None:
                 continue
             ref_key = f"{made_from}-qat"  # parity of a QAT variant: against the QAT model

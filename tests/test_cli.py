@@ -170,3 +170,33 @@ def test_demo_runs_outside_the_checkout(tiny_recipe, tiny_artifacts, tmp_path):
     assert frames and all(json.loads(line)["label"] for line in frames[:3])
     assert (out / "demo" / "annotated.mp4").stat().st_size > 0
     assert f"video:    {out / 'demo' / 'annotated.mp4'}" in proc.stdout
+
+
+def test_an_interrupt_a_library_turns_into_its_own_error_ends_as_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C while an extension module is being imported surfaces as pybind11's "ImportError: initialization
+    failed" (seen when `edgepipe run` was interrupted while importing openvino): still the one interrupted line
+    and exit 130, no traceback. Without an interrupt the same error is not hidden."""
+    import signal
+
+    from edgepipe import cli
+
+    def import_interrupted(args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_models", import_interrupted)
+    monkeypatch.setattr(cli, "_interrupted", __import__("threading").Event())
+    try:
+        assert cli.main(["models"]) == 130
+        assert capsys.readouterr().err.strip() == \
+            "edgepipe: interrupted; completed steps are kept and a re-run resumes from them"
+        cli._interrupted.clear()
+        monkeypatch.setattr(cli, "cmd_models", lambda args: (_ for _ in ()).throw(ImportError("initialization failed")))
+        with pytest.raises(ImportError):
+            cli.main(["models"])
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

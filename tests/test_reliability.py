@@ -491,7 +491,7 @@ def interrupted_runs(tmp_path_factory):
     calib = generate_calibration_images(base / "calib", count=3)
     (calib / "broken.jpg").write_bytes(random.Random(5).randbytes(2000))
     recipe = small_recipe(base, calibration=f"{{source: {calib}}}")
-    # long measure steps: run 1 is still running after the case-10 probe, whatever the machine's speed
+    # long measure steps: run 1 is still running when it is interrupted, whatever the machine's speed
     recipe.write_text(recipe.read_text().replace("iterations: 3}", "iterations: 3000}"))
     out = base / "out"
     res = {"out": out}
@@ -500,7 +500,11 @@ def interrupted_runs(tmp_path_factory):
     lock = out / ".edgepipe.lock"
     wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), "run 1 to hold the lock", first,
              base / "run1")
-    res["second"] = run_edgepipe("run", recipe, "--out", out, timeout=300)  # case 10: while run 1 holds the folder
+    first.send_signal(signal.SIGSTOP)  # run 1 keeps the folder, however long the probe takes to get there
+    try:
+        res["second"] = run_edgepipe("run", recipe, "--out", out, timeout=300)  # case 10: while run 1 holds it
+    finally:
+        first.send_signal(signal.SIGCONT)
     res["first_pid"] = first.pid
     wait_for(lambda: step_records(out), "a completed step in run 1", first, base / "run1")
     first.send_signal(signal.SIGINT)

@@ -436,3 +436,27 @@ def test_report_training_section_compares_ptq_and_qat_against_pruned_fp32():
     assert "random initialisation" in text and "knowledge distillation" in text and "per-layer" in text
     assert "pruned-openvino-int8 (PTQ): top-1 0.8950, 0.50 pts below pruned fp32 (0.9000) — served" in text
     assert training_summary(ModelInfo(name="m", num_classes=10), rows) is None
+
+
+def test_qat_trains_and_exports_at_the_deployed_input_size(tmp_path):
+    """model.input_size other than the model's own crop, without fine-tuning: QAT's QDQ ONNX takes the deployed
+    size (the variants' parity batch), not the model's own 224 px."""
+    from edgepipe.recipe import Recipe
+    from edgepipe.steps import StepCache
+    from edgepipe.train.models import build_model
+    from edgepipe.train.stage import preprocess_at, qat_model
+    import onnx
+    recipe = Recipe.model_validate({
+        "model": {"name": "efficientnet_lite0", "num_classes": 10, "input_size": 32},
+        "data": {"train": "fashion-mnist", "val_split": 0.2},
+        "stages": {"train": {"enabled": False, "max_train_images": 32, "max_val_images": 8, "batch_size": 16},
+                   "quantize": {"method": "qat", "qat_epochs": 1, "qat_calibration_batches": 1}},
+        "targets": [{"backend": "openvino", "precision": "int8"}]})
+    spec = build_model("efficientnet_lite0", pretrained=True, num_classes=10)
+    deployed = preprocess_at(spec.preprocess, 32, "fashion-mnist")
+    assert spec.preprocess.crop == 224 and deployed.crop == 32
+    check_batch = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    qat = qat_model(spec, "base", recipe, tmp_path, StepCache(tmp_path, lambda m: None), check_batch, deployed)
+    dims = onnx.load(str(qat["onnx"])).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert qat["logits"].shape == (4, 10)

@@ -117,7 +117,7 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> tuple[ModelSpec, P
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
     cfg = recipe.stages.prune
-    size = spec.preprocess.crop
+    size = pre.crop
     folder = Path(out) / "prune"
     key = hash_key("prune", model_hash(spec.model), cfg.model_dump(), _train_cfg_key(recipe),
                    _data_key(recipe) if recipe.data.train else None, recipe.bench.threads, tool_versions(),
@@ -167,9 +167,11 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> tuple[ModelSpec, P
 
 # ---------------------------------------------------------------- quantization-aware training
 
-def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_batch: np.ndarray) -> dict | None:
+def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_batch: np.ndarray,
+              pre: Preprocess) -> dict | None:
     """QAT of ``spec`` -> a QDQ ONNX the "-int8-qat" variants are compiled from (compile/targets, quantization
-    "qat"). None when the recipe has no int8 target for this model.
+    "qat"), trained and exported at the deployed preprocessing ``pre`` (model.input_size may differ from the
+    model's own). None when the recipe has no int8 target for this model.
 
     Returns {"onnx": QDQ path, "info": what QAT did, "logits": the QAT model on ``parity_batch`` (the variants'
     parity reference), "key": the step's cache key}."""
@@ -182,19 +184,19 @@ def qat_model(spec: ModelSpec, made_from: str, recipe, out: Path, cache, parity_
     if not recipe.data.train:
         raise UserError("stages.quantize.method qat needs training data: set data.train (or use method: ptq)")
     q = recipe.stages.quantize
-    size = spec.preprocess.crop
+    size = pre.crop
     prefix = name_prefix(made_from)
     folder = Path(out) / f"{prefix}qat"
     qdq, ref_file = folder / "model.qdq.onnx", folder / "parity_reference.npy"
-    key = hash_key("qat", model_hash(spec.model), q.model_dump(), _train_cfg_key(recipe), _data_key(recipe),
-                   recipe.export.model_dump(), hashlib.sha256(parity_batch.tobytes()).hexdigest(),
+    key = hash_key("qat", model_hash(spec.model), pre.to_dict(), q.model_dump(), _train_cfg_key(recipe),
+                   _data_key(recipe), recipe.export.model_dump(), hashlib.sha256(parity_batch.tobytes()).hexdigest(),
                    tool_versions(), train_code_hash())
 
     made = {}  # the QAT model's logits when this run trains it (a reused step: read from its file, once)
 
     def run() -> dict:
         import torch
-        data = _data(recipe, spec.preprocess)
+        data = _data(recipe, pre)
         model = prepare_qat(copy.deepcopy(spec.model).cpu().eval(), size, weight_bits=8 if q.isa == "vnni" else 7)
         loader = torch.utils.data.DataLoader(data.val if len(data.val) else data.train, batch_size=32)
         calibrate(model, [x for _, (x, y, _) in zip(range(q.qat_calibration_batches), loader)])
