@@ -117,7 +117,7 @@ def prune_stage(spec: ModelSpec, recipe, out: Path, cache) -> tuple[ModelSpec, P
     from edgepipe.train.finetune import evaluate, fit
     from edgepipe.train.prune import load_pruned, prune_model, save_pruned
     cfg = recipe.stages.prune
-    size = pre.crop
+    size = spec.preprocess.crop
     folder = Path(out) / "prune"
     key = hash_key("prune", model_hash(spec.model), cfg.model_dump(), _train_cfg_key(recipe),
                    _data_key(recipe) if recipe.data.train else None, recipe.bench.threads, tool_versions(),
