@@ -182,7 +182,7 @@ def test_an_interrupt_a_library_turns_into_its_own_error_ends_as_an_interrupt(mo
 
     def import_interrupted(args):
         try:
-            signal.raise_signal(signal.SIGINT)
+            cli._interrupt(signal.SIGINT, None)   # what the handler main() installs does on Ctrl-C
         except KeyboardInterrupt:
             raise ImportError("initialization failed") from None
 
