@@ -135,11 +135,9 @@ def few_malloc_arenas() -> None:
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import ctypes.util
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-    except (OSError, AttributeError):   # not glibc (musl has no mallopt): its own allocator
+        ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX; the process's own libc, no library search
+    except (OSError, AttributeError):   # no mallopt in this libc: its own allocator
         pass
 
 
