@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import cv2
@@ -282,6 +284,19 @@ def test_openvino_device_names_are_checked_against_what_openvino_sees():
         check_device("TPU")
     with pytest.raises(DeviceUnavailable, match="HETERO:GPU,CPU"):
         check_device("HETERO")
+
+
+def test_serving_on_the_cpu_loads_no_other_openvino_plugin(tiny_artifacts):
+    """Listing OpenVINO's devices loads every plugin (the GPU plugin alone maps ~30 MB and probes OpenCL); a
+    variant served on the CPU, as every server stream's model is, never asks for that list."""
+    code = ("import sys, numpy as np; from edgepipe.runtime.model import Classifier; "
+            "c = Classifier(sys.argv[1], variant='openvino-int8', backend='openvino'); "
+            "c.logits(np.zeros(c.preprocess.input_shape, np.float32)); "
+            "print(c.device, ' '.join(sorted({l.split('/')[-1].strip() for l in open('/proc/self/maps') if 'plugin' in l})))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_artifacts)], capture_output=True, text=True, check=True).stdout
+    device, plugins = out.split(" ", 1)
+    assert device == "CPU" and "libopenvino_intel_cpu_plugin" in plugins, out
+    assert "gpu_plugin" not in plugins and "npu_plugin" not in plugins, out
 
 
 def test_openvino_auto_device_cache_and_reused_buffers(tiny_artifacts, tmp_path, monkeypatch):

@@ -43,6 +43,8 @@ def check_device(device: str | None, core: ov.Core | None = None) -> str:
     that lists the devices OpenVINO sees. Accepts CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU, HETERO:GPU,CPU,
     MULTI:GPU,CPU. None or "" means CPU."""
     text = (device or DEFAULT_DEVICE).strip().upper()
+    if text == DEFAULT_DEVICE:
+        return text       # every OpenVINO build has its CPU plugin; listing devices would load GPU/NPU plugins (~40 MB)
     core = core or ov.Core()
     seen = list(core.available_devices)                      # e.g. ['CPU', 'GPU.0', 'GPU.1', 'NPU']
     known = set(seen) | {d.split(".")[0] for d in seen}       # GPU means GPU.0 where there are several
