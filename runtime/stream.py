@@ -111,6 +111,11 @@ class Channel:
             self.cond.notify_all()
             return item
 
+    def peek(self):
+        """The next item without taking it (None when empty)."""
+        with self.cond:
+            return self.items[0] if self.items else None
+
     def close(self) -> None:
         with self.cond:
             self.closed = True

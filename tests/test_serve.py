@@ -89,9 +89,10 @@ def test_batch_size_is_measured_when_not_given(tiny_artifacts):
     assert sorted(per_image) == [1, 2, 4] and all(v > 0 for v in per_image.values())
     batch, wait_s = pick_batch(per_image)
     assert batch in per_image and 0 < wait_s <= 0.003 and max_batch(clf) >= 4
-    assert pick_batch({1: 4.0, 2: 1.9, 4: 1.85, 8: 1.82})[0] == 2    # within 5% of the fastest: the smallest
-    assert pick_batch({1: 4.0, 2: 2.0, 4: 1.9, 8: 1.85})[0] == 4     # 2 is over 5% slower per image
-    assert pick_batch({1: 4.0, 2: 5.0})[0] == 1
+    assert pick_batch({1: 1.8, 2: 1.9, 4: 1.85, 8: 1.82})[0] == 4     # within 5% of the fastest, not below 4
+    assert pick_batch({1: 4.0, 2: 2.0, 4: 1.95, 8: 1.85})[0] == 8    # 4 is over 5% slower per image
+    assert pick_batch({1: 1.0, 2: 1.02})[0] == 2                     # a model that takes 2 at most
+    assert pick_batch({1: 4.0, 2: 5.0})[0] == 1                      # none near the fastest: the fastest
 
 
 def test_two_workers_run_calls_at_once_with_results_of_their_own_input(tiny_artifacts):
@@ -139,6 +140,27 @@ def test_a_worker_leaves_the_other_workers_their_share_of_the_streams():
         engine.streams = [object()] * n
         assert engine.room() == room, n
     assert Engine(None, batch=16, wait_s=0.005, workers=1).room() == 16
+
+
+def test_a_batch_takes_the_longest_waiting_frames_first_whatever_the_stream_order():
+    from edgepipe.runtime.engine import Engine
+    from edgepipe.runtime.stream import Channel, Frame
+
+    class Stream:
+        def __init__(self, sid):
+            self.sid, self.raw = sid, Channel(4)
+
+    streams = [Stream(f"s{k}") for k in range(5)]
+    for k, arrivals in enumerate(([3.0], [2.0, 5.0], [], [4.0], [1.0])):
+        for t in arrivals:
+            streams[k].raw.put(Frame(index=0, image=None, t_capture=t, ts=t))
+    engine = Engine(None, batch=3, wait_s=0.001)
+    engine.streams = streams
+    assert [(s.sid, f.t_capture) for s, f in engine._take(3)] == [("s4", 1.0), ("s1", 2.0), ("s0", 3.0)]
+    engine._busy = {streams[1]}                                   # its frames are in a batch now: not taken
+    assert [(s.sid, f.t_capture) for s, f in engine._take(3)] == [("s3", 4.0)]
+    engine._busy = set()
+    assert [(s.sid, f.t_capture) for s, f in engine._take(3)] == [("s1", 5.0)]
 
 
 # --- live cameras -------------------------------------------------------------------------------------------
