@@ -98,7 +98,7 @@ class Engine:
         self.metrics, self.log = metrics, log
         self.streams: list = []
         self.lock = threading.Lock()            # guards ``streams``, ``_busy``, ``_ended`` and the counts
-        self.collecting = threading.Lock()      # one worker collects at a time: one round-robin for all
+        self.collecting = threading.Lock()      # one worker collects at a time: one queue order for all
         self.cond = threading.Condition()       # a frame arrived somewhere, or a stream's batch ended (``seq``)
         self.seq = 0
         self.stop = threading.Event()

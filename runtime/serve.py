@@ -2,7 +2,7 @@
 `camera.py` with several sources runs the same server).
 
     capture (one per stream: Reader + watchdog)  ->  newest frame, preprocessed   (per stream)
-      -> classify: one Engine thread batches frames round-robin across streams    (engine.py)
+      -> classify: engine workers batch the longest-waiting frames across streams (engine.py)
       -> render: per-stream outputs: JSONL, annotated video / RTSP, MQTT, metrics (per stream)
 
 A stream that dies, stalls or gives up never holds up the others; with --api-port the server keeps running
