@@ -88,7 +88,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="camera-bench-") as tmp:
         folder = Path(tmp)
         video = Path(args.video) if args.video else make_720p_video(folder, args.frames)
-        n_frames = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
+        cap = cv2.VideoCapture(str(video))
+        n_frames, size = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), f"{int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))}x{int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))}"
+        cap.release()
         extra = ["--output", str(folder / "annotated.mp4"), "--output-encoder", args.output_encoder] if args.output else []
         if clf.device and clf.backend_name == "openvino":
             extra += ["--device", clf.device]
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         encoder = "h264 (ffmpeg)" if args.output_encoder == "ffmpeg" or (args.output_encoder == "auto" and shutil.which("ffmpeg")) \
             else "mp4v (OpenCV)"
     result = {"variant": clf.variant_name, "backend": clf.backend_name, "device": clf.device,
-              "video": f"{n_frames} frames 1280x720",
+              "video": f"{n_frames} frames {size}",
               "engine_fps": round(statistics.median(engine), 1), "camera_fps": best["fps"],
               "engine_fps_rounds": [round(x, 1) for x in engine], "camera_fps_rounds": [r["fps"] for r in runs],
               "video_output": encoder, "stages": best["stages"], "dropped": best["dropped"]}
