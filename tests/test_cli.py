@@ -9,6 +9,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -188,7 +189,7 @@ def test_an_interrupt_a_library_turns_into_its_own_error_ends_as_an_interrupt(mo
 
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(cli, "cmd_models", import_interrupted)
-    monkeypatch.setattr(cli, "_interrupted", __import__("threading").Event())
+    monkeypatch.setattr(cli, "_interrupted", threading.Event())
     try:
         assert cli.main(["models"]) == 130
         assert capsys.readouterr().err.strip() == \
